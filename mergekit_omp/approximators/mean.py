@@ -1,0 +1,10 @@
+"""Mean of the base rows: the common "average embedding" baseline."""
+
+from mergekit_omp.approximators.base import Approximation, ApproximationProblem, approximator
+
+
+@approximator("mean", pretty_name="Mean")
+def mean(problem: ApproximationProblem) -> Approximation:
+    """Every new token gets the mean of all base rows."""
+    row = problem.base_matrix.mean(dim=0, keepdim=True)
+    return Approximation(rows=row.expand(problem.num_targets, -1).clone())

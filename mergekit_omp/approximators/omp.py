@@ -1,0 +1,31 @@
+"""Orthogonal Matching Pursuit (Goddard & Fernandes Neto, 2025).
+
+Each new token's donor row is written as a k-sparse combination of donor anchor rows
+(OMP in the donor space); the same coefficients applied to the base anchor rows give its
+base row.
+"""
+
+from mergekit_omp.approximators.base import Approximation, ApproximationProblem, approximator
+from mergekit_omp.errors import TransplantError
+from mergekit_omp.omp import batch_omp
+
+
+@approximator(
+    "omp",
+    pretty_name="Orthogonal Matching Pursuit",
+    reference_url="https://arxiv.org/abs/2506.06607",
+)
+def omp(problem: ApproximationProblem, *, k: int = 64) -> Approximation:
+    """Sparse anchor combination found by OMP in the donor space (default)."""
+    anchors = problem.donor_anchors.shape[0]
+    if k > anchors:
+        raise TransplantError(f"k={k} is larger than the number of shared anchor tokens ({anchors})")
+    indices, coeffs = batch_omp(
+        problem.targets,
+        problem.donor_anchors,
+        k,
+        batch_size=problem.batch_size,
+        progress=problem.progress,
+    )
+    rows = problem.combine_base_anchors(indices, coeffs)
+    return Approximation(rows=rows, indices=indices, coeffs=coeffs)

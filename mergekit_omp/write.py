@@ -1,0 +1,157 @@
+"""Write stage: the output model directory, all or nothing.
+
+Everything is written into a temporary directory beside the target through mergekit's
+``TensorWriter`` and renamed into place only when complete, so an error or Ctrl-C never
+leaves a half-written model where the user asked for one.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import os
+import shutil
+import tempfile
+from collections.abc import Iterator
+from pathlib import Path
+
+import torch
+import tqdm
+from mergekit.common import set_config_value
+from mergekit.io.tasks import LoaderCache
+from mergekit.io.tensor_writer import TensorWriter
+from mergekit.options import MergeOptions
+from transformers import GenerationConfig, PretrainedConfig
+
+from mergekit_omp.assemble import remap_vocabulary_rows
+from mergekit_omp.errors import TransplantError
+from mergekit_omp.load import LoadedModel
+from mergekit_omp.match import VocabularyMatch
+
+TOKEN_ID_KEYS = ("bos_token_id", "eos_token_id", "pad_token_id", "unk_token_id")
+
+
+def check_output_path(out_path: str | os.PathLike, overwrite: bool) -> Path:
+    out = Path(out_path)
+    if out.exists() and not out.is_dir():
+        raise TransplantError(f"output path {out} is a file")
+    if out.is_dir() and any(out.iterdir()) and not overwrite:
+        raise TransplantError(f"output directory {out} is not empty (use --overwrite to replace it)")
+    return out
+
+
+@contextlib.contextmanager
+def staged_output(out_path: str | os.PathLike, overwrite: bool) -> Iterator[Path]:
+    """Yield a temporary directory that replaces ``out_path`` only if the block succeeds."""
+    out = check_output_path(out_path, overwrite).absolute()
+    out.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".{out.name}.partial-", dir=out.parent))
+    try:
+        yield staging
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+    _publish(staging, out)
+
+
+def _apply_umask(staging: Path) -> None:
+    """mkdtemp makes a private directory; give the output the user's usual permissions."""
+    umask = os.umask(0)
+    os.umask(umask)
+    staging.chmod(0o777 & ~umask)
+    for path in staging.rglob("*"):
+        path.chmod((0o777 if path.is_dir() else 0o666) & ~umask)
+
+
+def _publish(staging: Path, out: Path) -> None:
+    _apply_umask(staging)
+    if not out.exists():
+        staging.rename(out)
+        return
+    retired = Path(tempfile.mkdtemp(prefix=f".{out.name}.old-", dir=out.parent))
+    out.rename(retired / "previous")
+    staging.rename(out)
+    shutil.rmtree(retired, ignore_errors=True)
+
+
+def write_weights(
+    directory: Path,
+    base: LoadedModel,
+    replacements: dict[str, torch.Tensor],
+    aux_match: VocabularyMatch,
+    out_rows: int,
+    merge_options: MergeOptions,
+) -> None:
+    """Stream every base tensor to ``directory``, swapping in the new vocabulary matrices.
+
+    ``replacements`` maps tensor names to vocabulary-first matrices.
+    """
+    writer = TensorWriter(
+        str(directory),
+        max_shard_size=merge_options.out_shard_size,
+        safe_serialization=merge_options.safe_serialization,
+        use_async=merge_options.async_write,
+        max_write_threads=merge_options.write_threads,
+    )
+    loader = LoaderCache().get(base.reference)
+    weights = list(base.arch.all_weights())
+    for info in tqdm.tqdm(weights, desc="Writing weights", disable=merge_options.quiet):
+        if info.name in replacements:
+            tensor = replacements[info.name].movedim(0, info.vocabulary_axis or 0)
+        elif base.lm_head_info is not None and info.name == base.lm_head_info.name and base.tied:
+            continue
+        else:
+            try:
+                tensor = loader.get_tensor(info.name, aliases=info.aliases, raise_on_missing=False)
+            except Exception as exc:
+                raise TransplantError(f"cannot read {info.name} from {base.path}: {exc}") from exc
+            if tensor is None:
+                if info.optional:
+                    continue
+                raise TransplantError(f"{base.path} is missing tensor {info.name}")
+            if info.vocabulary_axis is not None:
+                tensor = remap_vocabulary_rows(
+                    tensor.movedim(info.vocabulary_axis, 0), aux_match, out_rows
+                ).movedim(0, info.vocabulary_axis)
+        writer.save_tensor(info.name, tensor, clone=merge_options.clone_tensors)
+    writer.finalize()
+
+
+def donor_token_ids(donor: LoadedModel) -> dict[str, object]:
+    """bos/eos/pad/unk ids as the donor states them: its config, else its tokenizer."""
+    ids: dict[str, object] = {}
+    for key in TOKEN_ID_KEYS:
+        value = getattr(donor.config, key, None)
+        if value is None:
+            value = getattr(donor.tokenizer, key, None)
+        ids[key] = value
+    return ids
+
+
+def output_config(
+    base: LoadedModel, donor: LoadedModel, vocab_size: int, token_ids: dict[str, object]
+) -> PretrainedConfig:
+    config = copy.deepcopy(base.config)
+    set_config_value(config, base.arch.info.vocab_size_config_key or "vocab_size", vocab_size)
+    text_config = config.get_text_config() if hasattr(config, "get_text_config") else config
+    for key, value in token_ids.items():
+        for target in {id(config): config, id(text_config): text_config}.values():
+            if hasattr(target, key) or value is not None:
+                setattr(target, key, value)
+    return config
+
+
+def write_config_and_tokenizer(
+    directory: Path,
+    base: LoadedModel,
+    donor: LoadedModel,
+    vocab_size: int,
+    token_ids: dict[str, object],
+) -> None:
+    output_config(base, donor, vocab_size, token_ids).save_pretrained(directory)
+    with contextlib.suppress(OSError):
+        generation = GenerationConfig.from_pretrained(base.path)
+        for key in ("bos_token_id", "eos_token_id", "pad_token_id"):
+            setattr(generation, key, token_ids.get(key))
+        generation.save_pretrained(directory)
+    donor.tokenizer.save_pretrained(directory)
