@@ -9,7 +9,7 @@ from __future__ import annotations
 import enum
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from mergekit_omp.match import MatchPolicy
 
@@ -61,6 +61,14 @@ class TransplantOptions(BaseModel):
         None, description="Output dtype of the new matrices (default: the base's)"
     )
     seed: int = Field(0, description="Seed for methods and noise that draw random numbers")
+
+    @field_validator("prefix_match", "byte_match", mode="before")
+    @classmethod
+    def _scope_from_bool(cls, value: Any) -> Any:
+        """YAML reads ``yes``/``no`` as booleans: take them as the scopes of those names."""
+        if isinstance(value, bool):
+            return MatchScope.YES if value else MatchScope.NO
+        return value
 
     def override(self, matrix: Matrix) -> MatrixOverride:
         return getattr(self, matrix) or MatrixOverride()
