@@ -93,9 +93,7 @@ def vocabulary_weights(arch: ConfiguredModelArchitecture) -> tuple[WeightInfo, W
 
 def load_tokenizer(path: str, trust_remote_code: bool) -> PreTrainedTokenizerBase:
     try:
-        return transformers.AutoTokenizer.from_pretrained(
-            path, trust_remote_code=trust_remote_code
-        )
+        return transformers.AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
     except Exception as exc:
         raise TransplantError(f"cannot load the tokenizer of {path}: {exc}") from exc
 
@@ -108,7 +106,9 @@ def _read_matrix(
 ) -> torch.Tensor | None:
     try:
         loader = LoaderCache().get(reference)
-        tensor = loader.get_tensor(info.name, device=device, aliases=aliases, raise_on_missing=False)
+        tensor = loader.get_tensor(
+            info.name, device=device, aliases=aliases, raise_on_missing=False
+        )
     except TransplantError:
         raise
     except Exception as exc:
@@ -125,7 +125,9 @@ def _read_matrix(
 
 def ties_embeddings(config: PretrainedConfig) -> bool:
     text_config = config.get_text_config() if hasattr(config, "get_text_config") else config
-    return bool(getattr(text_config, "tie_word_embeddings", getattr(config, "tie_word_embeddings", False)))
+    return bool(
+        getattr(text_config, "tie_word_embeddings", getattr(config, "tie_word_embeddings", False))
+    )
 
 
 def load_model(

@@ -36,7 +36,9 @@ def check_output_path(out_path: str | os.PathLike, overwrite: bool) -> Path:
     if out.exists() and not out.is_dir():
         raise TransplantError(f"output path {out} is a file")
     if out.is_dir() and any(out.iterdir()) and not overwrite:
-        raise TransplantError(f"output directory {out} is not empty (use --overwrite to replace it)")
+        raise TransplantError(
+            f"output directory {out} is not empty (use --overwrite to replace it)"
+        )
     return out
 
 

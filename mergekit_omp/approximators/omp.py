@@ -19,7 +19,9 @@ def omp(problem: ApproximationProblem, *, k: int = 64) -> Approximation:
     """Sparse anchor combination found by OMP in the donor space (default)."""
     anchors = problem.donor_anchors.shape[0]
     if k > anchors:
-        raise TransplantError(f"k={k} is larger than the number of shared anchor tokens ({anchors})")
+        raise TransplantError(
+            f"k={k} is larger than the number of shared anchor tokens ({anchors})"
+        )
     indices, coeffs = batch_omp(
         problem.targets,
         problem.donor_anchors,

@@ -1,7 +1,5 @@
 """Zero rows: the simplest baseline."""
 
-import torch
-
 from mergekit_omp.approximators.base import Approximation, ApproximationProblem, approximator
 
 

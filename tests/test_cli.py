@@ -1,0 +1,246 @@
+"""The command line: drop-in arguments, one-line errors, and never a half-written OUT."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+import tiny
+import torch
+import transformers
+from click.testing import CliRunner
+from safetensors.torch import load_file, save_file
+from tokenizers import Tokenizer, models, pre_tokenizers
+
+from mergekit_omp import write
+from mergekit_omp.cli import main
+
+
+def invoke(*args: str):
+    return CliRunner().invoke(main, [str(a) for a in args])
+
+
+def assert_one_line_error(result, *fragments: str) -> None:
+    assert result.exit_code != 0
+    lines = [line for line in result.stderr.splitlines() if line.strip()]
+    assert len(lines) == 1, result.stderr
+    assert lines[0].startswith("Error: ")
+    for fragment in fragments:
+        assert fragment in lines[0]
+
+
+def no_leftovers(parent: Path) -> bool:
+    return not any(".partial-" in p.name or ".old-" in p.name for p in parent.iterdir())
+
+
+def copy_model(src: Path, dst: Path) -> Path:
+    shutil.copytree(src, dst)
+    return dst
+
+
+def test_help_explains_every_flag():
+    result = invoke("--help")
+    assert result.exit_code == 0
+    for flag in [
+        "-k",
+        "-a",
+        "-c",
+        "-w",
+        "-s",
+        "--batch-size",
+        "-pm",
+        "-bm",
+        "--magikarp",
+        "-nvn",
+        "-nvs",
+        "--overwrite",
+        "--pad-vocab-to-multiple-of",
+        "--report",
+        "--out-shard-size",
+        "--safe-serialization",
+        "--lazy-unpickle",
+        "--cuda",
+        "--device",
+        "--trust-remote-code",
+    ]:
+        assert flag in result.output, flag
+    for param in main.params:
+        if param.param_type_name == "option":
+            assert param.help, param.name
+
+
+def test_accepts_mergekit_tokensurgeon_arguments(mixed_pair, tmp_path):
+    base, donor = mixed_pair
+    report = tmp_path / "report.json"
+    result = invoke(
+        base,
+        donor,
+        tmp_path / "out",
+        "-k",
+        "8",
+        "-a",
+        "omp",
+        "-c",
+        "-w",
+        "barycentric",
+        "-s",
+        "sum",
+        "--batch-size",
+        "64",
+        "-pm",
+        "embed",
+        "-bm",
+        "lm_head",
+        "--magikarp",
+        "-nvn",
+        "0.001",
+        "-nvs",
+        "1.0",
+        "--out-shard-size",
+        "1M",
+        "--no-safe-serialization",
+        "--lazy-unpickle",
+        "--device",
+        "cpu",
+        "--report",
+        report,
+    )
+    assert result.exit_code == 0, result.output
+    saved = json.loads(report.read_text())
+    embed, lm_head = saved["matrices"]
+    assert embed["prefix_match"] and not embed["byte_match"]
+    assert lm_head["byte_match"] and not lm_head["prefix_match"]
+    assert embed["parameters"] == {"k": 8}
+    assert list((tmp_path / "out").glob("*.bin"))
+
+
+def test_missing_model_path(mixed_pair, tmp_path):
+    _, donor = mixed_pair
+    result = invoke(tmp_path / "nope", donor, tmp_path / "out")
+    assert_one_line_error(result, "does not exist")
+    assert not (tmp_path / "out").exists()
+
+
+def test_directory_that_is_not_a_model(mixed_pair, tmp_path):
+    _, donor = mixed_pair
+    (tmp_path / "empty").mkdir()
+    result = invoke(tmp_path / "empty", donor, tmp_path / "out")
+    assert_one_line_error(result, "not a model directory")
+
+
+def test_model_without_embedding_tensor(mixed_pair, tmp_path):
+    base, donor = mixed_pair
+    broken = copy_model(base, tmp_path / "base")
+    tensors = load_file(broken / "model.safetensors")
+    del tensors["model.embed_tokens.weight"]
+    save_file(tensors, broken / "model.safetensors", metadata={"format": "pt"})
+    result = invoke(broken, donor, tmp_path / "out")
+    assert_one_line_error(result, "embed_tokens")
+    assert not (tmp_path / "out").exists()
+
+
+def test_nan_in_embeddings(mixed_pair, tmp_path):
+    base, donor = mixed_pair
+    broken = copy_model(donor, tmp_path / "donor")
+    tensors = load_file(broken / "model.safetensors")
+    tensors["model.embed_tokens.weight"][5, 3] = float("nan")
+    save_file(tensors, broken / "model.safetensors", metadata={"format": "pt"})
+    result = invoke(base, broken, tmp_path / "out")
+    assert_one_line_error(result, "NaN or Inf")
+
+
+def test_corrupt_weight_file(mixed_pair, tmp_path):
+    base, donor = mixed_pair
+    broken = copy_model(base, tmp_path / "base")
+    data = (broken / "model.safetensors").read_bytes()
+    (broken / "model.safetensors").write_bytes(data[: len(data) // 3])
+    result = invoke(broken, donor, tmp_path / "out")
+    assert_one_line_error(result)
+    assert not (tmp_path / "out").exists()
+
+
+def test_k_larger_than_the_anchors(mixed_pair, tmp_path):
+    base, donor = mixed_pair
+    result = invoke(base, donor, tmp_path / "out", "-k", "100000")
+    assert_one_line_error(result, "k=100000", "anchor")
+    assert not (tmp_path / "out").exists()
+    assert no_leftovers(tmp_path)
+
+
+def word_level_model(words: list[str], directory: Path) -> Path:
+    tok = Tokenizer(models.WordLevel({w: i for i, w in enumerate(words)}, unk_token=words[0]))
+    tok.pre_tokenizer = pre_tokenizers.Whitespace()
+    fast = transformers.PreTrainedTokenizerFast(tokenizer_object=tok)
+    return tiny.tiny_llama(fast, directory, hidden_size=8)
+
+
+def test_no_shared_tokens(tmp_path):
+    base = word_level_model(["alpha", "beta", "gamma", "delta"], tmp_path / "base")
+    donor = word_level_model(["uno", "dos", "tres", "cuatro"], tmp_path / "donor")
+    result = invoke(base, donor, tmp_path / "out")
+    assert_one_line_error(result, "share no tokens")
+
+
+def test_output_path_is_a_file(mixed_pair, tmp_path):
+    base, donor = mixed_pair
+    (tmp_path / "out").write_text("not a directory")
+    result = invoke(base, donor, tmp_path / "out")
+    assert_one_line_error(result, "is a file")
+    assert (tmp_path / "out").read_text() == "not a directory"
+
+
+def test_non_empty_output_needs_overwrite(mixed_pair, tmp_path):
+    base, donor = mixed_pair
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "keep.txt").write_text("precious")
+    result = invoke(base, donor, out)
+    assert_one_line_error(result, "--overwrite")
+    assert (out / "keep.txt").read_text() == "precious"
+    result = invoke(base, donor, out, "--overwrite")
+    assert result.exit_code == 0, result.output
+    assert not (out / "keep.txt").exists()
+    assert (out / "config.json").exists()
+    assert no_leftovers(tmp_path)
+
+
+@pytest.mark.parametrize("existing", [False, True])
+def test_interrupted_run_leaves_no_output(mixed_pair, tmp_path, monkeypatch, existing):
+    base, donor = mixed_pair
+    out = tmp_path / "out"
+    if existing:
+        out.mkdir()
+        (out / "keep.txt").write_text("previous model")
+
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(write.GenerationConfig, "from_pretrained", interrupted)
+    args = [base, donor, out] + (["--overwrite"] if existing else [])
+    result = invoke(*args)
+    assert result.exit_code == 130
+    assert "Interrupted" in result.stderr
+    if existing:
+        assert [p.name for p in out.iterdir()] == ["keep.txt"]
+    else:
+        assert not out.exists()
+    assert no_leftovers(tmp_path)
+
+
+def test_unknown_method_parameter(mixed_pair, tmp_path):
+    base, donor = mixed_pair
+    result = invoke(base, donor, tmp_path / "out", "-p", "sparsity=3")
+    assert_one_line_error(result, "sparsity")
+
+
+def test_writes_loadable_model_with_method_parameter(mixed_pair, tmp_path):
+    base, donor = mixed_pair
+    result = invoke(base, donor, tmp_path / "out", "-p", "k=5", "--dtype", "bfloat16")
+    assert result.exit_code == 0, result.output
+    tensors = load_file(tmp_path / "out" / "model.safetensors")
+    assert tensors["model.embed_tokens.weight"].dtype == torch.bfloat16
+    assert "k=5" not in result.stderr
+    saved = json.loads((tmp_path / "out" / "mergekit_omp_report.json").read_text())
+    assert saved["matrices"][0]["parameters"] == {"k": 5}

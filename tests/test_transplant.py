@@ -1,0 +1,189 @@
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import tiny
+import torch
+import transformers
+from conftest import linear_pair
+from safetensors.torch import load_file
+
+from mergekit_omp import TransplantOptions, transplant
+from mergekit_omp.omp import batch_omp
+from mergekit_omp.vocabulary import vocabulary_of
+
+
+def load_tensors(directory: Path) -> dict[str, torch.Tensor]:
+    tensors = {}
+    for shard in sorted(directory.glob("*.safetensors")):
+        tensors.update(load_file(shard))
+    return tensors
+
+
+@pytest.fixture(scope="module")
+def known_answer(tmp_path_factory, byte_level_tok, metaspace_tok):
+    root = tmp_path_factory.mktemp("known")
+    return linear_pair(root, byte_level_tok, metaspace_tok)
+
+
+def true_new_rows(result, donor_embed, mapping, matrix="embed", scale=1.0):
+    match = result.matrices[matrix].match
+    ids = torch.tensor(match.new_tokens)
+    return ids, (donor_embed[ids] * scale) @ mapping
+
+
+@pytest.mark.parametrize("matrix,scale", [("embed", 1.0), ("lm_head", 2.0)])
+def test_omp_recovers_a_linear_map_exactly_when_k_spans_the_donor_space(
+    known_answer, matrix, scale
+):
+    base, donor, donor_embed, mapping = known_answer
+    result = transplant(
+        TransplantOptions(base_model=str(base), donor=str(donor), parameters={"k": 12}),
+        progress=False,
+    )
+    ids, expected = true_new_rows(result, donor_embed, mapping, matrix, scale)
+    assert len(ids) > 100
+    got = result.matrices[matrix].matrix[ids]
+    assert torch.allclose(got, expected, atol=1e-4, rtol=1e-4)
+
+
+def test_omp_error_is_the_donor_residual_mapped_through_a(known_answer):
+    """With k < D the base error is exactly (donor residual) @ A."""
+    base, donor, donor_embed, mapping = known_answer
+    k = 4
+    result = transplant(
+        TransplantOptions(base_model=str(base), donor=str(donor), parameters={"k": k}),
+        progress=False,
+    )
+    ids, expected = true_new_rows(result, donor_embed, mapping)
+    approximation = result.matrices["embed"].approximation
+    donor_ids, _ = result.matrices["embed"].match.anchors()
+    anchors = donor_embed[torch.tensor(donor_ids)]
+    reconstruction = torch.bmm(
+        approximation.coeffs.unsqueeze(1), anchors[approximation.indices]
+    ).squeeze(1)
+    residual = donor_embed[ids] - reconstruction
+    got = result.matrices["embed"].matrix[ids]
+    assert torch.allclose(got - expected, -residual @ mapping, atol=1e-4)
+    assert residual.norm(dim=1).mean() > 0.1  # k=4 really is an approximation here
+
+
+def test_matched_rows_are_copied_and_ids_follow_the_donor(mixed_pair):
+    base, donor = mixed_pair
+    result = transplant(TransplantOptions(base_model=str(base), donor=str(donor)), progress=False)
+    base_tensors = load_tensors(base)
+    embed = result.matrices["embed"]
+    for donor_id, (base_id, _) in embed.match.matched.items():
+        assert torch.equal(
+            embed.matrix[donor_id], base_tensors["model.embed_tokens.weight"][base_id]
+        )
+    donor_vocab = vocabulary_of(transformers.AutoTokenizer.from_pretrained(donor))
+    base_vocab = vocabulary_of(transformers.AutoTokenizer.from_pretrained(base))
+    for donor_id, (base_id, kind) in embed.match.matched.items():
+        if kind.value == "exact":
+            assert donor_vocab.forms[donor_id] == base_vocab.forms[base_id]
+
+
+def test_output_loads_generates_and_round_trips_text(mixed_pair, tmp_path):
+    base, donor = mixed_pair
+    out = tmp_path / "out"
+    report = tmp_path / "report.json"
+    transplant(
+        TransplantOptions(base_model=str(base), donor=str(donor), parameters={"k": 8}),
+        out,
+        report_path=report,
+        progress=False,
+    )
+    tokenizer = transformers.AutoTokenizer.from_pretrained(out)
+    model = transformers.AutoModelForCausalLM.from_pretrained(out)
+    donor_tokenizer = transformers.AutoTokenizer.from_pretrained(donor)
+    text = "Café naïve 日本語\n\tdef f(x): return 42"
+    assert tokenizer(text)["input_ids"] == donor_tokenizer(text)["input_ids"]
+    assert tokenizer.decode(tokenizer(text)["input_ids"]) == text
+    generated = model.generate(
+        **tokenizer("The quick", return_tensors="pt"), max_new_tokens=4, do_sample=False
+    )
+    assert generated.shape == (1, len(tokenizer("The quick")["input_ids"]) + 4)
+    assert model.config.vocab_size == len(donor_tokenizer)
+    assert model.config.bos_token_id == donor_tokenizer.bos_token_id
+    assert model.config.eos_token_id == donor_tokenizer.eos_token_id
+    assert model.config.hidden_size == 24
+    assert model.get_input_embeddings().weight.shape == (len(donor_tokenizer), 24)
+    assert not model.config.tie_word_embeddings
+    saved = json.loads(report.read_text())
+    assert saved["matrices"][0]["counts"]["approximated"] > 0
+    assert set(saved["seconds"]) >= {"load", "match", "approximate", "write"}
+
+
+def test_tied_base_stays_tied_and_untied_donor_lm_head_is_ignored(
+    tmp_path, metaspace_tok, byte_level_tok
+):
+    base = tiny.tiny_llama(metaspace_tok, tmp_path / "base", hidden_size=16, tied=True, seed=5)
+    donor = tiny.tiny_llama(byte_level_tok, tmp_path / "donor", hidden_size=16, tied=False, seed=6)
+    out = tmp_path / "out"
+    result = transplant(
+        TransplantOptions(base_model=str(base), donor=str(donor)), out, progress=False
+    )
+    assert list(result.matrices) == ["embed"]
+    assert "lm_head.weight" not in load_tensors(out)
+    model = transformers.AutoModelForCausalLM.from_pretrained(out)
+    assert model.config.tie_word_embeddings
+    assert model.lm_head.weight.data_ptr() == model.model.embed_tokens.weight.data_ptr()
+
+
+def test_untied_base_with_tied_donor_approximates_lm_head_from_donor_embeddings(mixed_pair):
+    base, donor = mixed_pair
+    result = transplant(TransplantOptions(base_model=str(base), donor=str(donor)), progress=False)
+    assert set(result.matrices) == {"embed", "lm_head"}
+    embed, lm_head = result.matrices["embed"], result.matrices["lm_head"]
+    assert embed.match.new_tokens == lm_head.match.new_tokens
+    assert not torch.equal(embed.matrix, lm_head.matrix)
+
+
+def test_padding_and_extra_rows(tmp_path, metaspace_tok, byte_level_tok):
+    base = tiny.tiny_llama(metaspace_tok, tmp_path / "base", hidden_size=16, extra_rows=9, seed=7)
+    donor = tiny.tiny_llama(
+        byte_level_tok, tmp_path / "donor", hidden_size=16, extra_rows=5, seed=8
+    )
+    out = tmp_path / "out"
+    transplant(
+        TransplantOptions(base_model=str(base), donor=str(donor), pad_vocab_to_multiple_of=64),
+        out,
+        progress=False,
+    )
+    tensors = load_tensors(out)
+    rows = len(byte_level_tok) + 5
+    padded = -(-rows // 64) * 64
+    assert tensors["model.embed_tokens.weight"].shape == (padded, 16)
+    assert tensors["lm_head.weight"].shape == (padded, 16)
+    assert torch.count_nonzero(tensors["model.embed_tokens.weight"][len(byte_level_tok) :]) == 0
+    model = transformers.AutoModelForCausalLM.from_pretrained(out)
+    assert model.config.vocab_size == padded
+
+
+def test_same_inputs_same_bytes(mixed_pair, tmp_path):
+    base, donor = mixed_pair
+    options = TransplantOptions(base_model=str(base), donor=str(donor), new_vocab_noise=0.01)
+    first = transplant(options, tmp_path / "a", progress=False)
+    second = transplant(options, tmp_path / "b", progress=False)
+    assert torch.equal(first.matrices["embed"].matrix, second.matrices["embed"].matrix)
+    assert (tmp_path / "a" / "model.safetensors").read_bytes() == (
+        tmp_path / "b" / "model.safetensors"
+    ).read_bytes()
+
+
+def test_omp_rows_are_batch_omp_applied_to_base_anchors(mixed_pair):
+    base, donor = mixed_pair
+    result = transplant(
+        TransplantOptions(base_model=str(base), donor=str(donor), parameters={"k": 6}),
+        progress=False,
+    )
+    base_embed = load_tensors(base)["model.embed_tokens.weight"]
+    donor_embed = load_tensors(donor)["model.embed_tokens.weight"]
+    embed = result.matrices["embed"]
+    donor_ids, base_ids = embed.match.anchors()
+    indices, coeffs = batch_omp(donor_embed[embed.match.new_tokens], donor_embed[donor_ids], 6)
+    expected = torch.bmm(coeffs.unsqueeze(1), base_embed[base_ids][indices]).squeeze(1)
+    assert torch.allclose(embed.matrix[embed.match.new_tokens], expected, atol=1e-6)
