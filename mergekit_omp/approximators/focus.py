@@ -1,0 +1,89 @@
+"""FOCUS (Dobler and de Melo, EMNLP 2023, arXiv 2305.14481).
+
+FOCUS initialises a new token as a combination of the overlapping tokens (those both
+vocabularies share), weighted by ``sparsemax`` over the new token's cosine similarities to
+them in an auxiliary fastText space trained on the target tokenizer's tokens. Sparsemax
+(Martins and Astudillo, 2016) is a projection onto the probability simplex: the weights
+sum to 1 and most of them are exactly 0. Tokens with no usable auxiliary vector are drawn
+from N(mean, std) of the source embeddings, per dimension, as FOCUS does.
+
+Adapted to this setting (one language, two tokenizers): the auxiliary space is the donor
+model's embedding space, which already holds a vector for every donor token. A new token
+whose donor row is all zero (no usable similarity) gets the random fallback, and anchors
+whose donor row is zero take no part, as FOCUS prunes overlapping tokens without an
+auxiliary vector. The sparsemax weights are applied to the anchors' base rows. Fallback
+tokens report all-zero coefficients; their draws are seeded from the problem's seed.
+"""
+
+import torch
+
+from mergekit_omp.approximators.base import Approximation, ApproximationProblem, approximator
+from mergekit_omp.approximators.similarity import (
+    AnchorSimilarity,
+    no_targets,
+    nonzero_rows,
+    pad_columns,
+    target_batches,
+)
+
+
+def sparsemax(scores: torch.Tensor) -> torch.Tensor:
+    """Row-wise Euclidean projection of ``scores`` onto the probability simplex.
+
+    ``-inf`` scores get weight 0. Every row needs at least one finite score.
+    """
+    ranked, _ = scores.sort(dim=1, descending=True)
+    cumulative = ranked.cumsum(dim=1)
+    ranks = torch.arange(1, scores.shape[1] + 1, device=scores.device, dtype=scores.dtype)
+    # The support is the longest prefix of the ranked scores with 1 + r * z_(r) > sum_{j<=r} z_(j).
+    in_support = 1 + ranks * ranked > cumulative
+    support_size = in_support.sum(dim=1, keepdim=True)
+    threshold = (cumulative.gather(1, support_size - 1) - 1) / support_size
+    return (scores - threshold).clamp_min(0)
+
+
+def sparse_weights(weights: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(indices, coeffs) of each row's nonzero weights, as wide as the widest support."""
+    width = max(int((weights > 0).sum(dim=1).max()), 1)
+    coeffs, indices = weights.topk(width, dim=1)
+    return indices, coeffs
+
+
+def normal_like_base_rows(problem: ApproximationProblem, count: int) -> torch.Tensor:
+    """``count`` rows drawn from N(mean, std) of the base rows, per dimension, seeded."""
+    mean = problem.base_matrix.mean(dim=0).cpu()
+    std = problem.base_matrix.std(dim=0).cpu()
+    generator = torch.Generator(device="cpu").manual_seed(problem.seed)
+    draws = torch.normal(mean.expand(count, -1), std.expand(count, -1), generator=generator)
+    return draws.to(problem.base_matrix.device)
+
+
+@approximator(
+    "focus",
+    pretty_name="FOCUS",
+    reference_url="https://arxiv.org/abs/2305.14481",
+)
+def focus(problem: ApproximationProblem) -> Approximation:
+    """Sparsemax-weighted anchors by cosine similarity in the donor space."""
+    if problem.num_targets == 0:
+        return no_targets(problem)
+    usable_anchor = nonzero_rows(problem.donor_anchors)
+    usable_target = nonzero_rows(problem.targets) & usable_anchor.any()
+    similarity = AnchorSimilarity(problem)
+    rows = problem.base_matrix.new_zeros(problem.num_targets, problem.base_dim)
+    parts = []
+    for batch in target_batches(problem, "FOCUS"):
+        scores = similarity(batch).masked_fill(~usable_anchor, float("-inf"))
+        unusable = ~usable_target[batch]
+        # A placeholder one-anchor support for fallback rows, whose weights are dropped.
+        scores[unusable] = float("-inf")
+        scores[unusable, 0] = 0.0
+        indices, coeffs = sparse_weights(sparsemax(scores))
+        coeffs[unusable] = 0.0
+        rows[batch] = problem.combine_base_anchors(indices, coeffs)
+        parts.append((indices, coeffs))
+    fallback = ~usable_target
+    if fallback.any():
+        rows[fallback] = normal_like_base_rows(problem, int(fallback.sum())).to(rows.dtype)
+    indices, coeffs = pad_columns(parts)
+    return Approximation(rows=rows, indices=indices, coeffs=coeffs)
