@@ -22,6 +22,7 @@ from mergekit.tokensurgeon import SubwordMethod, WeightingScheme
 from mergekit_omp.approximators import approximator_names, get_approximator
 from mergekit_omp.errors import TransplantError
 from mergekit_omp.options import MatchScope, TransplantOptions
+from mergekit_omp.recipe import check_method_parameters, recipe_yaml
 from mergekit_omp.transplant import transplant
 
 LOG = logging.getLogger("mergekit_omp")
@@ -114,6 +115,7 @@ def transplant_options_from_cli(
 
 
 SCOPES = [s.value for s in MatchScope]
+RECIPE_HEADER = "# mergekit-omp-yaml THIS_FILE OUT (model paths as given on the command line)"
 
 
 def transplant_options(f: Callable[..., Any]) -> Callable[..., Any]:
@@ -172,11 +174,14 @@ def transplant_options(f: Callable[..., Any]) -> Callable[..., Any]:
               help="Replace OUT_PATH if it exists and is not empty.")
 @click.option("--report", "report_path", type=click.Path(dir_okay=False), default=None,
               help="Also write the JSON report (match counts, method, seconds) to this path.")
+@click.option("--print-recipe", is_flag=True, default=False,
+              help="Print the YAML recipe of this command line (for mergekit-omp-yaml) and exit.")
 @add_merge_options
 @click.pass_context
 @run_cli_action
 def main(ctx: click.Context, base_model: str, donor: str, out_path: str, overwrite: bool,
-         report_path: str | None, merge_options: MergeOptions, **values: Any) -> None:
+         report_path: str | None, print_recipe: bool, merge_options: MergeOptions,
+         **values: Any) -> None:
     """Give BASE_MODEL the tokenizer of DONOR and write the result to OUT_PATH.
 
     Rows of tokens both vocabularies share (matched by the bytes they stand for) are copied;
@@ -185,6 +190,10 @@ def main(ctx: click.Context, base_model: str, donor: str, out_path: str, overwri
     """
     merge_options.apply_global_options()
     options = transplant_options_from_cli(ctx, base_model, donor, values, merge_options)
+    check_method_parameters(options)
+    if print_recipe:
+        click.echo(recipe_yaml(options, header=RECIPE_HEADER), nl=False)
+        return
     result = transplant(
         options,
         out_path,

@@ -20,9 +20,11 @@ from mergekit.tokensurgeon import well_trained_tokens
 from mergekit_omp.approximate import approximate_new_rows, build_problem
 from mergekit_omp.approximators import Approximation, get_approximator
 from mergekit_omp.assemble import assemble_matrix, output_vocab_size
+from mergekit_omp.card import model_card
 from mergekit_omp.load import LoadedModel, load_model
 from mergekit_omp.match import VocabularyMatch, match_vocabularies
 from mergekit_omp.options import Matrix, TransplantOptions
+from mergekit_omp.recipe import recipe_yaml
 from mergekit_omp.report import MatrixReport, TransplantReport
 from mergekit_omp.vocabulary import Vocabulary
 from mergekit_omp.write import (
@@ -152,11 +154,13 @@ def transplant(
     overwrite: bool = False,
     report_path: str | os.PathLike | None = None,
     progress: bool = True,
+    card_recipe: str | None = None,
 ) -> TransplantResult:
     """Give ``options.base_model`` the tokenizer of ``options.donor``.
 
     With ``out_path`` the new model is written there (atomically); without it, only the new
-    matrices and the report are returned.
+    matrices and the report are returned. ``card_recipe`` is the recipe YAML shown in the
+    output's model card (default: the recipe of ``options``).
     """
     merge_options = merge_options or MergeOptions()
     if out_path is not None:
@@ -174,7 +178,8 @@ def transplant(
     matrices = build_matrices(base, donor, options, report, progress=progress and not merge_options.quiet)
     result = TransplantResult(report=report, matrices=matrices)
     if out_path is not None:
-        write_transplant(result, base, donor, out_path, merge_options, overwrite)
+        card = card_recipe if card_recipe is not None else recipe_yaml(options)
+        write_transplant(result, base, donor, out_path, merge_options, overwrite, card)
     if report_path is not None:
         report.write_json(report_path)
     return result
@@ -187,6 +192,7 @@ def write_transplant(
     out_path: str | os.PathLike,
     merge_options: MergeOptions,
     overwrite: bool,
+    card_recipe: str | None = None,
 ) -> None:
     report = result.report
     with report.timed("write"), staged_output(out_path, overwrite) as staging:
@@ -203,3 +209,6 @@ def write_transplant(
             staging, base, donor, report.vocab_size, donor_token_ids(donor)
         )
         report.write_json(staging / "mergekit_omp_report.json")
+        if merge_options.write_model_card and card_recipe is not None:
+            card = model_card(report, card_recipe, name=os.path.basename(os.path.abspath(out_path)))
+            (staging / "README.md").write_text(card, encoding="utf-8")
