@@ -20,6 +20,7 @@ from mergekit.options import MergeOptions, PrettyPrintHelp, add_merge_options
 from mergekit.tokensurgeon import SubwordMethod, WeightingScheme
 
 from mergekit_omp.approximators import approximator_names, get_approximator
+from mergekit_omp.bos import BosPolicy
 from mergekit_omp.errors import TransplantError
 from mergekit_omp.options import MatchScope, TransplantOptions
 from mergekit_omp.recipe import check_method_parameters, recipe_yaml
@@ -110,7 +111,9 @@ def transplant_options_from_cli(
         pad_vocab_to_multiple_of=values["pad_vocab_to_multiple_of"],
         batch_size=values["batch_size"],
         dtype=values["dtype"],
+        bos=values["bos"],
         seed=merge_options.random_seed or 0,
+        guard=values["guard"],
     )
 
 
@@ -157,8 +160,19 @@ def transplant_options(f: Callable[..., Any]) -> Callable[..., Any]:
                      help="A method parameter (repeatable), e.g. -p k=32; wins over -k/-c/-w/-s."),
         click.option("--pad-vocab-to-multiple-of", type=click.IntRange(min=1), default=None,
                      help="Pad the new vocabulary with zero rows to a multiple of N (64, 128)."),
+        click.option("--bos", type=click.Choice([p.value for p in BosPolicy]),
+                     default=BosPolicy.MATCH_BASE.value, show_default=True,
+                     help="match_base: the output tokenizer inserts a BOS token exactly when the "
+                          "base's tokenizer does (the donor's BOS gets the base's BOS row); "
+                          "keep_donor: keep the donor tokenizer's behaviour and warn."),
         click.option("--dtype", type=click.Choice(["float32", "float16", "bfloat16"]),
                      default=None, help="Dtype of the new matrices (default: the base model's)."),
+        click.option("--guard", type=click.Choice(["off", "clip", "shrink"]),
+                     default=TransplantOptions.model_fields["guard"].default, show_default=True,
+                     help="What to do with approximated rows the audit flags as outliers "
+                          "(breaker tokens, arXiv 2601.00065): clip them to the base norm bound, "
+                          "shrink their coefficients (ridge), or leave them; the audit always "
+                          "runs and warns (docs/diagnostics.md)."),
     ]
     for decorator in reversed(decorators):
         f = decorator(f)

@@ -88,6 +88,7 @@ def match_vocabularies(
     donor_rows: int,
     base_rows: int,
     well_trained: tuple[set[int], set[int]] | None = None,
+    forced_pairs: dict[int, int] | None = None,
 ) -> VocabularyMatch:
     """Pair every donor token with a base token (id below ``base_rows``), or not.
 
@@ -96,6 +97,7 @@ def match_vocabularies(
 
     ``well_trained`` (donor ids, base ids), from ``--magikarp``, restricts matches to pairs
     that are well trained on both sides, and zeroes donor tokens trained on neither.
+    ``forced_pairs`` (donor id -> base id) are special matches that take precedence.
     """
     usable_base = {i for i in base.forms if i < base_rows}
     if well_trained is not None:
@@ -109,6 +111,9 @@ def match_vocabularies(
     junk: list[int] = []
     for donor_id in sorted(donor.forms):
         form = donor.forms[donor_id]
+        if forced_pairs and forced_pairs.get(donor_id, base_rows) < base_rows:
+            matched[donor_id] = (forced_pairs[donor_id], MatchKind.SPECIAL)
+            continue
         base_id = by_form.get(form)
         if well_trained is not None and donor_id not in well_trained[0]:
             # magikarp: a token trained in neither model is zeroed, as mergekit does

@@ -11,9 +11,12 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
+from mergekit_omp.bos import BosPolicy
 from mergekit_omp.match import MatchPolicy
 
 Matrix = Literal["embed", "lm_head"]
+GuardMode = Literal["off", "clip", "shrink"]
+"""What to do with approximated rows the audit flags (see docs/diagnostics.md)."""
 
 
 class MatchScope(str, enum.Enum):
@@ -61,6 +64,17 @@ class TransplantOptions(BaseModel):
         None, description="Output dtype of the new matrices (default: the base's)"
     )
     seed: int = Field(0, description="Seed for methods and noise that draw random numbers")
+    guard: GuardMode = Field(
+        "off",
+        description="Flagged outlier rows (breaker tokens): clip to the base norm bound, "
+        "shrink their coefficients (ridge), or leave them (off, the default: "
+        "mergekit-tokensurgeon's rows; the audit still warns)",
+    )
+    bos: BosPolicy = Field(
+        BosPolicy.MATCH_BASE,
+        description="match_base: the output tokenizer inserts BOS exactly when the base's does; "
+        "keep_donor: leave the donor tokenizer as it is (and warn if they differ)",
+    )
 
     @field_validator("prefix_match", "byte_match", mode="before")
     @classmethod

@@ -16,11 +16,14 @@ import torch
 from mergekit.io.tasks import LoaderCache
 from mergekit.options import MergeOptions
 from mergekit.tokensurgeon import well_trained_tokens
+from transformers import PreTrainedTokenizerBase
 
 from mergekit_omp.approximate import approximate_new_rows, build_problem
 from mergekit_omp.approximators import Approximation, get_approximator
 from mergekit_omp.assemble import assemble_matrix, output_vocab_size
+from mergekit_omp.bos import BosPolicy, output_tokenizer, plan_bos
 from mergekit_omp.card import model_card
+from mergekit_omp.diagnostics.stage import MatrixDiagnosis, audit_matrix, check_numbers
 from mergekit_omp.load import LoadedModel, load_model
 from mergekit_omp.match import VocabularyMatch, match_vocabularies
 from mergekit_omp.options import Matrix, TransplantOptions
@@ -47,12 +50,37 @@ class MatrixResult:
     match: VocabularyMatch
     approximation: Approximation
     matrix: torch.Tensor
+    diagnosis: MatrixDiagnosis | None = None
 
 
 @dataclass
 class TransplantResult:
     report: TransplantReport
     matrices: dict[str, MatrixResult] = field(default_factory=dict)
+    tokenizer: PreTrainedTokenizerBase | None = None
+    """The output tokenizer: the donor's, with BOS insertion following the base."""
+
+
+def bos_pair(base: LoadedModel, donor: LoadedModel) -> dict[int, int] | None:
+    """The donor's BOS token carries the base's BOS row."""
+    donor_bos, base_bos = donor.tokenizer.bos_token_id, base.tokenizer.bos_token_id
+    if donor_bos is None or base_bos is None:
+        return None
+    return {donor_bos: base_bos}
+
+
+def plan_output_tokenizer(
+    base: LoadedModel, donor: LoadedModel, policy: BosPolicy, report: TransplantReport
+) -> PreTrainedTokenizerBase:
+    plan = plan_bos(base.tokenizer, donor.tokenizer, policy)
+    tokenizer, failure = output_tokenizer(donor.tokenizer, plan)
+    report.diagnostics["bos"] = {
+        "base_adds_bos": plan.base_adds_bos,
+        "donor_adds_bos": plan.donor_adds_bos,
+        "output_adds_bos": plan.output_adds_bos and failure is None,
+    }
+    report.warnings.extend(w for w in (plan.warning, failure) if w)
+    return tokenizer
 
 
 def _well_trained_ids(vocab: Vocabulary, embed: torch.Tensor, lm_head: torch.Tensor | None) -> set[int]:
@@ -79,8 +107,13 @@ def build_matrices(
     report: TransplantReport,
     *,
     progress: bool = True,
+    forced_pairs: dict[int, int] | None = None,
 ) -> dict[str, MatrixResult]:
-    """Match, approximate and assemble each vocabulary matrix of the output."""
+    """Match, approximate and assemble each vocabulary matrix of the output.
+
+    ``forced_pairs`` (donor id -> base id) take precedence over matching, e.g. the donor's
+    BOS token when the output tokenizer now inserts it for a base that expects its own.
+    """
     well_trained = None
     if options.magikarp:
         with report.timed("magikarp"):
@@ -105,6 +138,7 @@ def build_matrices(
                 donor_rows=donor_rows.shape[0],
                 base_rows=base_rows.shape[0],
                 well_trained=well_trained,
+                forced_pairs=forced_pairs,
             )
         LOG.info("%s: %s", matrix, match.counts())
         with report.timed("approximate"):
@@ -126,10 +160,23 @@ def build_matrices(
                 noise=options.new_vocab_noise,
                 scale=options.new_vocab_scale,
             )
+        with report.timed("audit"):
+            approximation, diagnosis = audit_matrix(
+                problem,
+                approximation,
+                report,
+                matrix=matrix,
+                is_output=matrix == "lm_head" or base.tied,
+                guard=options.guard,
+                seed=options.seed,
+                progress=progress,
+            )
         with report.timed("assemble"):
             dtype = getattr(torch, options.dtype) if options.dtype else base_rows.dtype
             new_matrix = assemble_matrix(base_rows, match, approximation.rows, out_rows, dtype)
-        results[matrix] = MatrixResult(matrix, tensor_name, match, approximation, new_matrix)
+        results[matrix] = MatrixResult(
+            matrix, tensor_name, match, approximation, new_matrix, diagnosis
+        )
         report.matrices.append(
             MatrixReport(
                 matrix=matrix,
@@ -143,6 +190,8 @@ def build_matrices(
                 rows=out_rows,
             )
         )
+    with report.timed("numbers"):
+        check_numbers(base, donor, results["embed"].match, report)
     return results
 
 
@@ -175,8 +224,10 @@ def transplant(
         base = load_model(options.base_model, merge_options, lm_head_falls_back_to_embed=False)
         donor = load_model(options.donor, merge_options, lm_head_falls_back_to_embed=True)
     report.tied_embeddings = base.tied
-    matrices = build_matrices(base, donor, options, report, progress=progress and not merge_options.quiet)
-    result = TransplantResult(report=report, matrices=matrices)
+    tokenizer = plan_output_tokenizer(base, donor, options.bos, report)
+    forced_pairs = bos_pair(base, donor) if report.diagnostics["bos"]["output_adds_bos"] else None
+    matrices = build_matrices(base, donor, options, report, progress=progress and not merge_options.quiet, forced_pairs=forced_pairs)
+    result = TransplantResult(report=report, matrices=matrices, tokenizer=tokenizer)
     if out_path is not None:
         card = card_recipe if card_recipe is not None else recipe_yaml(options)
         write_transplant(result, base, donor, out_path, merge_options, overwrite, card)
@@ -206,7 +257,12 @@ def write_transplant(
             merge_options,
         )
         write_config_and_tokenizer(
-            staging, base, donor, report.vocab_size, donor_token_ids(donor)
+            staging,
+            base,
+            donor,
+            report.vocab_size,
+            donor_token_ids(donor),
+            tokenizer=result.tokenizer,
         )
         report.write_json(staging / "mergekit_omp_report.json")
         if merge_options.write_model_card and card_recipe is not None:

@@ -21,7 +21,7 @@ from mergekit.common import set_config_value
 from mergekit.io.tasks import LoaderCache
 from mergekit.io.tensor_writer import TensorWriter
 from mergekit.options import MergeOptions
-from transformers import GenerationConfig, PretrainedConfig
+from transformers import GenerationConfig, PretrainedConfig, PreTrainedTokenizerBase
 
 from mergekit_omp.assemble import remap_vocabulary_rows
 from mergekit_omp.errors import TransplantError
@@ -149,11 +149,13 @@ def write_config_and_tokenizer(
     donor: LoadedModel,
     vocab_size: int,
     token_ids: dict[str, object],
+    tokenizer: PreTrainedTokenizerBase | None = None,
 ) -> None:
+    """Save the config and generation config with the donor's ids, and the output tokenizer."""
     output_config(base, donor, vocab_size, token_ids).save_pretrained(directory)
     with contextlib.suppress(OSError):
         generation = GenerationConfig.from_pretrained(base.path)
         for key in ("bos_token_id", "eos_token_id", "pad_token_id"):
             setattr(generation, key, token_ids.get(key))
         generation.save_pretrained(directory)
-    donor.tokenizer.save_pretrained(directory)
+    (tokenizer or donor.tokenizer).save_pretrained(directory)

@@ -26,7 +26,10 @@ def run(command, args: list[str]) -> None:
 def test_same_rows_as_mergekit_tokensurgeon(byte_level_pair, tmp_path, extra):
     base, donor = byte_level_pair
     run(tokensurgeon_main, [str(base), str(donor), str(tmp_path / "mergekit"), *extra])
-    run(mergekit_omp_main, [str(base), str(donor), str(tmp_path / "ours"), *extra])
+    # the breaker-token guard deliberately changes outlier rows; off, the rows are mergekit's
+    run(
+        mergekit_omp_main, [str(base), str(donor), str(tmp_path / "ours"), *extra, "--guard", "off"]
+    )
     theirs = load_tensors(tmp_path / "mergekit")
     ours = load_tensors(tmp_path / "ours")
     for name in MATRICES:
