@@ -5,11 +5,11 @@ from __future__ import annotations
 import copy
 
 import pytest
+import tiny
 import torch
 import transformers
 from test_transplant import load_tensors
 
-import tiny
 from mergekit_omp import TransplantOptions, transplant
 from mergekit_omp.bos import adds_bos
 
