@@ -1,0 +1,66 @@
+"""The README.md of a merge: mergekit's merge card plus the rows mergekit-omp made."""
+
+from __future__ import annotations
+
+import yaml
+from mergekit.card import CARD_TEMPLATE, method_md
+
+from mergekit_omp.card import PAPER, is_hub_id
+from mergekit_omp.merge.config import OmpMergeConfig
+from mergekit_omp.merge.vocabulary import OmpFill
+
+TAGS = ["mergekit", "merge", "mergekit-omp"]
+
+OMP_SECTION = """### Token embeddings
+
+Where a model lacks a token of the merged vocabulary, mergekit-omp gave it that model's own
+approximation of the token instead of another model's row (a row from a different embedding
+space): the row of a model that has the token is written by Orthogonal Matching Pursuit as a
+sparse combination of *k* tokens both models share, and the same coefficients are applied to
+the lacking model's rows of those tokens ({paper}).
+
+{table}
+
+"""
+
+
+def fills_table(fills: list[OmpFill]) -> str:
+    if not fills:
+        return "No model lacked a token that mergekit-omp was asked to fill."
+    lines = [
+        "| tensor | model | rows | approximated from | k | anchors |",
+        "|---|---|---|---|---|---|",
+    ]
+    for fill in fills:
+        lines.append(
+            f"| `{fill.tensor}` | {fill.model} | {fill.tokens} | {fill.source} | {fill.k} | "
+            f"{fill.anchors} |"
+        )
+    return "\n".join(lines)
+
+
+def merge_card(config: OmpMergeConfig, fills: list[OmpFill], name: str) -> str:
+    written = config.written
+    hub_models = [written_path for written_path, path in config.models.items() if is_hub_id(path)]
+    base = written.base_model if written.merge_method != "slerp" else None
+    base_text = f" using {base} as a base" if base else ""
+    bullets = [f"* {model}" for model in config.models if base is None or model != str(base)]
+    card = CARD_TEMPLATE.format(
+        metadata=yaml.safe_dump(
+            {"base_model": hub_models, "tags": TAGS, "library_name": "transformers"},
+            sort_keys=False,
+        ).rstrip(),
+        model_list="\n".join(bullets),
+        base_text=base_text,
+        merge_method=method_md(written.merge_method),
+        name=name,
+        config_yaml=config.text.rstrip(),
+    )
+    section = OMP_SECTION.format(paper=PAPER, table=fills_table(fills))
+    card = card.replace("### Configuration", section + "### Configuration", 1)
+    return card.replace(
+        "The following YAML configuration was used to produce this model:",
+        "The following YAML configuration was used to produce this model with "
+        "`mergekit-omp-merge`:",
+        1,
+    )

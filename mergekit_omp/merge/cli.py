@@ -1,0 +1,50 @@
+"""``mergekit-omp-merge CONFIG.yml OUT``: mergekit-yaml with OMP rows for missing tokens."""
+
+from __future__ import annotations
+
+import click
+from mergekit.options import MergeOptions, PrettyPrintHelp, add_merge_options
+
+from mergekit_omp.cli import run_cli_action
+from mergekit_omp.merge.config import load_merge_config
+from mergekit_omp.merge.run import run_omp_merge
+from mergekit_omp.merge.vocabulary import OmpFill
+
+
+def summary(fills: list[OmpFill]) -> str:
+    if not fills:
+        return "Merged; no token rows were made by OMP"
+    lines = ["Merged; token rows made by OMP:"]
+    lines.extend(
+        f"  {f.tensor}: {f.tokens} rows of {f.model} from {f.source} (k={f.k}, {f.anchors} anchors)"
+        for f in fills
+    )
+    return "\n".join(lines)
+
+
+@click.command("mergekit-omp-merge", cls=PrettyPrintHelp)
+@click.argument("config_file", type=str)
+@click.argument("out_path", type=str)
+@click.option(
+    "--overwrite",
+    is_flag=True,
+    default=False,
+    help="Replace OUT_PATH if it exists and is not empty.",
+)
+@add_merge_options
+@run_cli_action
+def main(config_file: str, out_path: str, overwrite: bool, merge_options: MergeOptions) -> None:
+    """Run the mergekit merge in CONFIG_FILE and write the merged model to OUT_PATH.
+
+    Exactly mergekit-yaml's merge, with one more token-embedding source: a token a model
+    lacks can get that model's own OMP approximation, anchored on the tokens it shares with
+    a model that has the token, instead of that model's row. Per token, under
+    `tokenizer.tokens`: `"<tok>": {source: {kind: omp, k: 32}}`; for every missing token, a
+    top-level `omp: {missing_tokens: omp, k: 64}`. Relative model paths are read from the
+    config's directory first.
+    """
+    merge_options.apply_global_options()
+    config = load_merge_config(config_file)
+    fills = run_omp_merge(config, out_path, merge_options, overwrite=overwrite)
+    if not merge_options.quiet:
+        click.echo(summary(fills), err=True)

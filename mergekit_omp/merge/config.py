@@ -1,0 +1,215 @@
+"""A mergekit merge configuration with mergekit-omp's additions, split into the part mergekit
+validates and runs and the part mergekit-omp handles.
+
+Two additions, both removed before mergekit sees the configuration:
+
+* a per-token source ``{kind: omp, k: 32}`` under ``tokenizer.tokens``, replaced by mergekit's
+  ``{kind: zero}`` (the zero row of a model that lacks the token is then overwritten);
+* a top-level ``omp:`` section: ``missing_tokens: omp`` makes OMP the source of every token a
+  model lacks; ``k`` is the default number of anchors.
+"""
+
+from __future__ import annotations
+
+import copy
+import logging
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+from mergekit.common import ModelPath, ModelReference
+from mergekit.config import MergeConfiguration
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+from mergekit_omp.errors import TransplantError
+from mergekit_omp.recipe import describe_validation_error, parse_yaml_mapping, resolve_model_path
+
+LOG = logging.getLogger(__name__)
+
+OMP_SECTION = "omp"
+
+
+class OmpTokenSource(BaseModel):
+    """``tokens: {"<tok>": {source: {kind: omp, k: 32}}}``: the token's OMP approximation."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    kind: Literal["omp"]
+    k: int | None = Field(None, gt=0, description="Anchors per row (default: omp.k)")
+    model: ModelReference | None = Field(
+        None,
+        description="Model whose row is approximated (default: the base model if it has the "
+        "token, else the first model in the merge that has it)",
+    )
+
+
+class OmpMergeSettings(BaseModel):
+    """The top-level ``omp:`` section."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    missing_tokens: Literal["omp", "mergekit"] = Field(
+        "mergekit",
+        description="Source of every token a model lacks (tokens without a `tokens:` entry): "
+        "'omp' for that model's OMP approximation, 'mergekit' for mergekit's own rule",
+    )
+    k: int = Field(64, gt=0, description="Anchors per OMP row")
+
+
+@dataclass(frozen=True)
+class OmpMergeConfig:
+    """A loaded configuration.
+
+    ``merge`` is what mergekit runs (model paths resolved, OMP sources replaced); ``written``
+    is the same configuration with the paths as the file states them.
+    """
+
+    text: str
+    merge: MergeConfiguration
+    written: MergeConfiguration
+    settings: OmpMergeSettings = OmpMergeSettings()
+    token_sources: dict[str, OmpTokenSource] = field(default_factory=dict)
+    models: dict[str, str] = field(default_factory=dict)
+    """Each model of the merge: the path as written -> the path as resolved."""
+
+    @property
+    def uses_omp(self) -> bool:
+        return self.settings.missing_tokens == "omp" or bool(self.token_sources)
+
+
+def _validated(model: type[BaseModel], data: Any, source: str, prefix: tuple[str, ...]) -> Any:
+    try:
+        return model.model_validate(data)
+    except ValidationError as exc:
+        message = describe_validation_error(
+            exc, source, prefix=prefix, candidates=tuple(model.model_fields)
+        )
+        raise TransplantError(message) from None
+
+
+def split_omp_keys(
+    data: dict[str, Any], source: str
+) -> tuple[dict[str, Any], OmpMergeSettings, dict[str, OmpTokenSource]]:
+    """(mergekit's part of ``data``, the ``omp:`` settings, the per-token OMP sources)."""
+    data = copy.deepcopy(data)
+    settings = _validated(
+        OmpMergeSettings, data.pop(OMP_SECTION, None) or {}, source, (OMP_SECTION,)
+    )
+    tokenizer = data.get("tokenizer")
+    tokens = tokenizer.get("tokens") if isinstance(tokenizer, dict) else None
+    token_sources: dict[str, OmpTokenSource] = {}
+    for token, entry in (tokens or {}).items():
+        token_source = entry.get("source") if isinstance(entry, dict) else None
+        if not (isinstance(token_source, dict) and token_source.get("kind") == "omp"):
+            continue
+        where = ("tokenizer", "tokens", token)
+        if entry.get("force"):
+            raise TransplantError(
+                f"{source}: {'.'.join(where)}.force: does not apply to an omp source (a model "
+                "that has the token keeps its own row)"
+            )
+        token_sources[token] = _validated(OmpTokenSource, token_source, source, (*where, "source"))
+        entry["source"] = {"kind": "zero"}
+    return data, settings, token_sources
+
+
+def _map_model_references(value: Any, resolve: Any) -> Any:
+    """``value`` with every ModelReference inside it replaced by ``resolve(reference)``."""
+    if isinstance(value, ModelReference):
+        return resolve(value)
+    if isinstance(value, BaseModel):
+        updates = {
+            name: _map_model_references(getattr(value, name), resolve)
+            for name in type(value).model_fields
+        }
+        return value.model_copy(update=updates)
+    if isinstance(value, list):
+        return [_map_model_references(item, resolve) for item in value]
+    if isinstance(value, tuple):
+        return tuple(_map_model_references(item, resolve) for item in value)
+    if isinstance(value, dict):
+        return {key: _map_model_references(item, resolve) for key, item in value.items()}
+    return value
+
+
+def reference_resolver(base_dir: Path) -> Any:
+    def resolve(reference: ModelReference) -> ModelReference:
+        def moved(path: ModelPath | None) -> ModelPath | None:
+            if path is None:
+                return None
+            return ModelPath(path=resolve_model_path(path.path, base_dir), revision=path.revision)
+
+        return reference.model_copy(
+            update={"model": moved(reference.model), "lora": moved(reference.lora)}
+        )
+
+    return resolve
+
+
+def _warn_unknown_keys(data: dict[str, Any], source: str) -> None:
+    for key in data:
+        if key not in MergeConfiguration.model_fields:
+            LOG.warning("%s: mergekit ignores the unknown key '%s'", source, key)
+
+
+def merge_configuration(data: dict[str, Any], source: str) -> MergeConfiguration:
+    try:
+        return MergeConfiguration.model_validate(data)
+    except ValidationError as exc:
+        raise TransplantError(
+            describe_validation_error(
+                exc, source, candidates=tuple(MergeConfiguration.model_fields)
+            )
+        ) from None
+    except RuntimeError as exc:  # mergekit's validators raise RuntimeError
+        raise TransplantError(f"{source}: {exc}") from None
+
+
+def check_omp_use(config: OmpMergeConfig, source: str) -> None:
+    merge = config.merge
+    if config.uses_omp and merge.tokenizer is None and merge.tokenizer_source is None:
+        raise TransplantError(
+            f"{source}: OMP token rows need a merged vocabulary: add `tokenizer: {{source: "
+            "union}}` (or a model as source); without one no model lacks a token"
+        )
+    referenced = set(merge.referenced_models())
+    for token, token_source in config.token_sources.items():
+        if token_source.model is not None and token_source.model not in referenced:
+            raise TransplantError(
+                f"{source}: tokenizer.tokens.{token}.source.model: {token_source.model} is not "
+                "a model of this merge"
+            )
+
+
+def parse_merge_config(text: str, source: str, base_dir: Path) -> OmpMergeConfig:
+    """Validate a merge configuration with mergekit-omp's additions; see the module docstring."""
+    raw = parse_yaml_mapping(text, source, "a merge configuration")
+    data, settings, token_sources = split_omp_keys(raw, source)
+    _warn_unknown_keys(data, source)
+    written = merge_configuration(data, source)
+    resolve = reference_resolver(base_dir)
+    config = OmpMergeConfig(
+        text=text,
+        merge=_map_model_references(written, resolve),
+        written=written,
+        settings=settings,
+        token_sources={
+            token: _map_model_references(token_source, resolve)
+            for token, token_source in token_sources.items()
+        },
+        models={
+            str(ref): str(resolve(ref)) for ref in sorted(written.referenced_models(), key=str)
+        },
+    )
+    check_omp_use(config, source)
+    return config
+
+
+def load_merge_config(path: str | Path) -> OmpMergeConfig:
+    """Read a merge configuration; relative model paths are read beside it first."""
+    source = str(path)
+    try:
+        text = Path(path).read_text(encoding="utf-8")
+    except OSError as exc:
+        raise TransplantError(f"cannot read {source}: {exc.strerror or exc}") from None
+    return parse_merge_config(text, source, Path(path).parent)
