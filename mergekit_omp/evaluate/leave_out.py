@@ -1,0 +1,203 @@
+"""Leave-out validation: how well would each method rebuild rows whose answer we know?
+
+A seeded random sample of the anchors (tokens both models share) is held out: removed from
+the anchor set and treated as new tokens. Each method approximates them from the remaining
+anchors, and its rows are compared with their true base rows. No model is run.
+
+The held-out tokens are hidden from every method, not only from the anchor set: their base
+rows are replaced by the mean of the other base rows (so the ``mean`` baseline and FOCUS's
+fallback statistics do not see them, to within that mean), and they are dropped from the
+base vocabulary the problem carries (so FVT cannot split a held-out token into itself).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import time
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from pydantic import BaseModel
+
+from mergekit_omp.approximate import approximate_new_rows, build_problem
+from mergekit_omp.approximators import ApproximationProblem, Approximator
+from mergekit_omp.errors import TransplantError
+from mergekit_omp.load import LoadedModel
+from mergekit_omp.match import MatchPolicy, VocabularyMatch, match_vocabularies
+from mergekit_omp.vocabulary import Vocabulary
+
+DEFAULT_HOLDOUT_COUNT = 1000
+DEFAULT_HOLDOUT_FRACTION = 0.05
+COSINE_EPS = 1e-12
+
+
+def holdout_size(anchors: int, holdout: float | None) -> int:
+    """How many anchors to hold out: a count (>= 1), a fraction (< 1), or by default the
+    smaller of 1,000 and 5% of the anchors. At least one anchor is always kept."""
+    if anchors < 2:
+        raise TransplantError(
+            f"leave-out validation needs at least 2 shared tokens, found {anchors}"
+        )
+    if holdout is None:
+        size = min(DEFAULT_HOLDOUT_COUNT, math.ceil(DEFAULT_HOLDOUT_FRACTION * anchors))
+    elif 0 < holdout < 1:
+        size = math.ceil(holdout * anchors)
+    elif holdout >= 1 and float(holdout).is_integer():
+        size = int(holdout)
+    else:
+        raise TransplantError(
+            f"--holdout must be a whole number of tokens or a fraction in (0, 1), got {holdout}"
+        )
+    return max(1, min(size, anchors - 1))
+
+
+@dataclass(frozen=True)
+class HeldOut:
+    """Anchors removed from the anchor set: donor ids and the base id each one matches."""
+
+    donor_ids: list[int]
+    base_ids: list[int]
+
+
+def choose_held_out(match: VocabularyMatch, holdout: float | None, seed: int) -> HeldOut:
+    """A seeded random sample of the anchors, drawn by base token.
+
+    Every anchor matching a drawn base token is held out, so that no base row of a held-out
+    token stays among the anchors through a second donor token with the same bytes.
+    """
+    donor_ids, base_ids = match.anchors()
+    distinct_base = sorted(set(base_ids))
+    size = holdout_size(len(distinct_base), holdout)
+    generator = torch.Generator().manual_seed(seed)
+    drawn = torch.randperm(len(distinct_base), generator=generator)[:size].tolist()
+    held_base = {distinct_base[i] for i in drawn}
+    pairs = [(d, b) for d, b in zip(donor_ids, base_ids, strict=True) if b in held_base]
+    return HeldOut(donor_ids=[d for d, _ in pairs], base_ids=[b for _, b in pairs])
+
+
+def without_held_out(match: VocabularyMatch, held: HeldOut) -> VocabularyMatch:
+    """The match with the held-out anchors turned into the only new tokens."""
+    held_ids = set(held.donor_ids)
+    matched = {d: pair for d, pair in match.matched.items() if d not in held_ids}
+    return VocabularyMatch(matched=matched, new_tokens=list(held.donor_ids), junk_tokens=[])
+
+
+def hidden_base_rows(base_matrix: torch.Tensor, base_ids: list[int]) -> torch.Tensor:
+    """The base matrix with the held-out rows replaced by the mean of the other rows."""
+    hidden = torch.zeros(base_matrix.shape[0], dtype=torch.bool, device=base_matrix.device)
+    hidden[base_ids] = True
+    masked = base_matrix.clone()
+    masked[hidden] = base_matrix[~hidden].mean(dim=0).to(base_matrix.dtype)
+    return masked
+
+
+def vocabulary_without(vocab: Vocabulary, token_ids: list[int]) -> Vocabulary:
+    removed = set(token_ids)
+    return dataclasses.replace(
+        vocab,
+        forms={i: f for i, f in vocab.forms.items() if i not in removed},
+        strings={i: s for i, s in vocab.strings.items() if i not in removed},
+    )
+
+
+@dataclass(frozen=True)
+class LeaveOutTask:
+    """One matrix's held-out problem and the true base rows of its targets."""
+
+    matrix: str
+    problem: ApproximationProblem
+    truth: torch.Tensor
+    anchors: int
+
+    @property
+    def held_out(self) -> int:
+        return self.problem.num_targets
+
+
+def vocabulary_matrices(
+    base: LoadedModel, donor: LoadedModel
+) -> list[tuple[str, torch.Tensor, torch.Tensor]]:
+    """(matrix, base rows, donor rows) for each matrix a transplant rebuilds."""
+    plans = [("embed", base.embed, donor.embed)]
+    if base.lm_head is not None:
+        donor_lm_head = donor.lm_head if donor.lm_head is not None else donor.embed
+        plans.append(("lm_head", base.lm_head, donor_lm_head))
+    return plans
+
+
+def leave_out_tasks(
+    base: LoadedModel,
+    donor: LoadedModel,
+    *,
+    holdout: float | None = None,
+    seed: int = 0,
+    policy: MatchPolicy | None = None,
+    batch_size: int | None = 512,
+    progress: bool = False,
+) -> list[LeaveOutTask]:
+    """The held-out problem of each vocabulary matrix, the same seed for each."""
+    tasks = []
+    for matrix, base_rows, donor_rows in vocabulary_matrices(base, donor):
+        match = match_vocabularies(
+            donor.vocabulary,
+            base.vocabulary,
+            policy or MatchPolicy(),
+            donor_rows=donor_rows.shape[0],
+            base_rows=base_rows.shape[0],
+        )
+        held = choose_held_out(match, holdout, seed)
+        problem = build_problem(
+            hidden_base_rows(base_rows, held.base_ids),
+            donor_rows,
+            without_held_out(match, held),
+            base,
+            donor,
+            is_lm_head=matrix == "lm_head",
+            batch_size=batch_size,
+            progress=progress,
+            seed=seed,
+        )
+        problem = dataclasses.replace(
+            problem, base_vocab=vocabulary_without(base.vocabulary, held.base_ids)
+        )
+        truth = base_rows[torch.tensor(held.base_ids, device=base_rows.device)].to(
+            problem.base_matrix.dtype
+        )
+        tasks.append(LeaveOutTask(matrix, problem, truth, anchors=len(problem.donor_anchor_ids)))
+    return tasks
+
+
+class MatrixScore(BaseModel):
+    """How close one method's rows came to the held-out rows of one matrix."""
+
+    mean_cosine: float
+    relative_l2: float
+    seconds: float
+
+
+def mean_cosine(rows: torch.Tensor, truth: torch.Tensor) -> float:
+    """Mean over tokens of cos(approximated row, true row); a zero row scores 0."""
+    return F.cosine_similarity(rows.double(), truth.double(), dim=1, eps=COSINE_EPS).mean().item()
+
+
+def relative_l2(rows: torch.Tensor, truth: torch.Tensor) -> float:
+    """||approximated - true||_F / ||true||_F over the held-out rows (zero rows score 1)."""
+    rows, truth = rows.double(), truth.double()
+    return ((rows - truth).norm() / truth.norm().clamp_min(COSINE_EPS)).item()
+
+
+def score_method(
+    task: LeaveOutTask, method: Approximator, parameters: dict[str, Any]
+) -> MatrixScore:
+    """Run ``method`` on the held-out problem and compare with the true rows."""
+    start = time.perf_counter()
+    approximation = approximate_new_rows(task.problem, method, parameters)
+    seconds = time.perf_counter() - start
+    return MatrixScore(
+        mean_cosine=mean_cosine(approximation.rows, task.truth),
+        relative_l2=relative_l2(approximation.rows, task.truth),
+        seconds=round(seconds, 4),
+    )
