@@ -11,6 +11,8 @@ from typing import Any
 
 from pydantic import BaseModel, Field
 
+from mergekit_omp.diagnostics.summary import summary_lines
+
 
 class MatrixReport(BaseModel):
     matrix: str
@@ -55,5 +57,6 @@ class TransplantReport(BaseModel):
             lines.append(f"  {m.matrix} ({m.tensor}): {counts}; {m.anchors} anchors; {m.method}")
         lines.append(f"  vocabulary size {self.vocab_size}; tied: {self.tied_embeddings}")
         lines.append("  seconds: " + ", ".join(f"{k} {v:.1f}" for k, v in self.seconds.items()))
+        lines.extend(summary_lines(self.diagnostics))
         lines.extend(f"  warning: {w}" for w in self.warnings)
         return "\n".join(lines)

@@ -1,0 +1,76 @@
+"""``mergekit-omp-report BASE DONOR``: the diagnostics of a transplant, without writing it.
+
+Runs load, match, approximate and the audit with the same flags as ``mergekit-omp``, then
+prints the summary (number schemes, flagged rows) and optionally writes the JSON report and
+a PNG of the distributions.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import click
+from mergekit.options import MergeOptions, PrettyPrintHelp, add_merge_options
+
+from mergekit_omp.cli import run_cli_action, transplant_options, transplant_options_from_cli
+from mergekit_omp.diagnostics.plot import plot_audits, require_matplotlib
+from mergekit_omp.transplant import transplant
+
+
+@click.command("mergekit-omp-report", cls=PrettyPrintHelp)
+@click.argument("base_model", type=str)
+@click.argument("donor", type=str)
+@transplant_options
+@click.option(
+    "--json",
+    "json_path",
+    type=click.Path(dir_okay=False),
+    default=None,
+    help="Write the JSON report (diagnostics included) to this path.",
+)
+@click.option(
+    "--plot",
+    "plot_path",
+    type=click.Path(dir_okay=False),
+    default=None,
+    help="Write a PNG of the base-norm and residual distributions with the flagged "
+    "tokens marked (needs matplotlib: pip install 'mergekit-omp[plot]').",
+)
+@add_merge_options
+@click.pass_context
+@run_cli_action
+def main(
+    ctx: click.Context,
+    base_model: str,
+    donor: str,
+    json_path: str | None,
+    plot_path: str | None,
+    merge_options: MergeOptions,
+    **values: Any,
+) -> None:
+    """Audit giving BASE_MODEL the tokenizer of DONOR; no model is written.
+
+    Reports both tokenizers' number schemes (and warns when they differ) and audits every
+    approximated row for breaker tokens: donor residual, coefficient L1 and conditioning,
+    base-row norm z-score and LM-head salience. Takes the flags of mergekit-omp, so the
+    audit is of exactly the transplant that command would make.
+    """
+    merge_options.apply_global_options()
+    if plot_path is not None:
+        require_matplotlib()  # fail before the slow part, not after
+    options = transplant_options_from_cli(ctx, base_model, donor, values, merge_options)
+    result = transplant(
+        options,
+        None,
+        merge_options=merge_options,
+        report_path=json_path,
+        progress=not merge_options.quiet,
+    )
+    if plot_path is not None:
+        diagnoses = [m.diagnosis for m in result.matrices.values() if m.diagnosis is not None]
+        plot_audits(
+            {d.audit.matrix: d.audit for d in diagnoses},
+            diagnoses[0].vocabulary if diagnoses else None,
+            plot_path,
+        )
+    click.echo(result.report.summary())

@@ -1,0 +1,102 @@
+"""The diagnostics stage of a transplant, between approximate and assemble.
+
+``audit_matrix`` measures one matrix's approximated rows, applies the guard and records
+both in the report; ``check_numbers`` compares the two tokenizers' number schemes once.
+Results go into ``report.diagnostics`` (``audit.<matrix>`` and ``numbers``), problems into
+``report.warnings``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from mergekit_omp.approximators import Approximation, ApproximationProblem
+from mergekit_omp.diagnostics.audit import AuditSettings, RowAudit, audit_rows, sig, token_text
+from mergekit_omp.diagnostics.guard import GuardOutcome, apply_guard
+from mergekit_omp.diagnostics.numbers import NumberComparison, compare_numbers
+from mergekit_omp.load import LoadedModel
+from mergekit_omp.match import VocabularyMatch
+from mergekit_omp.options import GuardMode
+from mergekit_omp.report import TransplantReport
+from mergekit_omp.vocabulary import Vocabulary
+
+
+@dataclass(frozen=True)
+class MatrixDiagnosis:
+    """The audit of one matrix's approximated rows, what the guard did, and the rows after."""
+
+    audit: RowAudit
+    guard: GuardOutcome
+    after: RowAudit
+    vocabulary: Vocabulary
+    """The donor vocabulary the audit's token ids refer to."""
+
+
+def audit_matrix(
+    problem: ApproximationProblem,
+    approximation: Approximation,
+    report: TransplantReport,
+    *,
+    matrix: str,
+    is_output: bool,
+    guard: GuardMode,
+    seed: int = 0,
+    progress: bool = False,
+    settings: AuditSettings | None = None,
+) -> tuple[Approximation, MatrixDiagnosis | None]:
+    """Audit, guard and record; returns the (possibly guarded) approximation."""
+    if problem.num_targets == 0:
+        return approximation, None
+    settings = settings or AuditSettings(seed=seed)
+    audit = audit_rows(
+        problem,
+        approximation,
+        matrix=matrix,
+        is_output=is_output,
+        settings=settings,
+        progress=progress,
+    )
+    outcome = apply_guard(problem, approximation, audit, guard)
+    after = audit.with_rows(problem, outcome.approximation.rows) if outcome.changed.any() else audit
+    entry = audit.to_dict(problem.donor_vocab)
+    entry["guard"] = outcome.to_dict(audit, after, problem.donor_vocab)
+    report.diagnostics.setdefault("audit", {})[matrix] = entry
+    if (warning := audit_warning(audit, outcome, after, problem)) is not None:
+        report.warnings.append(warning)
+    return outcome.approximation, MatrixDiagnosis(audit, outcome, after, problem.donor_vocab)
+
+
+def audit_warning(
+    audit: RowAudit, outcome: GuardOutcome, after: RowAudit, problem: ApproximationProblem
+) -> str | None:
+    flagged = int(audit.flagged.sum())
+    if not flagged:
+        return None
+    worst = int(audit.base_z.argmax())
+    token = token_text(problem.donor_vocab, audit.token_ids[worst])
+    salience = " or LM-head salience" if audit.salience is not None else ""
+    message = (
+        f"{audit.matrix}: {flagged} approximated rows are outliers in the base (norm beyond "
+        f"{sig(audit.bound)} = median + {audit.settings.z_max:g} robust sd{salience}); "
+        f"{int(audit.breakers.sum())} of them are ordinary in the donor (breaker tokens, "
+        f"arXiv 2601.00065); worst {token!r} (norm {sig(audit.base_norm[worst])}, "
+        f"z {sig(audit.base_z[worst])}); "
+    )
+    if outcome.mode == "off":
+        return message + "left as is (--guard off); --guard clip or shrink would bound them"
+    remaining = int(after.flagged.sum())
+    tail = f", {remaining} still flagged" if remaining else ""
+    return message + f"--guard {outcome.mode} bounded {int(outcome.changed.sum())}{tail}"
+
+
+def check_numbers(
+    base: LoadedModel, donor: LoadedModel, match: VocabularyMatch, report: TransplantReport
+) -> NumberComparison:
+    """Compare number schemes, count numeric tokens approximated, record and warn."""
+    comparison = compare_numbers(
+        base.tokenizer, donor.tokenizer, base.vocabulary, donor.vocabulary, match
+    )
+    report.diagnostics["numbers"] = comparison.model_dump(mode="json")
+    if (warning := comparison.warning()) is not None:
+        report.warnings.append(warning)
+    return comparison

@@ -1,0 +1,65 @@
+"""Readable lines for the end-of-run summary, from ``report.diagnostics`` (plain JSON data)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+FLAGGED_SHOWN = 5
+
+
+def number_line(numbers: dict[str, Any]) -> str:
+    base, donor = numbers["base"], numbers["donor"]
+    state = "aligned" if numbers["aligned"] else "MISMATCHED"
+    line = (
+        f"  numbers: {state}: base {base['scheme']} (up to {base['max_digits_per_token']} "
+        f"digits a token), donor {donor['scheme']} (up to {donor['max_digits_per_token']})"
+    )
+    if numbers.get("numeric_donor_tokens"):
+        line += (
+            f"; {numbers['numeric_approximated']} of {numbers['numeric_donor_tokens']} "
+            "numeric donor tokens approximated"
+        )
+    return line
+
+
+def token_line(record: dict[str, Any]) -> str:
+    parts = [f"{record['token']!r} (id {record['id']})", f"norm {record['base_norm']:g}"]
+    parts.append(f"z {record['base_z']:g}, donor z {record['donor_z']:g}")
+    for key, label in (("residual", "residual"), ("coefficient_l1", "L1"), ("condition", "cond")):
+        if key in record:
+            parts.append(f"{label} {record[key]:g}")
+    if "wins" in record:
+        parts.append(f"argmax wins {record['wins']}")
+    if record.get("breaker"):
+        parts.append("BREAKER")
+    return "    " + ", ".join(parts)
+
+
+def audit_lines(matrix: str, audit: dict[str, Any]) -> list[str]:
+    norm = audit["base_norm"]
+    guard = audit.get("guard", {})
+    line = (
+        f"  audit {matrix}: {audit['approximated']} approximated rows, {audit['flagged']} "
+        f"flagged ({audit['breakers']} breakers); norm bound {norm['bound']:g} (median "
+        f"{norm['median']:g} + {norm['z_max']:g} robust sd)"
+    )
+    if guard:
+        line += f"; guard {guard['mode']}: {guard['rows_changed']} rows changed"
+    lines = [line]
+    if audit["flagged_tokens"]:
+        lines.extend(token_line(r) for r in audit["flagged_tokens"][:FLAGGED_SHOWN])
+        hidden = audit["flagged"] - min(FLAGGED_SHOWN, len(audit["flagged_tokens"]))
+        if hidden > 0:
+            lines.append(f"    ... and {hidden} more (see the report's flagged_tokens)")
+    elif audit["worst"]:
+        lines.append("  largest:" + token_line(audit["worst"][0])[3:])
+    return lines
+
+
+def summary_lines(diagnostics: dict[str, Any]) -> list[str]:
+    lines = []
+    if "numbers" in diagnostics:
+        lines.append(number_line(diagnostics["numbers"]))
+    for matrix, audit in diagnostics.get("audit", {}).items():
+        lines.extend(audit_lines(matrix, audit))
+    return lines
