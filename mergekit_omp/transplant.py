@@ -3,7 +3,8 @@
     from mergekit_omp import TransplantOptions, transplant
     report = transplant(TransplantOptions(base_model="base", donor="donor"), "out")
 
-Stages, each in its own module: load -> match -> approximate -> assemble -> write -> report.
+Stages, each in its own module: load -> match -> approximate -> audit (diagnostics/) ->
+assemble -> write -> report.
 """
 
 from __future__ import annotations
