@@ -188,9 +188,8 @@ def recipe_dict(options: TransplantOptions) -> dict[str, Any]:
     data.update(dumped)
     for key in ("prefix_match", "byte_match"):
         if key in data:
-            data[key] = {MatchScope.YES.value: True, MatchScope.NO.value: False}.get(
-                MatchScope(data[key]).value, MatchScope(data[key]).value
-            )
+            scope = MatchScope(data[key])
+            data[key] = {MatchScope.YES: True, MatchScope.NO: False}.get(scope, scope.value)
     return data
 
 

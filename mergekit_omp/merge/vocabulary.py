@@ -180,8 +180,9 @@ class OmpPermutedVocabulary(PermutedVocabulary):
             if not lacking:
                 continue
             source = self._source_model(token, token_id, token_source, models, permutations)
-            if source is None:
-                LOG.warning("Token %r is in no model of the merge: its row stays zero", token)
+            if source is None:  # mergekit warns about it too
+                if token_source is not None:
+                    LOG.warning("Token %r is in no model of the merge: its row stays zero", token)
                 continue
             k = token_source.k if token_source and token_source.k else self.default_k
             for model in lacking:
