@@ -10,7 +10,7 @@ import tiny
 import torch
 
 from mergekit_omp.approximators import ApproximationProblem, get_approximator
-from mergekit_omp.approximators.focus import sparsemax
+from mergekit_omp.approximators.focus import sparse_sparsemax, sparsemax
 from mergekit_omp.approximators.fvt import BasePieces, utf8_segments
 from mergekit_omp.errors import TransplantError
 from mergekit_omp.vocabulary import (
@@ -94,6 +94,21 @@ def test_sparsemax_is_the_projection_onto_the_simplex():
     tau = ((scores - weights) * support).sum(dim=1) / support.sum(dim=1)
     assert torch.allclose((scores - weights)[support], tau.expand(300, -1).T[support], atol=1e-12)
     assert (scores[~support] <= tau.expand(300, -1).T[~support] + 1e-12).all()
+
+
+@pytest.mark.parametrize("initial_width", [1, 3, 64])
+def test_partial_sort_sparsemax_equals_the_full_one(initial_width):
+    """Sorting only the top scores, widened until every support fits, changes nothing."""
+    generator = torch.Generator().manual_seed(2)
+    scores = torch.randn(40, 500, generator=generator, dtype=torch.float64) * 0.01
+    scores[::3] *= 200  # some rows with small supports, others with wide ones
+    scores[:, 7] = float("-inf")
+    indices, coeffs = sparse_sparsemax(scores, initial_width=initial_width)
+    dense = torch.zeros_like(scores).scatter_add_(1, indices, coeffs)
+    full = sparsemax(scores)
+    assert torch.allclose(dense, full, atol=1e-12)
+    assert indices.shape[1] == int((full > 0).sum(dim=1).max())
+    assert (full > 0).sum(dim=1).max() > 64 > (full > 0).sum(dim=1).min()
 
 
 def test_sparsemax_gives_minus_infinity_no_weight():

@@ -26,6 +26,9 @@ from mergekit_omp.approximators.similarity import (
     target_batches,
 )
 
+SUPPORT_GUESS = 64
+"""Scores sorted per row at first; doubled while some row's support fills them."""
+
 
 def sparsemax(scores: torch.Tensor) -> torch.Tensor:
     """Row-wise Euclidean projection of ``scores`` onto the probability simplex.
@@ -33,20 +36,41 @@ def sparsemax(scores: torch.Tensor) -> torch.Tensor:
     ``-inf`` scores get weight 0. Every row needs at least one finite score.
     """
     ranked, _ = scores.sort(dim=1, descending=True)
-    cumulative = ranked.cumsum(dim=1)
-    ranks = torch.arange(1, scores.shape[1] + 1, device=scores.device, dtype=scores.dtype)
-    # The support is the longest prefix of the ranked scores with 1 + r * z_(r) > sum_{j<=r} z_(j).
-    in_support = 1 + ranks * ranked > cumulative
-    support_size = in_support.sum(dim=1, keepdim=True)
-    threshold = (cumulative.gather(1, support_size - 1) - 1) / support_size
+    _, threshold = support_of_ranked(ranked)
     return (scores - threshold).clamp_min(0)
 
 
-def sparse_weights(weights: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """(indices, coeffs) of each row's nonzero weights, as wide as the widest support."""
-    width = max(int((weights > 0).sum(dim=1).max()), 1)
-    coeffs, indices = weights.topk(width, dim=1)
-    return indices, coeffs
+def support_of_ranked(ranked: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Support size and threshold tau of sparsemax, from each row's scores sorted descending.
+
+    Exact for a row whose support is shorter than the sorted prefix given.
+    """
+    cumulative = ranked.cumsum(dim=1)
+    ranks = torch.arange(1, ranked.shape[1] + 1, device=ranked.device, dtype=ranked.dtype)
+    # The support is the longest prefix of the ranked scores with 1 + r * z_(r) > sum_{j<=r} z_(j).
+    support_size = (1 + ranks * ranked > cumulative).sum(dim=1, keepdim=True)
+    threshold = (cumulative.gather(1, support_size - 1) - 1) / support_size
+    return support_size, threshold
+
+
+def sparse_sparsemax(
+    scores: torch.Tensor, initial_width: int = SUPPORT_GUESS
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """``sparsemax(scores)`` as (indices, weights) of each row's nonzero weights.
+
+    Only the top ``width`` scores of each row are sorted (a partial sort is much cheaper
+    than a full one over tens of thousands of anchors); ``width`` doubles until every row's
+    support is shorter than it, which makes the result exact.
+    """
+    width = min(initial_width, scores.shape[1])
+    while True:
+        ranked, indices = scores.topk(width, dim=1)
+        support_size, threshold = support_of_ranked(ranked)
+        if width == scores.shape[1] or bool((support_size < width).all()):
+            break
+        width = min(2 * width, scores.shape[1])
+    keep = int(support_size.max())
+    return indices[:, :keep], (ranked[:, :keep] - threshold).clamp_min(0)
 
 
 def normal_like_base_rows(problem: ApproximationProblem, count: int) -> torch.Tensor:
@@ -78,7 +102,7 @@ def focus(problem: ApproximationProblem) -> Approximation:
         # A placeholder one-anchor support for fallback rows, whose weights are dropped.
         scores[unusable] = float("-inf")
         scores[unusable, 0] = 0.0
-        indices, coeffs = sparse_weights(sparsemax(scores))
+        indices, coeffs = sparse_sparsemax(scores)
         coeffs[unusable] = 0.0
         rows[batch] = problem.combine_base_anchors(indices, coeffs)
         parts.append((indices, coeffs))
