@@ -170,24 +170,27 @@ def sample_hidden_states(real_rows: torch.Tensor, settings: AuditSettings) -> to
     generator = torch.Generator().manual_seed(settings.seed)
     basis_ids = torch.randperm(real_rows.shape[0], generator=generator)[: settings.salience_basis]
     weights = torch.randn(settings.salience_samples, basis_ids.numel(), generator=generator)
-    basis = real_rows[basis_ids.to(real_rows.device)].double()
-    return (weights.double().to(basis.device) @ basis) / math.sqrt(basis_ids.numel())
+    basis = real_rows[basis_ids.to(real_rows.device)].float()
+    return (weights.to(basis.device) @ basis) / math.sqrt(basis_ids.numel())
 
 
-def argmax_wins(hidden: torch.Tensor, rows: torch.Tensor, settings: AuditSettings) -> torch.Tensor:
-    """How many of the hidden states each row wins the argmax of the logits for."""
-    best_value = torch.full(
-        (hidden.shape[0],), -math.inf, dtype=torch.float64, device=hidden.device
-    )
+def argmax_wins(
+    hidden: torch.Tensor, blocks: list[torch.Tensor], settings: AuditSettings
+) -> torch.Tensor:
+    """How many of the hidden states each row wins the argmax of the logits for; the rows
+    are those of ``blocks`` one after another (never copied into one matrix)."""
+    best_value = torch.full((hidden.shape[0],), -math.inf, device=hidden.device)
     best_index = torch.zeros(hidden.shape[0], dtype=torch.long, device=hidden.device)
     step = chunk_size(hidden.shape[0] + hidden.shape[1], settings)
-    for start in range(0, rows.shape[0], step):
-        logits = hidden @ rows[start : start + step].double().T
-        value, index = logits.max(dim=1)
-        better = value > best_value
-        best_value = torch.where(better, value, best_value)
-        best_index = torch.where(better, index + start, best_index)
-    return torch.bincount(best_index.cpu(), minlength=rows.shape[0])
+    offset = 0
+    for rows in blocks:
+        for start in range(0, rows.shape[0], step):
+            value, index = (hidden @ rows[start : start + step].float().T).max(dim=1)
+            better = value > best_value
+            best_value = torch.where(better, value, best_value)
+            best_index = torch.where(better, index + offset + start, best_index)
+        offset += rows.shape[0]
+    return torch.bincount(best_index.cpu(), minlength=offset)
 
 
 @dataclass(frozen=True)
@@ -212,7 +215,7 @@ def lm_head_salience(
     real_rows: torch.Tensor, new_rows: torch.Tensor, settings: AuditSettings
 ) -> Salience:
     hidden = sample_hidden_states(real_rows, settings)
-    wins = argmax_wins(hidden, torch.cat([real_rows, new_rows.to(real_rows.dtype)]), settings)
+    wins = argmax_wins(hidden, [real_rows, new_rows.to(real_rows.device)], settings)
     real = real_rows.shape[0]
     return Salience(
         wins=wins[real:],

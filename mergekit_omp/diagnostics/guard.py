@@ -109,10 +109,10 @@ def smallest_sufficient_ridge(
     """Per token, the smallest penalty on ``RIDGE_GRID`` (refined by bisection) that brings
     its base row within ``targets``; the returned penalty always satisfies the bound."""
     scale = eigenvalues.mean(dim=1, keepdim=True).clamp(min=1e-30)
-    grid = scale * RIDGE_GRID.unsqueeze(0)  # (F, P)
+    grid = scale * RIDGE_GRID.to(scale.device).unsqueeze(0)  # (F, P)
     within = ridge_norms(eigenvalues, rotated_target, base_gram, grid) <= targets.unsqueeze(1)
     first = torch.where(within.any(dim=1), within.to(torch.int8).argmax(dim=1), grid.shape[1] - 1)
-    rows = torch.arange(grid.shape[0])
+    rows = torch.arange(grid.shape[0], device=grid.device)
     high = grid[rows, first]
     low = torch.where(first > 0, grid[rows, (first - 1).clamp(min=0)], high)
     for _ in range(BISECTION_STEPS):
@@ -139,11 +139,13 @@ def shrink_rows(
     rotated = torch.bmm(vectors.transpose(1, 2), projected.unsqueeze(-1)).squeeze(-1)
     rotated_base = torch.bmm(vectors.transpose(1, 2), base)
     base_gram = torch.bmm(rotated_base, rotated_base.transpose(1, 2))
-    penalty = smallest_sufficient_ridge(eigenvalues, rotated, base_gram, targets.double())
+    penalty = smallest_sufficient_ridge(
+        eigenvalues, rotated, base_gram, targets.to(eigenvalues.device, torch.float64)
+    )
     weights = rotated / (eigenvalues + penalty.unsqueeze(1))
     coeffs = torch.bmm(vectors, weights.unsqueeze(-1)).squeeze(-1)
     rows = torch.bmm(coeffs.unsqueeze(1), base).squeeze(1)
-    return rows, coeffs, penalty
+    return rows, coeffs, penalty.cpu()
 
 
 def apply_guard(

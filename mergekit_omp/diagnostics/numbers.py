@@ -170,8 +170,8 @@ class NumberComparison(BaseModel):
             return None
         return (
             f"number tokenization differs: base splits numbers as {self.base.scheme} "
-            f"(up to {self.base.max_digits_per_token} digits per token), donor as "
-            f"{self.donor.scheme} (up to {self.donor.max_digits_per_token}); "
+            f"(at most {self.base.max_digits_per_token} per token), donor as "
+            f"{self.donor.scheme} (at most {self.donor.max_digits_per_token}); "
             f"{self.numeric_approximated} of the donor's {self.numeric_donor_tokens} numeric "
             f"tokens were approximated rather than matched; {GSM8K_NOTE}"
         )

@@ -7,12 +7,16 @@ from typing import Any
 FLAGGED_SHOWN = 5
 
 
+def digits(count: int) -> str:
+    return f"{count} digit" if count == 1 else f"{count} digits"
+
+
 def number_line(numbers: dict[str, Any]) -> str:
     base, donor = numbers["base"], numbers["donor"]
     state = "aligned" if numbers["aligned"] else "MISMATCHED"
     line = (
-        f"  numbers: {state}: base {base['scheme']} (up to {base['max_digits_per_token']} "
-        f"digits a token), donor {donor['scheme']} (up to {donor['max_digits_per_token']})"
+        f"  numbers: {state}: base {base['scheme']} ({digits(base['max_digits_per_token'])} "
+        f"per token at most), donor {donor['scheme']} ({digits(donor['max_digits_per_token'])})"
     )
     if numbers.get("numeric_donor_tokens"):
         line += (
