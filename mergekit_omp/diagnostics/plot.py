@@ -6,6 +6,7 @@ raises a TransplantError that says so.
 
 from __future__ import annotations
 
+import math
 import os
 from collections.abc import Mapping
 from typing import Any
@@ -41,29 +42,34 @@ def _labelled_positions(audit: RowAudit) -> list[int]:
 
 
 def _norm_panel(ax: Any, audit: RowAudit, vocabulary: Vocabulary) -> None:
-    real = audit.real_norms.numpy()
-    new = audit.base_norm.numpy()
-    top = max(float(real.max()), float(new.max()), audit.bound)
-    bins = torch.linspace(0, top * 1.02, 80).numpy()
-    ax.hist(real, bins=bins, alpha=0.5, label=f"real base rows ({len(real)})")
-    ax.hist(new, bins=bins, alpha=0.5, label=f"approximated ({len(new)})")
+    real = audit.real_norms.clamp(min=1e-12)
+    new = audit.base_norm.clamp(min=1e-12)
+    low = float(torch.cat([real, new]).min())
+    high = max(float(real.max()), float(new.max()), audit.bound)
+    bins = torch.logspace(math.log10(low), math.log10(high * 1.05), 80).numpy()
+    ax.hist(real.numpy(), bins=bins, alpha=0.5, label=f"real base rows ({len(real)})")
+    ax.hist(new.numpy(), bins=bins, alpha=0.5, label=f"approximated ({len(new)})")
     ax.axvline(audit.bound, color="black", linestyle="--", label=f"bound {audit.bound:.3g}")
     for position in _labelled_positions(audit):
         value = float(audit.base_norm[position])
         ax.axvline(value, color=FLAGGED_COLOR, linewidth=0.8)
         ax.annotate(
             token_text(vocabulary, audit.token_ids[position]),
-            (value, 1),
+            (value, 0.97),
+            xytext=(-3, 0),
+            textcoords="offset points",
             rotation=90,
             fontsize=7,
             color=FLAGGED_COLOR,
             xycoords=("data", "axes fraction"),
+            ha="right",
             va="top",
         )
+    ax.set_xscale("log")
     ax.set_yscale("log")
     ax.set_xlabel("base-row norm")
     ax.set_ylabel("rows")
-    ax.legend(fontsize=7)
+    ax.legend(fontsize=7, loc="upper left")
 
 
 def _residual_panel(ax: Any, audit: RowAudit) -> None:
@@ -73,9 +79,10 @@ def _residual_panel(ax: Any, audit: RowAudit) -> None:
         return
     residual = audit.residual.numpy()
     ax.hist(residual, bins=60, alpha=0.7, label="approximated rows")
-    for position in _labelled_positions(audit):
-        ax.axvline(float(audit.residual[position]), color=FLAGGED_COLOR, linewidth=0.8)
-    ax.set_yscale("log")
+    for n, position in enumerate(_labelled_positions(audit)):
+        label = "flagged" if n == 0 else None
+        ax.axvline(float(audit.residual[position]), color=FLAGGED_COLOR, linewidth=0.8, label=label)
+    ax.legend(fontsize=7)
     ax.set_xlabel("donor residual ||t - c A|| / ||t||")
     ax.set_ylabel("rows")
 
@@ -96,6 +103,7 @@ def _asymmetry_panel(ax: Any, audit: RowAudit, vocabulary: Vocabulary) -> None:
     ax.axhline(z_max, color="black", linestyle="--", linewidth=0.8)
     ax.axvline(z_max, color="gray", linestyle=":", linewidth=0.8)
     ax.set_yscale("symlog")
+    ax.set_ylim(min(float(base_z.min()), -z_max) * 1.5, max(float(base_z.max()), z_max) * 3)
     ax.set_xlabel("donor-row norm z")
     ax.set_ylabel("base-row norm z")
     ax.legend(fontsize=7)
