@@ -1,0 +1,267 @@
+"""mergekit_omp.omp.batch_omp must give mergekit's answers, faster, in bounded memory."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+
+import pytest
+import torch
+from mergekit.tokensurgeon import batch_omp as mergekit_batch_omp
+
+from mergekit_omp.omp import batch_omp, plan_omp, symmetric_gram
+
+# Budget small enough that an N = 600 Gram (1.4 MB in float32) cannot be held.
+TINY_BUDGET = 400_000
+
+
+@pytest.fixture(autouse=True, scope="module")
+def single_thread() -> Iterator[None]:
+    """These inputs are small: one thread avoids OpenMP barrier stalls on a busy machine."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def gaussian(rows: int, dim: int, seed: int, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    generator = torch.Generator().manual_seed(seed)
+    return torch.randn(rows, dim, generator=generator, dtype=torch.float64).to(dtype)
+
+
+def correlated_anchors(rows: int, dim: int, seed: int) -> torch.Tensor:
+    """Embedding-like anchors: a shared mean direction and singular values spanning 100x."""
+    generator = torch.Generator().manual_seed(seed)
+    spectrum = torch.logspace(0, -2, dim, dtype=torch.float64)
+    basis, _ = torch.linalg.qr(torch.randn(dim, dim, generator=generator, dtype=torch.float64))
+    mean = 0.5 * torch.randn(dim, generator=generator, dtype=torch.float64)
+    latent = torch.randn(rows, dim, generator=generator, dtype=torch.float64)
+    return (latent * spectrum @ basis.T + mean).float()
+
+
+def reconstruct(indices: torch.Tensor, coeffs: torch.Tensor, points: torch.Tensor) -> torch.Tensor:
+    return torch.einsum("bk,bkd->bd", coeffs.to(torch.float64), points.to(torch.float64)[indices])
+
+
+def same_support(ours: torch.Tensor, theirs: torch.Tensor) -> torch.Tensor:
+    """Per target: did both select the same set of anchors?"""
+    return (ours.sort(dim=1).values == theirs.sort(dim=1).values).all(dim=1)
+
+
+def is_near_tie(
+    ours: torch.Tensor,
+    theirs: torch.Tensor,
+    target: torch.Tensor,
+    points: torch.Tensor,
+    rtol: float = 1e-5,
+) -> bool:
+    """At the first step where the two selections differ, were both picks equally good?
+
+    Scores are recomputed in float64 from the residual after the common prefix, so a
+    difference is excused only when float32 rounding could decide it.
+    """
+    step = int((ours != theirs).nonzero()[0])
+    points64, target64 = points.double(), target.double()
+    prefix = points64[ours[:step]]
+    if step:
+        solution = torch.linalg.lstsq(prefix.T, target64.unsqueeze(1)).solution.squeeze(1)
+        target64 = target64 - prefix.T @ solution
+    scores = (points64 @ target64).abs()
+    ours_score, their_score = scores[ours[step]], scores[theirs[step]]
+    return bool((ours_score - their_score).abs() <= rtol * torch.maximum(ours_score, their_score))
+
+
+def assert_matches_mergekit(
+    targets: torch.Tensor, points: torch.Tensor, k: int, rtol: float = 1e-4, **kwargs
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Supports equal as sets for >= 99.9% of targets (near-ties aside), reconstructions
+    of the targets whose supports agree equal to ``rtol``."""
+    ours_idx, ours_coeffs = batch_omp(targets, points, k, **kwargs)
+    ref_idx, ref_coeffs = mergekit_batch_omp(targets, points, k)
+    assert ours_idx.shape == ref_idx.shape and ours_coeffs.dtype == ref_coeffs.dtype
+
+    agree = same_support(ours_idx, ref_idx)
+    differ = (~agree).nonzero().flatten().tolist()
+    ties = [b for b in differ if is_near_tie(ours_idx[b], ref_idx[b], targets[b], points)]
+    assert len(ties) <= 0.01 * targets.shape[0], f"{len(ties)} near-ties"
+    assert len(differ) - len(ties) <= 0.001 * targets.shape[0], f"differ: {differ}, ties: {ties}"
+
+    points_work = points.to(ours_coeffs.dtype)
+    ours_rec = reconstruct(ours_idx[agree], ours_coeffs[agree], points_work)
+    ref_rec = reconstruct(ref_idx[agree], ref_coeffs[agree], points_work)
+    scale = ref_rec.norm(dim=1).clamp(min=1e-12)
+    assert float(((ours_rec - ref_rec).norm(dim=1) / scale).max()) < rtol
+    return ours_idx, ours_coeffs
+
+
+def test_gaussian_matches_mergekit_in_selection_order() -> None:
+    points, targets = gaussian(600, 64, seed=1), gaussian(1000, 64, seed=2)
+    ours_idx, _ = assert_matches_mergekit(targets, points, k=16)
+    ref_idx, _ = mergekit_batch_omp(targets, points, 16)
+    assert (ours_idx == ref_idx).all(dim=1).float().mean() >= 0.999
+
+
+def test_correlated_anchors_match_mergekit() -> None:
+    points = correlated_anchors(800, 48, seed=3)
+    targets = correlated_anchors(300, 48, seed=4)
+    assert_matches_mergekit(targets, points, k=24)
+
+
+def test_exact_sparse_combinations_are_recovered() -> None:
+    points = gaussian(500, 96, seed=5)
+    generator = torch.Generator().manual_seed(6)
+    support = torch.stack([torch.randperm(500, generator=generator)[:5] for _ in range(64)])
+    signs = torch.randint(0, 2, (64, 5), generator=generator) * 2 - 1
+    true_coeffs = signs * (1 + torch.rand(64, 5, generator=generator))
+    targets = torch.einsum("bk,bkd->bd", true_coeffs, points[support])
+
+    indices, coeffs = batch_omp(targets, points, 5)
+    assert (same_support(indices, support)).all()
+    order = support.argsort(dim=1)
+    found = indices.argsort(dim=1)
+    recovered = coeffs.gather(1, found)
+    assert torch.allclose(recovered, true_coeffs.gather(1, order).float(), atol=1e-5, rtol=0)
+    ref_idx, _ = mergekit_batch_omp(targets, points, 5)
+    assert same_support(indices, ref_idx).all()
+
+
+def test_extra_atoms_beyond_an_exact_representation_get_zero_weight() -> None:
+    points = gaussian(400, 64, seed=7)
+    support = torch.tensor([[3, 77, 150, 299]] * 8)
+    true_coeffs = torch.tensor([[1.5, -2.0, 0.75, 1.0]] * 8)
+    targets = torch.einsum("bk,bkd->bd", true_coeffs, points[support])
+
+    indices, coeffs = batch_omp(targets, points, 10)
+    assert same_support(indices[:, :4], support).all()
+    assert torch.isfinite(coeffs).all()
+    assert coeffs[:, 4:].abs().max() < 1e-5
+    recovered = coeffs[:, :4].gather(1, indices[:, :4].argsort(dim=1))
+    assert torch.allclose(recovered, true_coeffs, atol=1e-5, rtol=0)
+
+
+def test_float64_matches_mergekit_exactly() -> None:
+    points, targets = gaussian(400, 40, seed=8, dtype=torch.float64), gaussian(200, 40, seed=9)
+    targets = targets.double()
+    ours_idx, ours_coeffs = batch_omp(targets, points, 20)
+    ref_idx, ref_coeffs = mergekit_batch_omp(targets, points, 20)
+    assert ours_coeffs.dtype == torch.float64
+    assert torch.equal(ours_idx, ref_idx)
+    assert torch.allclose(ours_coeffs, ref_coeffs, rtol=1e-9, atol=1e-11)
+
+
+def test_bfloat16_inputs_are_upcast_like_mergekit() -> None:
+    points = gaussian(500, 64, seed=10, dtype=torch.bfloat16)
+    targets = gaussian(200, 64, seed=11, dtype=torch.bfloat16)
+    _, coeffs = assert_matches_mergekit(targets, points, k=12)
+    assert coeffs.dtype == torch.float32
+
+
+def test_low_memory_path_gives_the_same_answers() -> None:
+    points, targets = gaussian(600, 64, seed=12), gaussian(200, 64, seed=13)
+    plan = plan_omp(200, 600, 16, torch.float32, TINY_BUDGET, batch_size=100)
+    assert plan.strategy == "gram_rows" and plan.cached_gram_rows < 600
+
+    full_idx, full_coeffs = batch_omp(targets, points, 16)
+    low_idx, low_coeffs = assert_matches_mergekit(
+        targets, points, k=16, memory_budget_bytes=TINY_BUDGET, batch_size=100
+    )
+    assert torch.equal(low_idx, full_idx)
+    assert torch.allclose(low_coeffs, full_coeffs, rtol=1e-4, atol=1e-5)
+
+
+def test_row_cache_smaller_than_the_selected_rows_still_works() -> None:
+    points, targets = gaussian(300, 32, seed=14), gaussian(64, 32, seed=15)
+    budget = 6 * 300 * 4 * (12 + 4)  # six targets' state: three per chunk, 48 cached rows
+    plan = plan_omp(64, 300, 12, torch.float32, budget)
+    assert plan.strategy == "gram_rows" and plan.cached_gram_rows < 64
+    assert_matches_mergekit(targets, points, k=12, memory_budget_bytes=budget)
+
+
+def test_chunking_does_not_change_answers() -> None:
+    points, targets = gaussian(300, 32, seed=16), gaussian(50, 32, seed=17)
+    whole_idx, whole_coeffs = batch_omp(targets, points, 8)
+    chunked_idx, chunked_coeffs = batch_omp(targets, points, 8, batch_size=7)
+    assert torch.equal(whole_idx, chunked_idx)
+    assert torch.allclose(whole_coeffs, chunked_coeffs, rtol=1e-5, atol=1e-6)
+
+
+def test_k_larger_than_candidates_raises() -> None:
+    with pytest.raises(ValueError, match="Cannot select 5 points from 4 candidates"):
+        batch_omp(gaussian(2, 8, seed=18), gaussian(4, 8, seed=19), 5)
+
+
+def test_k_equal_to_candidates_selects_every_anchor() -> None:
+    points, targets = gaussian(12, 20, seed=20), gaussian(30, 20, seed=21)
+    indices, coeffs = assert_matches_mergekit(targets, points, k=12)
+    assert (indices.sort(dim=1).values == torch.arange(12)).all()
+    least_squares = torch.linalg.lstsq(points.double().T, targets.double().T).solution.T
+    assert torch.allclose(
+        coeffs.double().gather(1, indices.argsort(dim=1)), least_squares, atol=1e-4
+    )
+
+
+def test_zero_target_picks_lowest_indices_with_zero_weight_like_mergekit() -> None:
+    points = gaussian(50, 16, seed=22)
+    targets = torch.zeros(3, 16)
+    indices, coeffs = batch_omp(targets, points, 6)
+    ref_idx, ref_coeffs = mergekit_batch_omp(targets, points, 6)
+    assert torch.equal(indices, ref_idx)
+    assert torch.equal(indices, torch.arange(6).expand(3, 6))
+    assert torch.equal(coeffs, torch.zeros(3, 6))
+
+
+def test_duplicate_anchors_tie_to_the_lower_index_and_stay_finite() -> None:
+    points = gaussian(60, 24, seed=23)
+    points[40] = points[7]
+    points[41] = points[7]
+    targets = torch.stack([2 * points[7] + points[3], points[7], gaussian(1, 24, seed=24)[0]])
+    indices, coeffs = batch_omp(targets, points, 10)
+    ref_idx, ref_coeffs = mergekit_batch_omp(targets, points, 10)
+    assert torch.isfinite(coeffs).all()
+    # Once a target is represented exactly, later picks are decided by rounding noise.
+    assert indices[0, :2].tolist() == ref_idx[0, :2].tolist() == [7, 3]
+    assert indices[1, 0] == ref_idx[1, 0] == 7
+    assert torch.equal(indices[2], ref_idx[2])
+    # Copies of a chosen atom add nothing: their weight goes to zero, not to +-infinity.
+    copies = torch.isin(indices[:2], torch.tensor([7, 40, 41]))
+    assert torch.allclose((coeffs[:2] * copies).sum(dim=1), torch.tensor([2.0, 1.0]), atol=1e-5)
+    ours_rec = reconstruct(indices, coeffs, points)
+    assert torch.allclose(ours_rec[:2], targets[:2].double(), atol=1e-5)
+    assert torch.allclose(ours_rec[2], reconstruct(ref_idx, ref_coeffs, points)[2], atol=1e-5)
+
+
+def test_rank_deficient_anchors_with_k_above_the_rank_stay_finite() -> None:
+    points = gaussian(50, 6, seed=25) @ gaussian(6, 16, seed=26)  # rank 6 in 16 dimensions
+    targets = gaussian(20, 6, seed=27) @ gaussian(6, 16, seed=26)
+    indices, coeffs = batch_omp(targets, points, 12)
+    assert torch.isfinite(coeffs).all()
+    assert (indices.sort(dim=1).values.diff(dim=1) > 0).all()
+    ref_idx, ref_coeffs = mergekit_batch_omp(targets, points, 12)
+    assert same_support(indices[:, :6], ref_idx[:, :6]).all()
+    residual = (reconstruct(indices, coeffs, points) - targets.double()).norm(dim=1)
+    assert (residual < 1e-4 * targets.double().norm(dim=1)).all()
+
+
+def test_results_are_deterministic_and_on_the_targets_device() -> None:
+    points, targets = gaussian(200, 32, seed=28), gaussian(40, 32, seed=29)
+    first = batch_omp(targets, points, 8)
+    second = batch_omp(targets, points, 8)
+    assert torch.equal(first[0], second[0]) and torch.equal(first[1], second[1])
+    assert first[0].dtype == torch.long and first[0].device == targets.device
+
+
+def test_progress_bar_is_labelled(capsys: pytest.CaptureFixture[str]) -> None:
+    batch_omp(gaussian(20, 16, seed=30), gaussian(40, 16, seed=31), 4, progress=True)
+    assert "OMP" in capsys.readouterr().err
+
+
+def test_plan_prefers_the_full_gram_only_when_it_fits_and_pays_off() -> None:
+    big = 8 * 1024**3
+    assert plan_omp(2048, 16000, 64, torch.float32, big).strategy == "full_gram"
+    assert plan_omp(10, 16000, 64, torch.float32, big).strategy == "gram_rows"
+    assert plan_omp(2048, 16000, 64, torch.float32, 512 * 1024**2).strategy == "gram_rows"
+    assert plan_omp(2048, 16000, 64, torch.float32, big, batch_size=32).chunk_tokens == 32
+
+
+def test_symmetric_gram_equals_the_product() -> None:
+    points = gaussian(23, 5, seed=32, dtype=torch.float64)
+    assert torch.allclose(symmetric_gram(points, block_rows=7), points @ points.T, atol=1e-12)
