@@ -23,7 +23,7 @@ most for input embeddings and the first most for the LM head, as mergekit's comm
 ``first_last`` method intend (its code does the reverse).
 """
 
-from functools import cached_property
+from functools import cached_property, lru_cache
 from typing import Literal
 
 import torch
@@ -52,6 +52,12 @@ def utf8_segments(data: bytes) -> list[str | bytes]:
                 segments.append(stray)
             data = data[exc.end :]
     return segments
+
+
+@lru_cache(maxsize=1)
+def byte_level_encoder() -> dict[int, str]:
+    """GPT-2's printable alphabet: byte -> the character that stands for it."""
+    return {byte: char for char, byte in byte_level_decoder().items()}
 
 
 class BasePieces:
@@ -100,7 +106,7 @@ class BasePieces:
     def vocabulary_spelling(self, text: str) -> str:
         """``text`` as the base vocabulary writes it (``Ġ``/``Ċ`` or ``▁`` for space)."""
         if self.vocab.encoding == Encoding.BYTE_LEVEL:
-            char_of = {byte: char for char, byte in byte_level_decoder().items()}
+            char_of = byte_level_encoder()
             return "".join(char_of[b] for b in text.encode("utf-8"))
         if self.vocab.encoding == Encoding.METASPACE:
             return text.replace(" ", METASPACE)
