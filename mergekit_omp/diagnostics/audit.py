@@ -41,8 +41,9 @@ class AuditSettings:
 
     z_max: float = 8.0
     """A row whose norm's robust z-score exceeds this is flagged."""
-    min_relative_spread: float = 0.01
-    """Floor of the robust sd, as a share of the median norm (for bases of normalized rows)."""
+    min_relative_spread: float = 1 / 16
+    """Floor of the robust sd, as a share of the median norm: with ``z_max`` 8, no row under
+    1.5 times the median norm is flagged (bases of near-normalized rows, such as Gemma-3)."""
     salience_samples: int = 512
     """Hidden states sampled to count argmax wins (output matrices)."""
     salience_basis: int = 2048
