@@ -265,3 +265,15 @@ def test_plan_prefers_the_full_gram_only_when_it_fits_and_pays_off() -> None:
 def test_symmetric_gram_equals_the_product() -> None:
     points = gaussian(23, 5, seed=32, dtype=torch.float64)
     assert torch.allclose(symmetric_gram(points, block_rows=7), points @ points.T, atol=1e-12)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_cuda_gives_the_cpu_answers() -> None:
+    points, targets = gaussian(500, 64, seed=33), gaussian(100, 64, seed=34)
+    cpu_idx, cpu_coeffs = batch_omp(targets, points, 16)
+    for budget in (None, TINY_BUDGET):
+        idx, coeffs = batch_omp(targets.cuda(), points.cuda(), 16, memory_budget_bytes=budget)
+        assert idx.device.type == "cuda" and coeffs.device.type == "cuda"
+        agree = same_support(idx.cpu(), cpu_idx)
+        assert agree.float().mean() >= 0.99
+        assert torch.allclose(coeffs.cpu()[agree], cpu_coeffs[agree], atol=1e-4)
