@@ -57,7 +57,9 @@ def run_cli_action(action: Callable[..., Any]) -> Callable[..., Any]:
             if verbose:
                 raise
             message = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
-            click.echo(f"Error: {type(exc).__name__}: {message} (run with -v for details)", err=True)
+            click.echo(
+                f"Error: {type(exc).__name__}: {message} (run with -v for details)", err=True
+            )
             sys.exit(1)
 
     return wrapper
@@ -102,7 +104,9 @@ def transplant_options_from_cli(
         base_model=base,
         donor=donor,
         method=method,
-        parameters=method_parameters(method, explicit_knobs(ctx, values), parse_param(values["param"])),
+        parameters=method_parameters(
+            method, explicit_knobs(ctx, values), parse_param(values["param"])
+        ),
         prefix_match=MatchScope(values["prefix_match"]),
         byte_match=MatchScope(values["byte_match"]),
         magikarp=values["magikarp"],
@@ -124,55 +128,130 @@ RECIPE_HEADER = "# mergekit-omp-yaml THIS_FILE OUT (model paths as given on the 
 def transplant_options(f: Callable[..., Any]) -> Callable[..., Any]:
     """The method and matching flags, named as in mergekit-tokensurgeon."""
     decorators = [
-        click.option("--k", "-k", type=int, default=64, show_default=True,
-                     help="Number of anchor tokens per new token (sparsity of OMP; neighbours for "
-                          "wechsel/clp). Passed to the method only when given."),
-        click.option("--cosine-similarity/--no-cosine-similarity", "-c/-nc", default=False,
-                     show_default=True,
-                     help="Use cosine similarity, for methods that take `cosine_similarity`."),
-        click.option("--approximation-method", "-a", type=click.Choice(approximator_names()),
-                     default="omp", show_default=True,
-                     help="Method for approximating the rows of donor tokens the base lacks "
-                          "(built-ins and installed plugins)."),
-        click.option("--weight-scheme", "-w", type=click.Choice([w.value for w in WeightingScheme]),
-                     default=WeightingScheme.DISTANCE_PROPORTIONAL.value, show_default=True,
-                     help="Weighting scheme, for methods that take `weight_scheme`."),
-        click.option("--subword-method", "-s", type=click.Choice([m.value for m in SubwordMethod]),
-                     default=SubwordMethod.MEAN.value, show_default=True,
-                     help="Subword pooling, for methods that take `subword_method`."),
-        click.option("--batch-size", type=int, default=512, show_default=True,
-                     help="Tokens approximated per batch. -1 for one batch."),
-        click.option("--prefix-match", "-pm", type=click.Choice(SCOPES), default="no",
-                     show_default=True,
-                     help="Give a new token the row of its longest base-vocabulary prefix, in "
-                          "the named matrices (embed, lm_head, yes = both, no)."),
-        click.option("--byte-match", "-bm", type=click.Choice(SCOPES), default="no",
-                     show_default=True,
-                     help="Match single-byte tokens across encodings (<0x0A> with a byte-level "
-                          "newline), in the named matrices."),
-        click.option("--magikarp/--no-magikarp", default=False, show_default=True,
-                     help="Ignore under-trained tokens when matching (arXiv 2405.05417)."),
-        click.option("--new-vocab-noise", "-nvn", type=float, default=None,
-                     help="Add Gaussian noise of this std to approximated rows."),
-        click.option("--new-vocab-scale", "-nvs", type=float, default=None,
-                     help="Scale approximated rows by this factor."),
-        click.option("--param", "-p", multiple=True, metavar="NAME=VALUE",
-                     help="A method parameter (repeatable), e.g. -p k=32; wins over -k/-c/-w/-s."),
-        click.option("--pad-vocab-to-multiple-of", type=click.IntRange(min=1), default=None,
-                     help="Pad the new vocabulary with zero rows to a multiple of N (64, 128)."),
-        click.option("--bos", type=click.Choice([p.value for p in BosPolicy]),
-                     default=BosPolicy.MATCH_BASE.value, show_default=True,
-                     help="match_base: the output tokenizer inserts a BOS token exactly when the "
-                          "base's tokenizer does (the donor's BOS gets the base's BOS row); "
-                          "keep_donor: keep the donor tokenizer's behaviour and warn."),
-        click.option("--dtype", type=click.Choice(["float32", "float16", "bfloat16"]),
-                     default=None, help="Dtype of the new matrices (default: the base model's)."),
-        click.option("--guard", type=click.Choice(["off", "clip", "shrink"]),
-                     default=TransplantOptions.model_fields["guard"].default, show_default=True,
-                     help="What to do with approximated rows the audit flags as outliers "
-                          "(breaker tokens, arXiv 2601.00065): clip them to the base norm bound, "
-                          "shrink their coefficients (ridge), or leave them; the audit always "
-                          "runs and warns (docs/diagnostics.md)."),
+        click.option(
+            "--k",
+            "-k",
+            type=int,
+            default=64,
+            show_default=True,
+            help="Number of anchor tokens per new token (sparsity of OMP; neighbours for "
+            "wechsel/clp). Passed to the method only when given.",
+        ),
+        click.option(
+            "--cosine-similarity/--no-cosine-similarity",
+            "-c/-nc",
+            default=False,
+            show_default=True,
+            help="Use cosine similarity, for methods that take `cosine_similarity`.",
+        ),
+        click.option(
+            "--approximation-method",
+            "-a",
+            type=click.Choice(approximator_names()),
+            default="omp",
+            show_default=True,
+            help="Method for approximating the rows of donor tokens the base lacks "
+            "(built-ins and installed plugins).",
+        ),
+        click.option(
+            "--weight-scheme",
+            "-w",
+            type=click.Choice([w.value for w in WeightingScheme]),
+            default=WeightingScheme.DISTANCE_PROPORTIONAL.value,
+            show_default=True,
+            help="Weighting scheme, for methods that take `weight_scheme`.",
+        ),
+        click.option(
+            "--subword-method",
+            "-s",
+            type=click.Choice([m.value for m in SubwordMethod]),
+            default=SubwordMethod.MEAN.value,
+            show_default=True,
+            help="Subword pooling, for methods that take `subword_method`.",
+        ),
+        click.option(
+            "--batch-size",
+            type=int,
+            default=512,
+            show_default=True,
+            help="Tokens approximated per batch. -1 for one batch.",
+        ),
+        click.option(
+            "--prefix-match",
+            "-pm",
+            type=click.Choice(SCOPES),
+            default="no",
+            show_default=True,
+            help="Give a new token the row of its longest base-vocabulary prefix, in "
+            "the named matrices (embed, lm_head, yes = both, no).",
+        ),
+        click.option(
+            "--byte-match",
+            "-bm",
+            type=click.Choice(SCOPES),
+            default="no",
+            show_default=True,
+            help="Match single-byte tokens across encodings (<0x0A> with a byte-level "
+            "newline), in the named matrices.",
+        ),
+        click.option(
+            "--magikarp/--no-magikarp",
+            default=False,
+            show_default=True,
+            help="Ignore under-trained tokens when matching (arXiv 2405.05417).",
+        ),
+        click.option(
+            "--new-vocab-noise",
+            "-nvn",
+            type=float,
+            default=None,
+            help="Add Gaussian noise of this std to approximated rows.",
+        ),
+        click.option(
+            "--new-vocab-scale",
+            "-nvs",
+            type=float,
+            default=None,
+            help="Scale approximated rows by this factor.",
+        ),
+        click.option(
+            "--param",
+            "-p",
+            multiple=True,
+            metavar="NAME=VALUE",
+            help="A method parameter (repeatable), e.g. -p k=32; wins over -k/-c/-w/-s.",
+        ),
+        click.option(
+            "--pad-vocab-to-multiple-of",
+            type=click.IntRange(min=1),
+            default=None,
+            help="Pad the new vocabulary with zero rows to a multiple of N (64, 128).",
+        ),
+        click.option(
+            "--bos",
+            type=click.Choice([p.value for p in BosPolicy]),
+            default=BosPolicy.MATCH_BASE.value,
+            show_default=True,
+            help="match_base: the output tokenizer inserts a BOS token exactly when the "
+            "base's tokenizer does (the donor's BOS gets the base's BOS row); "
+            "keep_donor: keep the donor tokenizer's behaviour and warn.",
+        ),
+        click.option(
+            "--dtype",
+            type=click.Choice(["float32", "float16", "bfloat16"]),
+            default=None,
+            help="Dtype of the new matrices (default: the base model's).",
+        ),
+        click.option(
+            "--guard",
+            type=click.Choice(["off", "clip", "shrink"]),
+            default=TransplantOptions.model_fields["guard"].default,
+            show_default=True,
+            help="What to do with approximated rows the audit flags as outliers "
+            "(breaker tokens, arXiv 2601.00065): clip them to the base norm bound, "
+            "shrink their coefficients (ridge), or leave them; the audit always "
+            "runs and warns (docs/diagnostics.md).",
+        ),
     ]
     for decorator in reversed(decorators):
         f = decorator(f)
@@ -184,18 +263,39 @@ def transplant_options(f: Callable[..., Any]) -> Callable[..., Any]:
 @click.argument("donor", type=str)
 @click.argument("out_path", type=str)
 @transplant_options
-@click.option("--overwrite", is_flag=True, default=False,
-              help="Replace OUT_PATH if it exists and is not empty.")
-@click.option("--report", "report_path", type=click.Path(dir_okay=False), default=None,
-              help="Also write the JSON report (match counts, method, seconds) to this path.")
-@click.option("--print-recipe", is_flag=True, default=False,
-              help="Print the YAML recipe of this command line (for mergekit-omp-yaml) and exit.")
+@click.option(
+    "--overwrite",
+    is_flag=True,
+    default=False,
+    help="Replace OUT_PATH if it exists and is not empty.",
+)
+@click.option(
+    "--report",
+    "report_path",
+    type=click.Path(dir_okay=False),
+    default=None,
+    help="Also write the JSON report (match counts, method, seconds) to this path.",
+)
+@click.option(
+    "--print-recipe",
+    is_flag=True,
+    default=False,
+    help="Print the YAML recipe of this command line (for mergekit-omp-yaml) and exit.",
+)
 @add_merge_options
 @click.pass_context
 @run_cli_action
-def main(ctx: click.Context, base_model: str, donor: str, out_path: str, overwrite: bool,
-         report_path: str | None, print_recipe: bool, merge_options: MergeOptions,
-         **values: Any) -> None:
+def main(
+    ctx: click.Context,
+    base_model: str,
+    donor: str,
+    out_path: str,
+    overwrite: bool,
+    report_path: str | None,
+    print_recipe: bool,
+    merge_options: MergeOptions,
+    **values: Any,
+) -> None:
     """Give BASE_MODEL the tokenizer of DONOR and write the result to OUT_PATH.
 
     Rows of tokens both vocabularies share (matched by the bytes they stand for) are copied;

@@ -84,13 +84,19 @@ def plan_output_tokenizer(
     return tokenizer
 
 
-def _well_trained_ids(vocab: Vocabulary, embed: torch.Tensor, lm_head: torch.Tensor | None) -> set[int]:
+def _well_trained_ids(
+    vocab: Vocabulary, embed: torch.Tensor, lm_head: torch.Tensor | None
+) -> set[int]:
     by_string = {s: i for i, s in vocab.strings.items() if i < embed.shape[0]}
-    good = well_trained_tokens(by_string, embed.float(), None if lm_head is None else lm_head.float())
+    good = well_trained_tokens(
+        by_string, embed.float(), None if lm_head is None else lm_head.float()
+    )
     return {by_string[t] for t in good}
 
 
-def _matrices_to_build(base: LoadedModel, donor: LoadedModel) -> list[tuple[Matrix, torch.Tensor, torch.Tensor, str]]:
+def _matrices_to_build(
+    base: LoadedModel, donor: LoadedModel
+) -> list[tuple[Matrix, torch.Tensor, torch.Tensor, str]]:
     """(matrix, base rows, donor rows, tensor name) for each matrix the output needs."""
     plans: list[tuple[Matrix, torch.Tensor, torch.Tensor, str]] = [
         ("embed", base.embed, donor.embed, base.embed_info.name)
@@ -227,7 +233,14 @@ def transplant(
     report.tied_embeddings = base.tied
     tokenizer = plan_output_tokenizer(base, donor, options.bos, report)
     forced_pairs = bos_pair(base, donor) if report.diagnostics["bos"]["output_adds_bos"] else None
-    matrices = build_matrices(base, donor, options, report, progress=progress and not merge_options.quiet, forced_pairs=forced_pairs)
+    matrices = build_matrices(
+        base,
+        donor,
+        options,
+        report,
+        progress=progress and not merge_options.quiet,
+        forced_pairs=forced_pairs,
+    )
     result = TransplantResult(report=report, matrices=matrices, tokenizer=tokenizer)
     if out_path is not None:
         card = card_recipe if card_recipe is not None else recipe_yaml(options)
