@@ -244,3 +244,19 @@ def test_writes_loadable_model_with_method_parameter(mixed_pair, tmp_path):
     assert "k=5" not in result.stderr
     saved = json.loads((tmp_path / "out" / "mergekit_omp_report.json").read_text())
     assert saved["matrices"][0]["parameters"] == {"k": 5}
+
+
+@pytest.mark.parametrize("flag,expected", [([], False), (["--trust-remote-code"], True)])
+def test_remote_code_only_when_asked(mixed_pair, tmp_path, monkeypatch, flag, expected):
+    base, donor = mixed_pair
+    seen = []
+    original = transformers.AutoTokenizer.from_pretrained
+
+    def recording(*args, **kwargs):
+        seen.append(kwargs.get("trust_remote_code"))
+        return original(*args, **kwargs)
+
+    monkeypatch.setattr(transformers.AutoTokenizer, "from_pretrained", recording)
+    result = invoke(base, donor, tmp_path / "out", "-a", "zero", *flag)
+    assert result.exit_code == 0, result.output
+    assert seen and all(value is expected for value in seen)
