@@ -6,10 +6,7 @@ It accepts every argument of mergekit-tokensurgeon 0.1.5 with the same meaning, 
 
 from __future__ import annotations
 
-import functools
 import logging
-import signal
-import sys
 from collections.abc import Callable
 from typing import Any
 
@@ -21,7 +18,7 @@ from mergekit.tokensurgeon import SubwordMethod, WeightingScheme
 
 from mergekit_omp.approximators import approximator_names, get_approximator
 from mergekit_omp.bos import BosPolicy
-from mergekit_omp.errors import TransplantError
+from mergekit_omp.cli_support import overwrite_option, report_option, run_cli_action
 from mergekit_omp.options import MatchScope, TransplantOptions
 from mergekit_omp.recipe import check_method_parameters, recipe_yaml
 from mergekit_omp.transplant import transplant
@@ -31,38 +28,6 @@ LOG = logging.getLogger("mergekit_omp")
 # mergekit-tokensurgeon flags that are parameters of some methods: given explicitly, they are
 # passed to the chosen method if it takes a parameter of that name.
 METHOD_KNOBS = ("k", "cosine_similarity", "weight_scheme", "subword_method")
-
-
-def _raise_keyboard_interrupt(signum: int, frame: Any) -> None:
-    raise KeyboardInterrupt
-
-
-def run_cli_action(action: Callable[..., Any]) -> Callable[..., Any]:
-    """Turn errors into one line on stderr and a non-zero exit; SIGTERM acts as Ctrl-C."""
-
-    @functools.wraps(action)
-    def wrapper(*args: Any, **kwargs: Any) -> Any:
-        signal.signal(signal.SIGTERM, _raise_keyboard_interrupt)
-        merge_options: MergeOptions | None = kwargs.get("merge_options")
-        verbose = merge_options is not None and merge_options.verbosity > 0
-        try:
-            return action(*args, **kwargs)
-        except TransplantError as exc:
-            click.echo(f"Error: {exc}", err=True)
-            sys.exit(1)
-        except KeyboardInterrupt:
-            click.echo("Interrupted: no output was written.", err=True)
-            sys.exit(130)
-        except Exception as exc:
-            if verbose:
-                raise
-            message = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
-            click.echo(
-                f"Error: {type(exc).__name__}: {message} (run with -v for details)", err=True
-            )
-            sys.exit(1)
-
-    return wrapper
 
 
 def parse_param(values: tuple[str, ...]) -> dict[str, Any]:
@@ -263,19 +228,8 @@ def transplant_options(f: Callable[..., Any]) -> Callable[..., Any]:
 @click.argument("donor", type=str)
 @click.argument("out_path", type=str)
 @transplant_options
-@click.option(
-    "--overwrite",
-    is_flag=True,
-    default=False,
-    help="Replace OUT_PATH if it exists and is not empty.",
-)
-@click.option(
-    "--report",
-    "report_path",
-    type=click.Path(dir_okay=False),
-    default=None,
-    help="Also write the JSON report (match counts, method, seconds) to this path.",
-)
+@overwrite_option
+@report_option
 @click.option(
     "--print-recipe",
     is_flag=True,

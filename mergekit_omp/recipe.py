@@ -28,6 +28,7 @@ from mergekit.options import MergeOptions, PrettyPrintHelp, add_merge_options
 from pydantic import ValidationError
 
 from mergekit_omp.approximators import get_approximator
+from mergekit_omp.cli_support import overwrite_option, report_option, run_cli_action
 from mergekit_omp.errors import TransplantError
 from mergekit_omp.load import HUB_ID_RE
 from mergekit_omp.options import MatchScope, MatrixOverride, TransplantOptions
@@ -240,20 +241,10 @@ def run_recipe(
 @click.command("mergekit-omp-yaml", cls=PrettyPrintHelp)
 @click.argument("recipe_file", type=str)
 @click.argument("out_path", type=str)
-@click.option(
-    "--overwrite",
-    is_flag=True,
-    default=False,
-    help="Replace OUT_PATH if it exists and is not empty.",
-)
-@click.option(
-    "--report",
-    "report_path",
-    type=click.Path(dir_okay=False),
-    default=None,
-    help="Also write the JSON report (match counts, method, seconds) to this path.",
-)
+@overwrite_option
+@report_option
 @add_merge_options
+@run_cli_action
 def main(
     recipe_file: str,
     out_path: str,
@@ -270,10 +261,7 @@ def main(
     (--cuda, --lazy-unpickle, ...) apply as for mergekit-yaml; --random-seed applies when
     the recipe has no `seed`.
     """
-    # cli.py imports this module (for --print-recipe), so its error handling is imported here
-    from mergekit_omp.cli import run_cli_action
-
-    run_cli_action(run_recipe)(
+    run_recipe(
         recipe_file,
         out_path,
         overwrite=overwrite,

@@ -5,7 +5,7 @@ from __future__ import annotations
 import click
 from mergekit.options import MergeOptions, PrettyPrintHelp, add_merge_options
 
-from mergekit_omp.cli import run_cli_action
+from mergekit_omp.cli_support import overwrite_option, run_cli_action
 from mergekit_omp.merge.config import load_merge_config
 from mergekit_omp.merge.run import run_omp_merge
 from mergekit_omp.merge.vocabulary import OmpFill
@@ -25,12 +25,7 @@ def summary(fills: list[OmpFill]) -> str:
 @click.command("mergekit-omp-merge", cls=PrettyPrintHelp)
 @click.argument("config_file", type=str)
 @click.argument("out_path", type=str)
-@click.option(
-    "--overwrite",
-    is_flag=True,
-    default=False,
-    help="Replace OUT_PATH if it exists and is not empty.",
-)
+@overwrite_option
 @add_merge_options
 @run_cli_action
 def main(config_file: str, out_path: str, overwrite: bool, merge_options: MergeOptions) -> None:
