@@ -1,0 +1,154 @@
+"""Tests on the real pair: Gemma-3-270M given SmolLM2-135M's tokenizer (issue 7).
+
+Marked ``real``: skipped unless pytest runs with ``--real``. They need the assets of
+``examples/real/prepare.py`` (``~/.cache/mergekit-omp/real`` or ``$MERGEKIT_OMP_CACHE``):
+
+    python -m pytest --real -m real tests/test_real.py
+
+The omp transplant is built once per session (a few minutes on 2 cores); set
+``MERGEKIT_OMP_REAL_OUTPUT`` to an existing output of
+``mergekit-omp GEMMA SMOLLM OUT -a omp -k 64`` (e.g. the one ``benchmarks/real_pair.py``
+writes) to reuse it.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors import safe_open
+
+from mergekit_omp.match import MatchKind, MatchPolicy, VocabularyMatch, match_vocabularies
+from mergekit_omp.vocabulary import Vocabulary, vocabulary_of
+
+pytestmark = pytest.mark.real
+
+CACHE = Path(os.environ.get("MERGEKIT_OMP_CACHE", "~/.cache/mergekit-omp/real")).expanduser()
+GEMMA, SMOLLM = CACHE / "gemma-3-270m", CACHE / "smollm2-135m"
+EMBED = "model.embed_tokens.weight"
+SMOLLM_NEWLINE = 198  # "Ċ", the byte-level newline
+GEMMA_NEWLINE = 107  # "\n", an added (not special) token in Gemma's tokenizer
+GEMMA_BOS, GEMMA_EOS = 2, 1
+SMOLLM_IM_START, SMOLLM_IM_END = 1, 2
+
+
+@pytest.fixture(scope="module")
+def assets() -> None:
+    for path in (GEMMA / "config.json", SMOLLM / "config.json"):
+        if not path.exists():
+            pytest.skip(f"real assets missing ({path}): run examples/real/prepare.py")
+
+
+@pytest.fixture(scope="module")
+def vocabularies(assets) -> tuple[Vocabulary, Vocabulary]:
+    from transformers import AutoTokenizer
+
+    gemma = vocabulary_of(AutoTokenizer.from_pretrained(GEMMA))
+    smollm = vocabulary_of(AutoTokenizer.from_pretrained(SMOLLM))
+    return gemma, smollm
+
+
+def match_smollm_onto_gemma(vocabularies, byte_match: bool) -> VocabularyMatch:
+    gemma, smollm = vocabularies
+    policy = MatchPolicy(byte_match=byte_match)
+    return match_vocabularies(smollm, gemma, policy, smollm.max_id + 1, gemma.max_id + 1)
+
+
+@pytest.fixture(scope="module")
+def omp_output(assets, tmp_path_factory) -> Path:
+    given = os.environ.get("MERGEKIT_OMP_REAL_OUTPUT")
+    if given:
+        return Path(given)
+    from mergekit_omp.options import TransplantOptions
+    from mergekit_omp.transplant import transplant
+
+    out = tmp_path_factory.mktemp("real") / "gemma-smollm-omp"
+    options = TransplantOptions(base_model=str(GEMMA), donor=str(SMOLLM), parameters={"k": 64})
+    transplant(options, out, progress=False)
+    return out
+
+
+def embedding(model_dir: Path) -> torch.Tensor:
+    with safe_open(str(model_dir / "model.safetensors"), "pt") as tensors:
+        return tensors.get_tensor(EMBED)
+
+
+def test_match_counts(vocabularies):
+    counts = match_smollm_onto_gemma(vocabularies, byte_match=False).counts()
+    assert counts["exact"] == 46009
+    assert counts["special"] == 3
+    assert counts["approximated"] == 3140
+    assert counts["exact"] + counts["special"] + counts["approximated"] == 49152
+
+
+@pytest.mark.parametrize("byte_match", [False, True])
+def test_anchors_stand_for_the_same_bytes(vocabularies, byte_match):
+    gemma, smollm = vocabularies
+    match = match_smollm_onto_gemma(vocabularies, byte_match)
+    anchors = [(d, b) for d, (b, kind) in match.matched.items() if kind != MatchKind.SPECIAL]
+    assert len(anchors) >= 46009
+    assert all(smollm.forms[d].data == gemma.forms[b].data for d, b in anchors)
+    newline = match.matched.get(SMOLLM_NEWLINE)
+    if byte_match:
+        assert newline is not None and gemma.forms[newline[0]].data == b"\n"
+    else:
+        assert newline is None and SMOLLM_NEWLINE in match.new_tokens
+
+
+@pytest.mark.xfail(
+    strict=True,
+    reason="Gemma's '\\n' (107) is an added non-special token, so its form is ADDED and "
+    "SmolLM2's byte-level newline never matches it exactly; it is approximated instead",
+)
+def test_newline_matches_gemma_newline(vocabularies):
+    match = match_smollm_onto_gemma(vocabularies, byte_match=False)
+    assert match.matched.get(SMOLLM_NEWLINE) == (GEMMA_NEWLINE, MatchKind.EXACT)
+
+
+@pytest.mark.xfail(
+    strict=True,
+    reason="SmolLM2's <|im_end|> (2) is both its eos and pad token; matching by role keeps "
+    "the last role (pad), so it gets Gemma's <pad> row, not <eos> (mergekit gives <eos>)",
+)
+def test_donor_eos_gets_base_eos(vocabularies):
+    match = match_smollm_onto_gemma(vocabularies, byte_match=False)
+    assert match.matched[SMOLLM_IM_END] == (GEMMA_EOS, MatchKind.SPECIAL)
+
+
+def test_output_tokenizer_adds_bos_with_gemma_bos_row(omp_output):
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(omp_output)
+    ids = tokenizer("The capital of France is")["input_ids"]
+    assert ids[0] == tokenizer.bos_token_id == SMOLLM_IM_START
+    assert ids[1:] == tokenizer("The capital of France is", add_special_tokens=False)["input_ids"]
+    rows, base_rows = embedding(omp_output), embedding(GEMMA)
+    assert rows.shape == (49152, 640)
+    assert torch.equal(rows[SMOLLM_IM_START], base_rows[GEMMA_BOS])
+
+
+def test_exact_matches_copy_base_rows(omp_output, vocabularies):
+    match = match_smollm_onto_gemma(vocabularies, byte_match=False)
+    donor_ids, base_ids = match.anchors()
+    rows, base_rows = embedding(omp_output), embedding(GEMMA)
+    assert torch.equal(rows[donor_ids], base_rows[base_ids])
+    new = rows[match.new_tokens]
+    assert torch.isfinite(new).all() and (new.norm(dim=1) > 0).all()
+
+
+def test_greedy_continuation(omp_output):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(omp_output)
+    model = AutoModelForCausalLM.from_pretrained(omp_output, dtype=torch.float32).eval()
+    inputs = tokenizer("The capital of France is", return_tensors="pt")
+    with torch.no_grad():
+        out = model.generate(**inputs, max_new_tokens=12, do_sample=False)
+    text = tokenizer.decode(out[0, inputs["input_ids"].shape[1] :], skip_special_tokens=True)
+    assert CONTINUATION_CHECK(text), text
+
+
+def CONTINUATION_CHECK(text: str) -> bool:  # noqa: N802 - placeholder until measured
+    return "France" in text or "Paris" in text
