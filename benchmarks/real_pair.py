@@ -78,16 +78,16 @@ def run_timed(command: list[str], log_path: Path) -> tuple[int, float, float, fl
     return process.returncode, wall, usage.ru_utime + usage.ru_stime, usage.ru_maxrss / 1024**2
 
 
-def transplant_ours(base: Path, donor: Path, out: Path, method: str, reuse: bool) -> Row:
+def transplant_ours(base: Path, donor: Path, out: Path, method: str, args) -> Row:
     row = Row(label=f"ours {method}", tool="mergekit-omp", path=str(out))
     report = out.with_name(out.name + ".report.json")
     timing = out.with_name(out.name + ".timing.json")
-    if reuse and timing.exists() and (out / "config.json").exists():
+    if args.reuse and timing.exists() and (out / "config.json").exists():
         row.__dict__.update(json.loads(timing.read_text()))
         row.timing_source = "this run (reused)"
     else:
         command = ["mergekit-omp", str(base), str(donor), str(out), "-a", method]
-        command += ["--overwrite", "--report", str(report)]
+        command += ["--overwrite", "--report", str(report), "--batch-size", str(args.batch_size)]
         if method in ("omp", "wechsel"):
             command += ["-k", "64"]
         code, wall, cpu, rss = run_timed(command, out.with_name(out.name + ".log"))
@@ -215,7 +215,7 @@ def run_direction(name: str, args) -> dict:
                 base, donor, out / "mergekit-omp-k64", args.skip_mergekit, args.cache
             )
         )
-    rows += [transplant_ours(base, donor, out / f"ours-{m}", m, args.reuse) for m in args.methods]
+    rows += [transplant_ours(base, donor, out / f"ours-{m}", m, args) for m in args.methods]
     if args.skip_bpb:
         base_bpb = {"bpb": float("nan")}
     else:
@@ -260,6 +260,13 @@ def main() -> None:
         "--methods",
         default="omp,zero,mean,wechsel,focus",
         help="comma-separated mergekit-omp methods",
+    )
+    parser.add_argument(
+        "--batch-size",
+        type=int,
+        default=-1,
+        help="mergekit-omp --batch-size (default -1: one batch, so OMP builds the anchor Gram "
+        "matrix once; 512 rebuilds it for every batch)",
     )
     parser.add_argument(
         "--max-bytes", type=int, default=50000, help="bytes of english.txt to score"
