@@ -149,8 +149,8 @@ def test_greedy_continuation(omp_output):
         out = model.generate(**inputs, max_new_tokens=12, do_sample=False)
     new_ids = out[0, inputs["input_ids"].shape[1] :]
     text = tokenizer.decode(new_ids, skip_special_tokens=True)
-    # 'Paris', or at least not degenerate: English words, not one token repeated. (The base Gemma continues with
-    # " the capital of the country of France. It is the largest".)
+    # 'Paris', or at least not degenerate: English words, not one token repeated.
+    # (The base Gemma continues with " the capital of the country of France. It is the largest".)
     words = re.findall(r"[A-Za-z]+", text)
     if "Paris" in text:
         return
