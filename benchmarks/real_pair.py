@@ -17,7 +17,7 @@ row) in front, since its tokenizer puts nothing there.
         [--methods omp,zero,mean,wechsel,focus] [--max-bytes 50000] [--skip-mergekit]
         [--out DIR] [--reuse] [--prior-bpb DIR]
 
-Prints a table (model, tool, wall s, CPU s, peak RSS GB, bpb, approximated tokens) and
+Prints a table (model, tool, wall s, CPU s, peak RSS GiB, bpb, approximated tokens) and
 the ratios of our omp to mergekit's omp, and writes ``OUT/results-<direction>.json``.
 With ``--skip-mergekit`` the existing mergekit output under ``CACHE/baselines`` is
 evaluated and its timing is the one recorded in docs/results.md (marked as such).
@@ -66,7 +66,7 @@ def log(message: str) -> None:
 
 
 def run_timed(command: list[str], log_path: Path) -> tuple[int, float, float, float]:
-    """Run ``command``; return (exit code, wall s, user+sys CPU s, peak RSS GB) of the child."""
+    """Run ``command``; return (exit code, wall s, user+sys CPU s, peak RSS GiB) of the child."""
     log("$ " + " ".join(command))
     start = time.perf_counter()
     with open(log_path, "w") as out:
@@ -170,7 +170,7 @@ def fmt(value: float | None, spec: str) -> str:
 
 def print_table(base: str, rows: list[Row], base_bpb: dict) -> None:
     print(
-        f"\n| model | tool | wall s | CPU s | peak RSS GB | bpb (own tokenizer) | bpb (`{IM_START}` first) | approximated | timing |"
+        f"\n| model | tool | wall s | CPU s | peak RSS GiB | bpb (own tokenizer) | bpb (`{IM_START}` first) | approximated | timing |"
     )
     print("|---|---|---|---|---|---|---|---|---|")
     print(f"| {base} (base) | – | – | – | – | {base_bpb['bpb']:.3f} | – | – | – |")
