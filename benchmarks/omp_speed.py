@@ -57,6 +57,7 @@ class Row:
     ours_tokens: int
     ours: Timing
     gram_seconds: float | None
+    strategy: str
     planned_bytes: int
     mergekit_tokens: int
     mergekit: Timing
@@ -106,12 +107,14 @@ class GramTimer(logging.Handler):
             self.seconds = float(record.args[-1])
 
 
-def planned_bytes(tokens: int, anchors: int, k: int) -> int:
-    budget = omp.default_memory_budget(torch.device("cpu"))
+def planned(tokens: int, anchors: int, k: int, budget: int | None) -> tuple[str, int]:
+    """batch_omp's strategy for these shapes and its planned working set in bytes."""
+    if budget is None:
+        budget = omp.default_memory_budget(torch.device("cpu"))
     plan = omp.plan_omp(tokens, anchors, k, torch.float32, budget)
     row = anchors * 4
     gram = anchors * row if plan.strategy == "full_gram" else plan.cached_gram_rows * row
-    return gram + plan.chunk_tokens * (k + 4) * row
+    return plan.strategy, gram + plan.chunk_tokens * (k + 4) * row
 
 
 def mergekit_working_set(tokens: int, anchors: int, dim: int, k: int) -> int:
@@ -133,18 +136,29 @@ def near_tie(
     return bool((scores[ours[step]] - scores[theirs[step]]).abs() <= 1e-5 * scores.max())
 
 
-def measure(anchors: int, dim: int, k: int, tokens: int, mergekit_tokens: int, seed: int) -> Row:
+def measure(
+    anchors: int,
+    dim: int,
+    k: int,
+    tokens: int,
+    mergekit_tokens: int,
+    seed: int,
+    budget: int | None = None,
+) -> Row:
     generator = torch.Generator().manual_seed(seed)
     points = torch.randn(anchors, dim, generator=generator)
     targets = torch.randn(tokens, dim, generator=generator)
     # mergekit first: its small allocations would otherwise reuse pages freed by ours.
     subset = targets[:mergekit_tokens]
     (ref_idx, _), theirs = timed(lambda: mergekit_batch_omp(subset, points, k))
+    strategy, planned_bytes = planned(tokens, anchors, k, budget)
     gram_timer = GramTimer()
     omp.LOG.addHandler(gram_timer)
     omp.LOG.setLevel(logging.DEBUG)
     try:
-        (ours_idx, _), ours = timed(lambda: omp.batch_omp(targets, points, k))
+        (ours_idx, _), ours = timed(
+            lambda: omp.batch_omp(targets, points, k, memory_budget_bytes=budget)
+        )
     finally:
         omp.LOG.removeHandler(gram_timer)
     ours_idx = ours_idx[:mergekit_tokens]
@@ -157,7 +171,8 @@ def measure(anchors: int, dim: int, k: int, tokens: int, mergekit_tokens: int, s
         tokens,
         ours,
         gram_timer.seconds,
-        planned_bytes(tokens, anchors, k),
+        strategy,
+        planned_bytes,
         mergekit_tokens,
         theirs,
         mergekit_working_set(mergekit_tokens, anchors, dim, k),
@@ -178,10 +193,10 @@ def print_header(k: int) -> None:
         f"{platform.processor() or platform.machine()}, k={k}, float32"
     )
     print(
-        "| N | D | ours tokens | ours tok/s | of which Gram s | mergekit tokens | mergekit tok/s "
+        "| N | D | strategy | ours tokens | ours tok/s | of which Gram s | mergekit tokens | mergekit tok/s "
         "| ratio | same support (near-ties) | ours peak (planned) | mergekit peak (analytic) |"
     )
-    print("|---|---|---|---|---|---|---|---|---|---|---|")
+    print("|---|---|---|---|---|---|---|---|---|---|---|---|")
 
 
 def print_row(row: Row) -> None:
@@ -189,7 +204,7 @@ def print_row(row: Row) -> None:
     theirs_rate = row.mergekit_tokens / row.mergekit.seconds
     gram = "n/a" if row.gram_seconds is None else f"{row.gram_seconds:.1f}"
     print(
-        f"| {row.anchors} | {row.dim} | {row.ours_tokens} | {ours_rate:.1f} | {gram} "
+        f"| {row.anchors} | {row.dim} | {row.strategy} | {row.ours_tokens} | {ours_rate:.1f} | {gram} "
         f"| {row.mergekit_tokens} | {theirs_rate:.2f} | {ours_rate / theirs_rate:.1f}x "
         f"| {row.agree}/{row.mergekit_tokens} ({row.near_ties}) "
         f"| {size(row.ours.peak_growth_bytes)} ({size(row.planned_bytes)}) "
@@ -209,6 +224,9 @@ def main() -> None:
     )
     parser.add_argument("--anchors", type=int, nargs="+", default=None, help="N values")
     parser.add_argument("--dims", type=int, nargs="+", default=None, help="D values")
+    parser.add_argument(
+        "--memory-budget-gib", type=float, default=None, help="batch_omp's memory budget"
+    )
     parser.add_argument("--k", type=int, default=64)
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args()
@@ -217,11 +235,13 @@ def main() -> None:
     dims = args.dims or ([1024, 2048] if args.quick else [1024, 2048, 4096])
     tokens = args.tokens or (512 if args.quick else 2048)
     mergekit_tokens = min(tokens, args.mergekit_tokens or (32 if args.quick else 64))
+    budget = None if args.memory_budget_gib is None else int(args.memory_budget_gib * 1024**3)
     print_header(args.k)
     started = time.perf_counter()
     for num_anchors in anchors:
         for dim in dims:
-            print_row(measure(num_anchors, dim, args.k, tokens, mergekit_tokens, args.seed))
+            row = measure(num_anchors, dim, args.k, tokens, mergekit_tokens, args.seed, budget)
+            print_row(row)
     print(f"total wall time {time.perf_counter() - started:.0f} s")
 
 

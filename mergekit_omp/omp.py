@@ -102,6 +102,8 @@ def batch_omp(
         raise ValueError(f"Cannot select {k} points from {num_points} candidates")
     if k < 0:
         raise ValueError(f"k must be non-negative, got {k}")
+    if batch_size is not None and batch_size < 1:
+        raise ValueError(f"batch_size must be positive, got {batch_size}")
 
     device = targets.device
     work_dtype = targets.dtype if targets.dtype in (torch.float32, torch.float64) else torch.float32
@@ -167,7 +169,7 @@ def plan_omp(
     budget allows, so memory never needs the whole N x N matrix.
     """
     row_bytes = num_points * torch.finfo(dtype).bits // 8
-    # Per target: k rows of V, alpha, |alpha|, the alpha0 GEMM output and one fresh Gram row.
+    # Per target: its k rows of v, alpha, |alpha|, a freshly computed Gram row, and slack.
     per_target = (k + 4) * row_bytes
     gram_bytes = num_points * row_bytes
     max_chunk = min(num_targets, batch_size or MAX_CHUNK_TOKENS)
