@@ -10,7 +10,7 @@ import enum
 from collections.abc import Collection
 from dataclasses import dataclass, field
 
-from mergekit_omp.vocabulary import SPECIAL_ROLES, TokenForm, TokenKind, Vocabulary
+from mergekit_omp.vocabulary import TokenForm, TokenKind, Vocabulary
 
 
 class MatchKind(str, enum.Enum):
@@ -21,6 +21,9 @@ class MatchKind(str, enum.Enum):
 
 
 ANCHOR_KINDS = (MatchKind.EXACT, MatchKind.BYTE)
+ROLE_PRIORITY = ("eos", "bos", "pad", "unk")
+"""A donor token with several roles takes the base row of the first: ending generation
+(eos) matters most; a BOS the output must insert is paired separately (``forced_pairs``)."""
 
 
 @dataclass(frozen=True)
@@ -104,7 +107,10 @@ def match_vocabularies(
         usable_base &= well_trained[1]
     by_form = _first_id_by_form(base, usable_base)
     by_bytes = _first_id_by_bytes(base, usable_base)
-    role_of_donor = {donor.special_ids[r]: r for r in SPECIAL_ROLES if r in donor.special_ids}
+    role_of_donor: dict[int, str] = {}
+    for role in ROLE_PRIORITY:  # a token with several roles keeps the first
+        if role in donor.special_ids:
+            role_of_donor.setdefault(donor.special_ids[role], role)
 
     matched: dict[int, tuple[int, MatchKind]] = {}
     new_tokens: list[int] = []

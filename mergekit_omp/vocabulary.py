@@ -27,7 +27,9 @@ class TokenKind(str, enum.Enum):
     BYTE = "byte"
     """A byte-fallback token such as ``<0x0A>``: exactly one raw byte."""
     ADDED = "added"
-    """An added or special token (``<|endoftext|>``, ``<s>``): matched by its content."""
+    """A special token (``<|endoftext|>``, ``<s>``): matched by its content, not its bytes.
+
+    Non-special added tokens (Gemma's ``"\\n"``) are ordinary text and get ``TEXT``."""
 
 
 @dataclass(frozen=True)
@@ -151,16 +153,17 @@ def special_token_ids(tokenizer: PreTrainedTokenizerBase) -> dict[str, int]:
 def vocabulary_of(tokenizer: PreTrainedTokenizerBase) -> Vocabulary:
     """Decode every entry of ``tokenizer`` to the bytes it stands for."""
     encoding, byte_fallback = detect_encoding(tokenizer)
-    added = {
-        token_id: added_token.content
-        for token_id, added_token in tokenizer.added_tokens_decoder.items()
-        if added_token.special or not added_token.normalized
-    }
+    added = tokenizer.added_tokens_decoder
     strings = {token_id: token for token, token_id in tokenizer.get_vocab().items()}
     forms = {}
     for token_id, token in strings.items():
-        if token_id in added and not (byte_fallback and BYTE_TOKEN_RE.match(token)):
-            forms[token_id] = TokenForm(TokenKind.ADDED, added[token_id].encode("utf-8"))
+        if byte_fallback and BYTE_TOKEN_RE.match(token):
+            forms[token_id] = token_form(token, encoding, byte_fallback)
+        elif token_id in added and added[token_id].special:
+            forms[token_id] = TokenForm(TokenKind.ADDED, added[token_id].content.encode("utf-8"))
+        elif token_id in added:
+            # a non-special added token (Gemma's "\n", "\n\n") matches its content literally
+            forms[token_id] = TokenForm(TokenKind.TEXT, added[token_id].content.encode("utf-8"))
         else:
             forms[token_id] = token_form(token, encoding, byte_fallback)
     return Vocabulary(

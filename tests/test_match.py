@@ -2,6 +2,7 @@ from __future__ import annotations
 
 import pytest
 import tiny
+from tokenizers import AddedToken
 
 from mergekit_omp.match import MatchKind, MatchPolicy, match_vocabularies
 from mergekit_omp.vocabulary import Encoding, TokenForm, TokenKind, vocabulary_of
@@ -127,3 +128,33 @@ def test_every_donor_token_is_accounted_for_once(donor, base):
     assert sorted(ids) == list(range(len(donor)))
     assert all(i >= 390 for i in match.junk_tokens)
     assert all(i < 390 for i in match.new_tokens)
+
+
+def test_non_special_added_tokens_match_as_text(donor):
+    """Gemma's newline runs are added, non-special tokens: they are text, not specials."""
+    base = tiny.metaspace_tokenizer(320)
+    base_bytes = {f.data for f in vocabulary_of(base).forms.values()}
+    donor_vocab = vocabulary_of(donor)
+    token = next(
+        donor.convert_ids_to_tokens(i)
+        for i, f in sorted(donor_vocab.forms.items())
+        if f.kind == TokenKind.TEXT
+        and len(f.data) > 3
+        and f.data.isalpha()
+        and f.data not in base_bytes
+    )
+    text = donor_vocab.forms[donor.convert_tokens_to_ids(token)].data.decode()
+    base.add_tokens([AddedToken(text, normalized=False, special=False)])
+    assert not base.added_tokens_decoder[base.convert_tokens_to_ids(text)].special
+    assert matched_base_token(donor, base, token) == (text, MatchKind.EXACT)
+
+
+def test_a_token_with_two_roles_takes_the_eos_row(base):
+    """SmolLM2's <|im_end|> is both eos and pad: it must get the base's eos row."""
+    donor = tiny.byte_level_tokenizer(400)
+    donor.eos_token = "<|im_end|>"
+    donor.pad_token = "<|im_end|>"
+    match = match_vocabularies(
+        vocabulary_of(donor), vocabulary_of(base), MatchPolicy(), 10**6, 10**6
+    )
+    assert match.matched[donor.eos_token_id] == (base.eos_token_id, MatchKind.SPECIAL)

@@ -98,21 +98,11 @@ def test_anchors_stand_for_the_same_bytes(vocabularies, byte_match):
         assert newline is None and SMOLLM_NEWLINE in match.new_tokens
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="Gemma's '\\n' (107) is an added non-special token, so its form is ADDED and "
-    "SmolLM2's byte-level newline never matches it exactly; it is approximated instead",
-)
 def test_newline_matches_gemma_newline(vocabularies):
     match = match_smollm_onto_gemma(vocabularies, byte_match=False)
     assert match.matched.get(SMOLLM_NEWLINE) == (GEMMA_NEWLINE, MatchKind.EXACT)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="SmolLM2's <|im_end|> (2) is both its eos and pad token; matching by role keeps "
-    "the last role (pad), so it gets Gemma's <pad> row, not <eos> (mergekit gives <eos>)",
-)
 def test_donor_eos_gets_base_eos(vocabularies):
     match = match_smollm_onto_gemma(vocabularies, byte_match=False)
     assert match.matched[SMOLLM_IM_END] == (GEMMA_EOS, MatchKind.SPECIAL)
