@@ -265,8 +265,8 @@ def main() -> None:
         "--batch-size",
         type=int,
         default=-1,
-        help="mergekit-omp --batch-size (default -1: one batch, so OMP builds the anchor Gram "
-        "matrix once; 512 rebuilds it for every batch)",
+        help="mergekit-omp --batch-size (default -1: one batch, chunked by OMP's memory plan; "
+        "512 is passed to batch_omp as its chunk size and makes it fall back to gram_rows)",
     )
     parser.add_argument(
         "--max-bytes", type=int, default=50000, help="bytes of english.txt to score"
