@@ -96,7 +96,7 @@ def method_note(matrices: list[MatrixReport]) -> str:
     lines.append("")
     for m in matrices:
         linked, description = _method_md(m.method)
-        params = ", ".join(f"{k}={v}" for k, v in m.parameters.items())
+        params = ", ".join(f"{k}={v}" for k, v in m.parameters.items() if v is not None)
         detail = f" ({params})" if params else ""
         lines.append(f"* {m.matrix}: {linked}{detail}{': ' + description if description else ''}")
     if any(m.method == "omp" for m in matrices):

@@ -139,7 +139,8 @@ def transplant_options(f: Callable[..., Any]) -> Callable[..., Any]:
             type=int,
             default=512,
             show_default=True,
-            help="Tokens approximated per batch. -1 for one batch.",
+            help="Tokens approximated per batch. -1 for one batch. For omp an upper bound: "
+            "it sizes its chunks from its memory budget (-p memory_gb=GB).",
         ),
         click.option(
             "--prefix-match",

@@ -1,20 +1,26 @@
-"""Batched Orthogonal Matching Pursuit through the anchor Gram matrix (Batch-OMP).
+"""Batched Orthogonal Matching Pursuit, with the anchor Gram matrix when it pays (Batch-OMP).
 
-Same inputs, outputs and answers as ``mergekit.tokensurgeon.batch_omp``, but each iteration
-works in anchor space (length N) instead of embedding space (length D): the correlations of
-every anchor with the residual are updated from rows of the Gram matrix G = C C^T instead of
-being recomputed as residual @ C^T. Reference: Rubinstein, Zibulevsky & Elad (2008),
-"Efficient Implementation of the K-SVD Algorithm using Batch Orthogonal Matching Pursuit",
-https://www.cs.technion.ac.il/~ronrubin/Publications/KSVD-OMP-v2.pdf
+Same inputs, outputs and answers as ``mergekit.tokensurgeon.batch_omp``. Two strategies:
 
-Notation used below, per target x (D) and anchors C (N x D):
+``full_gram`` (Batch-OMP; Rubinstein, Zibulevsky & Elad 2008, "Efficient Implementation of
+the K-SVD Algorithm using Batch Orthogonal Matching Pursuit",
+https://www.cs.technion.ac.il/~ronrubin/Publications/KSVD-OMP-v2.pdf) builds G = C C^T once
+and then works in anchor space: iteration t costs N t multiply-adds per target instead of
+N D, at the price of N^2 memory and an N^2 D / 2 build.
+
+``residual`` works in embedding space like mergekit: every iteration multiplies the residuals
+by C^T (one GEMM per chunk). It needs no Gram matrix, only O(N + k D) memory per target, and
+is chosen when G does not fit the memory budget or would not pay for its build.
+
+Notation, per target x (D) and anchors C (N x D):
     alpha = C r          correlations of the anchors with the residual r
     q_t                  t-th orthonormal direction (Gram-Schmidt of the selected atoms)
-    d_t                  norm of the new atom's component orthogonal to q_0..q_{t-1}
+    w_s = <q_s, a_j>     the new atom a_j's components along the old directions
+    d_t                  norm of a_j's component orthogonal to q_0..q_{t-1}
     v_t = d_t C q_t      the new atom's Gram row with the old directions projected out
     z_t = <q_t, x>       so that r_t = r_{t-1} - z_t q_t and alpha_t = alpha_{t-1} - z_t C q_t
-    L                    lower-triangular with L[t, s] = <q_s, a_t> and L[t, t] = d_t, i.e.
-                         the transpose of mergekit's R (the Cholesky factor of G[I, I])
+    L                    lower-triangular with L[t, s] = w_s and L[t, t] = d_t, i.e. the
+                         transpose of mergekit's R (the Cholesky factor of G[I, I])
 The coefficients are then L^T c = z, exactly what mergekit solves as R c = Q^T x.
 """
 
@@ -40,6 +46,15 @@ FALLBACK_MEMORY_BUDGET_BYTES = 4 * 1024**3
 MAX_CHUNK_TOKENS = 256
 """Upper bound on targets processed together; larger chunks gain nothing measurable."""
 
+MIN_GRAM_CHUNK_TOKENS = 32
+"""full_gram is only planned if the budget leaves room for this many targets' state next
+to G: smaller chunks make its per-iteration work overhead-bound."""
+
+MEMORY_BOUND_COST = 5.0
+"""Cost of one multiply-add in full_gram's batched matrix-vector updates (memory-bound)
+relative to one in a GEMM; measured about 90 vs 17 GFLOP/s on the 2-core CPU, see
+docs/performance.md."""
+
 ARGMAX_BLOCK = 64
 """Columns per block in the two-level argmax over the anchors."""
 
@@ -50,17 +65,17 @@ DEPENDENCE_TOLERANCE_ULPS = 64
 """An atom whose orthogonal part has squared norm below this many machine epsilons of its
 squared norm is treated as linearly dependent on the atoms already chosen."""
 
-Strategy = Literal["full_gram", "gram_rows"]
+Strategy = Literal["full_gram", "residual"]
 
 
 @dataclass(frozen=True)
 class OmpPlan:
-    """How a call is executed: which Gram strategy, and how many targets per chunk."""
+    """How a call is executed: which strategy, and how many targets per chunk."""
 
     strategy: Strategy
     chunk_tokens: int
-    cached_gram_rows: int
-    """Rows of G kept between iterations by the gram_rows strategy (N for full_gram)."""
+    working_bytes: int
+    """Memory the plan allocates: G (full_gram only) plus one chunk's state."""
 
 
 def batch_omp(
@@ -71,6 +86,7 @@ def batch_omp(
     *,
     memory_budget_bytes: int | None = None,
     batch_size: int | None = None,
+    strategy: Strategy | None = None,
     progress: bool = False,
 ) -> tuple[torch.LongTensor, torch.Tensor]:
     """Select ``k`` of ``candidate_points`` (N, D) that best approximate each row of ``targets``.
@@ -86,9 +102,11 @@ def batch_omp(
         eps: norms of orthogonalised atoms below this count as zero, as in mergekit.
         memory_budget_bytes: working memory allowed for the Gram matrix and the per-chunk
             state; defaults to ``DEFAULT_MEMORY_FRACTION`` of the available memory.
-        batch_size: targets per chunk; defaults to what the budget allows (at most
-            ``MAX_CHUNK_TOKENS``).
-        progress: show a tqdm bar over the chunks.
+        batch_size: at most this many targets per chunk (default ``MAX_CHUNK_TOKENS``);
+            chunks are smaller when the budget requires.
+        strategy: force ``full_gram`` or ``residual`` instead of planning (for tests and
+            benchmarks; full_gram ignores the budget then).
+        progress: show a tqdm bar over the targets.
     """
     if targets.ndim != 2 or candidate_points.ndim != 2:
         raise ValueError("targets and candidate_points must be 2-D (B, D) and (N, D)")
@@ -117,16 +135,16 @@ def batch_omp(
     budget = (
         memory_budget_bytes if memory_budget_bytes is not None else default_memory_budget(device)
     )
-    plan = plan_omp(num_targets, num_points, k, work_dtype, budget, batch_size)
+    plan = plan_omp(num_targets, num_points, dim, k, work_dtype, budget, batch_size, strategy)
     LOG.debug("batch_omp plan: %s (B=%d, N=%d, D=%d, k=%d)", plan, num_targets, num_points, dim, k)
 
-    gram_rows = _make_gram_rows(points, plan)
-    state = _ChunkState(plan.chunk_tokens, num_points, k, targets_work)
+    solver = _GramSolver(points) if plan.strategy == "full_gram" else _ResidualSolver(points)
+    state = _ChunkState(plan, num_points, dim, k, targets_work)
     with tqdm(total=num_targets, desc="OMP", unit="tok", disable=not progress) as bar:
         for start in range(0, num_targets, plan.chunk_tokens):
             stop = min(start + plan.chunk_tokens, num_targets)
             chunk_indices, chunk_coeffs = _omp_chunk(
-                targets_work[start:stop], points, k, eps, gram_rows, state
+                targets_work[start:stop], k, eps, solver, state
             )
             indices[start:stop] = chunk_indices
             coeffs[start:stop] = chunk_coeffs
@@ -154,98 +172,46 @@ def default_memory_budget(device: torch.device) -> int:
 def plan_omp(
     num_targets: int,
     num_points: int,
+    dim: int,
     k: int,
     dtype: torch.dtype,
     memory_budget_bytes: int,
     batch_size: int | None = None,
+    strategy: Strategy | None = None,
 ) -> OmpPlan:
-    """Choose the Gram strategy and chunk size from the shapes and the memory budget.
+    """Choose the strategy and chunk size from the shapes and the memory budget.
 
-    ``full_gram`` builds all of G up front (N^2 D / 2 multiply-adds, using its symmetry). It
-    is chosen when G fits in the budget next to a chunk's state and the targets will probably
-    select most anchors (B k >= N ln 2 for uniformly spread selections), so that building
-    rows only for selected anchors would not save work. Otherwise ``gram_rows`` computes the
-    rows of the anchors actually selected (N D multiply-adds each) and caches as many as the
-    budget allows, so memory never needs the whole N x N matrix.
+    Chunks are as large as the budget allows, up to ``batch_size`` (or ``MAX_CHUNK_TOKENS``).
+
+    ``full_gram`` is chosen when G fits in the budget next to at least
+    ``MIN_GRAM_CHUNK_TOKENS`` targets' state and its estimated cost, N^2 D / 2 for G plus
+    ``MEMORY_BOUND_COST`` x B N k^2 / 2 for the updates, is below ``residual``'s B N D k.
     """
-    row_bytes = num_points * torch.finfo(dtype).bits // 8
-    # Per target: its k rows of v, alpha, |alpha|, a freshly computed Gram row, and slack.
-    per_target = (k + 4) * row_bytes
-    gram_bytes = num_points * row_bytes
+    item = torch.finfo(dtype).bits // 8
+    gram_bytes = num_points * num_points * item
+    per_target = {
+        # k rows of v, alpha, |alpha| (padded), a Gram row, and the small k x k factors.
+        "full_gram": ((k + 4) * num_points + k * (k + 3)) * item,
+        # alpha, |alpha| (padded), the k directions, the residual and the k x k factors.
+        "residual": (2 * num_points + ARGMAX_BLOCK + (k + 2) * dim + k * (k + 3)) * item,
+    }
     max_chunk = min(num_targets, batch_size or MAX_CHUNK_TOKENS)
 
-    def chunk_for(available: int) -> int:
-        if batch_size is not None:
-            return max_chunk
-        return max(1, min(max_chunk, available // per_target))
+    def make(name: Strategy) -> OmpPlan:
+        fixed = gram_bytes if name == "full_gram" else 0
+        room = (memory_budget_bytes - fixed) // per_target[name]
+        chunk = max(1, min(max_chunk, room))
+        return OmpPlan(name, chunk, fixed + chunk * per_target[name])
 
-    most_rows_needed = num_targets * k >= math.log(2) * num_points
-    full_chunk = chunk_for(memory_budget_bytes - gram_bytes)
-    if most_rows_needed and gram_bytes + full_chunk * per_target <= memory_budget_bytes:
-        return OmpPlan("full_gram", full_chunk, num_points)
-
-    chunk = chunk_for(memory_budget_bytes // 2)
-    cache_rows = (memory_budget_bytes - chunk * per_target) // row_bytes
-    return OmpPlan("gram_rows", chunk, int(min(num_points, max(chunk, cache_rows))))
-
-
-class _FullGram:
-    """All of G = C C^T, built once; rows are gathered."""
-
-    def __init__(self, points: torch.Tensor) -> None:
-        start = time.perf_counter()
-        self.gram = symmetric_gram(points)
-        LOG.debug(
-            "built the %s Gram matrix in %.3f s",
-            tuple(self.gram.shape),
-            time.perf_counter() - start,
-        )
-
-    def rows_into(self, atoms: torch.Tensor, out: torch.Tensor) -> None:
-        torch.index_select(self.gram, 0, atoms, out=out)
-
-
-class _CachedGramRows:
-    """Rows of G computed on demand (one GEMM per iteration for the new unique atoms).
-
-    The first ``capacity`` distinct rows are kept; later ones are recomputed when needed.
-    OMP picks the strongest atoms first, so the cached ones tend to be the popular ones.
-    """
-
-    def __init__(self, points: torch.Tensor, capacity: int) -> None:
-        self.points = points
-        num_points = points.shape[0]
-        self.rows = torch.empty((capacity, num_points), dtype=points.dtype, device=points.device)
-        self.slot_of_atom = torch.full((num_points,), -1, dtype=torch.long, device=points.device)
-        self.used = 0
-
-    def rows_into(self, atoms: torch.Tensor, out: torch.Tensor) -> None:
-        unique_atoms = torch.unique(atoms)
-        missing = unique_atoms[self.slot_of_atom[unique_atoms] < 0]
-        fresh = self.points[missing] @ self.points.T if missing.numel() else None
-        if fresh is not None:
-            stored = min(self.rows.shape[0] - self.used, missing.shape[0])
-            if stored > 0:
-                self.rows[self.used : self.used + stored] = fresh[:stored]
-                self.slot_of_atom[missing[:stored]] = torch.arange(
-                    self.used, self.used + stored, device=atoms.device
-                )
-                self.used += stored
-        slots = self.slot_of_atom[atoms]
-        cached = slots >= 0
-        if bool(cached.all()):
-            torch.index_select(self.rows, 0, slots, out=out)
-            return
-        out[cached] = self.rows[slots[cached]]
-        uncached_atoms = atoms[~cached]
-        assert fresh is not None
-        out[~cached] = fresh[torch.searchsorted(missing, uncached_atoms)]
-
-
-def _make_gram_rows(points: torch.Tensor, plan: OmpPlan) -> _FullGram | _CachedGramRows:
-    if plan.strategy == "full_gram":
-        return _FullGram(points)
-    return _CachedGramRows(points, plan.cached_gram_rows)
+    if strategy is not None:
+        return make(strategy)
+    gram_room = (memory_budget_bytes - gram_bytes) // per_target["full_gram"]
+    gram_fits = gram_room >= min(num_targets, MIN_GRAM_CHUNK_TOKENS)
+    gram_cost = num_points * num_points * dim / 2 + MEMORY_BOUND_COST * (
+        num_targets * num_points * k * k / 2
+    )
+    residual_cost = num_targets * num_points * dim * k
+    return make("full_gram" if gram_fits and gram_cost < residual_cost else "residual")
 
 
 def symmetric_gram(points: torch.Tensor, block_rows: int = GRAM_BLOCK_ROWS) -> torch.Tensor:
@@ -262,58 +228,124 @@ def symmetric_gram(points: torch.Tensor, block_rows: int = GRAM_BLOCK_ROWS) -> t
 class _ChunkState:
     """Buffers for one chunk of targets, allocated once per call and reused by every chunk."""
 
-    def __init__(self, chunk_tokens: int, num_points: int, k: int, like: torch.Tensor) -> None:
+    def __init__(self, plan: OmpPlan, num_points: int, dim: int, k: int, like: torch.Tensor):
+        chunk = plan.chunk_tokens
         options = {"dtype": like.dtype, "device": like.device}
         padded = -(-num_points // ARGMAX_BLOCK) * ARGMAX_BLOCK
-        self.alpha = torch.empty((chunk_tokens, num_points), **options)
+        self.alpha = torch.empty((chunk, num_points), **options)
         # |alpha| with the selected atoms at -inf, padded with -inf to whole argmax blocks.
-        self.scores = torch.full((chunk_tokens, padded), -math.inf, **options)
-        # v[b, t] is target b's v_t; row t is complete before iteration t + 1 reads it.
-        self.v = torch.empty((chunk_tokens, k, num_points), **options)
-        self.selected = torch.zeros((chunk_tokens, k), dtype=torch.long, device=like.device)
-        self.inv_d = torch.empty((chunk_tokens, k), **options)
-        self.lower = torch.empty((chunk_tokens, k, k), **options)
-        self.z = torch.empty((chunk_tokens, k), **options)
+        self.scores = torch.full((chunk, padded), -math.inf, **options)
+        self.selected = torch.zeros((chunk, k), dtype=torch.long, device=like.device)
+        self.lower = torch.empty((chunk, k, k), **options)
+        self.z = torch.empty((chunk, k), **options)
+        if plan.strategy == "full_gram":
+            # v[b, t] is target b's v_t; row t is complete before iteration t + 1 reads it.
+            self.v = torch.empty((chunk, k, num_points), **options)
+            self.inv_d = torch.empty((chunk, k), **options)
+        else:
+            self.directions = torch.empty((chunk, k, dim), **options)
+            self.residual = torch.empty((chunk, dim), **options)
+
+
+class _GramSolver:
+    """Batch-OMP through G: alpha is updated with v_t = G[j] - sum_s w_s v_s / d_s."""
+
+    def __init__(self, points: torch.Tensor) -> None:
+        start = time.perf_counter()
+        self.points = points
+        self.gram = symmetric_gram(points)
+        LOG.debug(
+            "built the %s Gram matrix in %.3f s",
+            tuple(self.gram.shape),
+            time.perf_counter() - start,
+        )
+
+    def begin(self, targets: torch.Tensor, state: _ChunkState) -> None:
+        b = targets.shape[0]
+        self.alpha, self.v, self.inv_d = state.alpha[:b], state.v[:b], state.inv_d[:b]
+        torch.matmul(targets, self.points.T, out=self.alpha)
+
+    def correlations(self, t: int) -> None:
+        """alpha already holds C r_t: advance() updated it."""
+
+    def project(self, t: int, atom: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        b = atom.shape[0]
+        v, v_t = self.v, self.v[:, t]
+        torch.index_select(self.gram, 0, atom, out=v_t)
+        norm_squared = v_t.gather(1, atom.unsqueeze(1)).squeeze(1)
+        # w[s] = <q_s, a_j> = v_s[j] / d_s, and v_t = G[j] - sum_s w[s] v_s / d_s.
+        w = v[:, :t].gather(2, atom.view(b, 1, 1).expand(b, t, 1)).squeeze(2) * self.inv_d[:, :t]
+        if t > 0:
+            v[:, t : t + 1].baddbmm_((w * self.inv_d[:, :t]).unsqueeze(1), v[:, :t], alpha=-1)
+        return w, norm_squared, norm_squared - (w * w).sum(dim=1)
+
+    def advance(self, t: int, atom: torch.Tensor, inv_d: torch.Tensor) -> torch.Tensor:
+        # z_t = <q_t, x> = <a_j, r_{t-1}> / d = alpha[j] / d; then alpha -= z_t v_t / d.
+        self.inv_d[:, t] = inv_d
+        z = self.alpha.gather(1, atom.unsqueeze(1)).squeeze(1) * inv_d
+        self.alpha.addcmul_(self.v[:, t], (z * inv_d).unsqueeze(1), value=-1)
+        return z
+
+
+class _ResidualSolver:
+    """OMP in embedding space, as mergekit does it: alpha = r_t C^T by one GEMM per step."""
+
+    def __init__(self, points: torch.Tensor) -> None:
+        self.points = points
+
+    def begin(self, targets: torch.Tensor, state: _ChunkState) -> None:
+        b = targets.shape[0]
+        self.targets = targets
+        self.alpha, self.directions = state.alpha[:b], state.directions[:b]
+        self.residual = state.residual[:b]
+        self.residual.copy_(targets)
+
+    def correlations(self, t: int) -> None:
+        torch.matmul(self.residual, self.points.T, out=self.alpha)
+
+    def project(self, t: int, atom: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        atoms = self.points[atom]
+        previous = self.directions[:, :t]
+        w = torch.bmm(previous, atoms.unsqueeze(2)).squeeze(2)
+        self.orthogonal = atoms - torch.bmm(w.unsqueeze(1), previous).squeeze(1)
+        d_squared = (self.orthogonal * self.orthogonal).sum(dim=1)
+        return w, (atoms * atoms).sum(dim=1), d_squared
+
+    def advance(self, t: int, atom: torch.Tensor, inv_d: torch.Tensor) -> torch.Tensor:
+        direction = self.directions[:, t]
+        torch.mul(self.orthogonal, inv_d.unsqueeze(1), out=direction)
+        z = (direction * self.targets).sum(dim=1)
+        self.residual.addcmul_(direction, z.unsqueeze(1), value=-1)
+        return z
 
 
 def _omp_chunk(
     targets: torch.Tensor,
-    points: torch.Tensor,
     k: int,
     eps: float,
-    gram_rows: _FullGram | _CachedGramRows,
+    solver: _GramSolver | _ResidualSolver,
     state: _ChunkState,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Batch-OMP for one chunk of targets; see the module docstring for the notation."""
+    """OMP for one chunk of targets; see the module docstring for the notation."""
     b = targets.shape[0]
     tolerance = DEPENDENCE_TOLERANCE_ULPS * torch.finfo(targets.dtype).eps
-    alpha, scores, v = state.alpha[:b], state.scores[:b], state.v[:b]
-    selected, inv_d, lower, z = state.selected[:b], state.inv_d[:b], state.lower[:b], state.z[:b]
+    alpha, scores = state.alpha[:b], state.scores[:b]
+    selected, lower, z = state.selected[:b], state.lower[:b], state.z[:b]
     lower.zero_()
-    torch.matmul(targets, points.T, out=alpha)
+    solver.begin(targets, state)
 
     for t in range(k):
+        solver.correlations(t)
         atom = _pick_atoms(alpha, scores, selected[:, :t])
         selected[:, t] = atom
-        v_t = v[:, t]
-        gram_rows.rows_into(atom, out=v_t)
-        gram_jj = v_t.gather(1, atom.unsqueeze(1)).squeeze(1)
-
-        # w[s] = <q_s, a_j> = v_s[j] / d_s, and v_t = G[j] - sum_s w[s] v_s / d_s.
-        w = v[:, :t].gather(2, atom.view(b, 1, 1).expand(b, t, 1)).squeeze(2) * inv_d[:, :t]
-        if t > 0:
-            v[:, t : t + 1].baddbmm_((w * inv_d[:, :t]).unsqueeze(1), v[:, :t], alpha=-1)
-        # d^2 = |a_j|^2 - |w|^2, the squared norm of a_j's part orthogonal to q_0..q_{t-1}.
-        d_squared = gram_jj - (w * w).sum(dim=1)
-        independent = (d_squared > tolerance * gram_jj) & (d_squared > eps * eps)
+        # d^2: squared norm of a_j's part orthogonal to q_0..q_{t-1}.
+        w, norm_squared, d_squared = solver.project(t, atom)
+        independent = (d_squared > tolerance * norm_squared) & (d_squared > eps * eps)
         d = torch.where(independent, d_squared.clamp(min=0).sqrt(), torch.ones_like(d_squared))
-        inv_d[:, t] = torch.where(independent, 1 / d, torch.zeros_like(d))
-
-        # z_t = <q_t, x> = <a_j, r_{t-1}> / d = alpha[j] / d; then alpha -= z_t v_t / d.
-        z[:, t] = alpha.gather(1, atom.unsqueeze(1)).squeeze(1) * inv_d[:, t]
+        inv_d = torch.where(independent, 1 / d, torch.zeros_like(d))
+        z[:, t] = solver.advance(t, atom, inv_d)
         lower[:, t, :t] = w * independent.unsqueeze(1)
         lower[:, t, t] = d
-        alpha.addcmul_(v_t, (z[:, t] * inv_d[:, t]).unsqueeze(1), value=-1)
 
     coeffs = torch.linalg.solve_triangular(
         lower.transpose(1, 2), z.unsqueeze(-1), upper=True

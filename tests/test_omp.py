@@ -8,7 +8,7 @@ import pytest
 import torch
 from mergekit.tokensurgeon import batch_omp as mergekit_batch_omp
 
-from mergekit_omp.omp import batch_omp, plan_omp, symmetric_gram
+from mergekit_omp.omp import OmpPlan, batch_omp, plan_omp, symmetric_gram
 
 # Budget small enough that an N = 600 Gram (1.4 MB in float32) cannot be held.
 TINY_BUDGET = 400_000
@@ -157,22 +157,29 @@ def test_bfloat16_inputs_are_upcast_like_mergekit() -> None:
 
 def test_low_memory_path_gives_the_same_answers() -> None:
     points, targets = gaussian(600, 64, seed=12), gaussian(200, 64, seed=13)
-    plan = plan_omp(200, 600, 16, torch.float32, TINY_BUDGET, batch_size=100)
-    assert plan.strategy == "gram_rows" and plan.cached_gram_rows < 600
+    plan = plan_omp(200, 600, 64, 16, torch.float32, TINY_BUDGET)
+    assert plan.strategy == "residual" and plan.working_bytes <= TINY_BUDGET
 
-    full_idx, full_coeffs = batch_omp(targets, points, 16)
+    full_idx, full_coeffs = batch_omp(targets, points, 16, strategy="full_gram")
     low_idx, low_coeffs = assert_matches_mergekit(
-        targets, points, k=16, memory_budget_bytes=TINY_BUDGET, batch_size=100
+        targets, points, k=16, memory_budget_bytes=TINY_BUDGET
     )
     assert torch.equal(low_idx, full_idx)
     assert torch.allclose(low_coeffs, full_coeffs, rtol=1e-4, atol=1e-5)
 
 
-def test_row_cache_smaller_than_the_selected_rows_still_works() -> None:
+@pytest.mark.parametrize("strategy", ["full_gram", "residual"])
+def test_both_strategies_match_mergekit_on_correlated_anchors(strategy: str) -> None:
+    points = correlated_anchors(700, 40, seed=35)
+    targets = correlated_anchors(150, 40, seed=36)
+    assert_matches_mergekit(targets, points, k=20, strategy=strategy)
+
+
+def test_residual_chunks_fit_a_budget_too_small_for_the_gram_matrix() -> None:
     points, targets = gaussian(300, 32, seed=14), gaussian(64, 32, seed=15)
-    budget = 6 * 300 * 4 * (12 + 4)  # six targets' state: three per chunk, 48 cached rows
-    plan = plan_omp(64, 300, 12, torch.float32, budget)
-    assert plan.strategy == "gram_rows" and plan.cached_gram_rows < 64
+    budget = 3 * 4 * (2 * 300 + 64 + 14 * 32 + 12 * 15)  # three targets' residual state
+    plan = plan_omp(64, 300, 32, 12, torch.float32, budget)
+    assert plan == OmpPlan("residual", chunk_tokens=3, working_bytes=budget)
     assert_matches_mergekit(targets, points, k=12, memory_budget_bytes=budget)
 
 
@@ -256,10 +263,16 @@ def test_progress_bar_is_labelled(capsys: pytest.CaptureFixture[str]) -> None:
 
 def test_plan_prefers_the_full_gram_only_when_it_fits_and_pays_off() -> None:
     big = 8 * 1024**3
-    assert plan_omp(2048, 16000, 64, torch.float32, big).strategy == "full_gram"
-    assert plan_omp(10, 16000, 64, torch.float32, big).strategy == "gram_rows"
-    assert plan_omp(2048, 16000, 64, torch.float32, 512 * 1024**2).strategy == "gram_rows"
-    assert plan_omp(2048, 16000, 64, torch.float32, big, batch_size=32).chunk_tokens == 32
+    assert plan_omp(2048, 16000, 1024, 64, torch.float32, big).strategy == "full_gram"
+    # Few targets: building G (N^2 D / 2) costs more than B N D k.
+    assert plan_omp(10, 16000, 1024, 64, torch.float32, big).strategy == "residual"
+    # Small D: the memory-bound updates (5 B N k^2 / 2) cost more than B N D k.
+    assert plan_omp(2048, 16000, 128, 64, torch.float32, big).strategy == "residual"
+    # G (1 GB) does not fit.
+    assert plan_omp(2048, 16000, 1024, 64, torch.float32, 512 * 1024**2).strategy == "residual"
+    # G fits but leaves room for fewer than MIN_GRAM_CHUNK_TOKENS targets.
+    assert plan_omp(2048, 16000, 1024, 64, torch.float32, 1100 * 1024**2).strategy == "residual"
+    assert plan_omp(2048, 16000, 1024, 64, torch.float32, big, batch_size=32).chunk_tokens == 32
 
 
 def test_symmetric_gram_equals_the_product() -> None:

@@ -15,8 +15,17 @@ from mergekit_omp.omp import batch_omp
     pretty_name="Orthogonal Matching Pursuit",
     reference_url="https://arxiv.org/abs/2506.06607",
 )
-def omp(problem: ApproximationProblem, *, k: int = 64) -> Approximation:
-    """Sparse anchor combination found by OMP in the donor space (default)."""
+def omp(
+    problem: ApproximationProblem, *, k: int = 64, memory_gb: float | None = None
+) -> Approximation:
+    """Sparse anchor combination found by OMP in the donor space (default).
+
+    ``memory_gb`` is the working memory allowed for OMP's anchor Gram matrix and per-chunk
+    state (default: half of the memory available when it starts); with less than the Gram
+    matrix needs, OMP works in embedding space instead, slower but within the budget.
+    """
+    if memory_gb is not None and memory_gb <= 0:
+        raise TransplantError(f"memory_gb must be positive, got {memory_gb}")
     anchors = problem.donor_anchors.shape[0]
     if k > anchors:
         raise TransplantError(
@@ -26,6 +35,7 @@ def omp(problem: ApproximationProblem, *, k: int = 64) -> Approximation:
         problem.targets,
         problem.donor_anchors,
         k,
+        memory_budget_bytes=None if memory_gb is None else int(memory_gb * 1024**3),
         batch_size=problem.batch_size,
         progress=problem.progress,
     )
