@@ -22,7 +22,7 @@ def test_builtins_are_registered_through_entry_points():
     omp = get_approximator("omp")
     assert omp.parameter_names() == ["k", "memory_gb"]
     assert omp.reference_url == "https://arxiv.org/abs/2506.06607"
-    assert omp.validate_parameters({}) == {"k": 64}
+    assert omp.validate_parameters({}) == {"k": 64, "memory_gb": None}
 
 
 def test_parameters_are_typed():
