@@ -87,7 +87,9 @@ def transplant_ours(base: Path, donor: Path, out: Path, method: str, args) -> Ro
         row.timing_source = "this run (reused)"
     else:
         command = ["mergekit-omp", str(base), str(donor), str(out), "-a", method]
-        command += ["--overwrite", "--report", str(report), "--batch-size", str(args.batch_size)]
+        command += ["--overwrite", "--report", str(report)]
+        if args.batch_size is not None:
+            command += ["--batch-size", str(args.batch_size)]
         if method in ("omp", "wechsel"):
             command += ["-k", "64"]
         code, wall, cpu, rss = run_timed(command, out.with_name(out.name + ".log"))
@@ -264,9 +266,8 @@ def main() -> None:
     parser.add_argument(
         "--batch-size",
         type=int,
-        default=-1,
-        help="mergekit-omp --batch-size (default -1: one batch, chunked by OMP's memory plan; "
-        "512 is passed to batch_omp as its chunk size and makes it fall back to gram_rows)",
+        default=None,
+        help="mergekit-omp --batch-size (default: the CLI's own, 512)",
     )
     parser.add_argument(
         "--max-bytes", type=int, default=50000, help="bytes of english.txt to score"

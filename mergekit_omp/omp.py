@@ -6,7 +6,7 @@ Same inputs, outputs and answers as ``mergekit.tokensurgeon.batch_omp``. Two str
 the K-SVD Algorithm using Batch Orthogonal Matching Pursuit",
 https://www.cs.technion.ac.il/~ronrubin/Publications/KSVD-OMP-v2.pdf) builds G = C C^T once
 and then works in anchor space: iteration t costs N t multiply-adds per target instead of
-N D, at the price of N^2 memory and an N^2 D / 2 build.
+N D, at the price of N^2 memory and an N^2 D build.
 
 ``residual`` works in embedding space like mergekit: every iteration multiplies the residuals
 by C^T (one GEMM per chunk). It needs no Gram matrix, only O(N + k D) memory per target, and
@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import logging
 import math
+import mmap
 import time
 from dataclasses import dataclass
 from typing import Literal
@@ -43,23 +44,33 @@ DEFAULT_MEMORY_FRACTION = 0.5
 FALLBACK_MEMORY_BUDGET_BYTES = 4 * 1024**3
 """Budget used when the available memory cannot be queried."""
 
-MAX_CHUNK_TOKENS = 256
-"""Upper bound on targets processed together; larger chunks gain nothing measurable."""
+MAX_CHUNK_TOKENS = {"full_gram": 64, "residual": 1024}
+"""Upper bound on targets processed together. full_gram's state (k N floats per target) is
+best kept small: 64 targets ran 1.15x faster than 256 at N = 16,000 and D = 2048. residual's
+GEMM runs at 125 GFLOP/s with 256 rows and 150 with 1024 (N = 46,000, D = 576)."""
 
-MIN_GRAM_CHUNK_TOKENS = 32
+MIN_GRAM_CHUNK_TOKENS = 8
 """full_gram is only planned if the budget leaves room for this many targets' state next
-to G: smaller chunks make its per-iteration work overhead-bound."""
+to G: smaller chunks make its per-iteration work overhead-bound (58 tok/s with 1 target per
+chunk, 96 with 8, at N = 16,000 and D = 2048)."""
 
-MEMORY_BOUND_COST = 5.0
-"""Cost of one multiply-add in full_gram's batched matrix-vector updates (memory-bound)
-relative to one in a GEMM; measured about 90 vs 17 GFLOP/s on the 2-core CPU, see
-docs/performance.md."""
+MEMORY_BOUND_COST = 16.0
+"""Cost of one of full_gram's N k^2 / 2 multiply-adds per target (memory-bound batched
+matrix-vector products, plus its elementwise passes) relative to one GEMM multiply-add;
+measured 3.3 to 4.5 against 70 GMAC/s on the 2-core CPU, see docs/performance.md."""
+
+GRAM_TOUCH_COST = 400.0
+"""Extra cost per entry of G, in GEMM multiply-adds, of mapping fresh memory for it (the
+first write to 8.5 GB took 9 to 15 s on the 2-core VM, as long as a 400-deep GEMM)."""
 
 ARGMAX_BLOCK = 64
 """Columns per block in the two-level argmax over the anchors."""
 
 GRAM_BLOCK_ROWS = 2048
-"""Row block used to build the Gram matrix (only the upper triangle is multiplied)."""
+"""Rows of the Gram matrix computed per GEMM."""
+
+HUGEPAGE_MIN_BYTES = 256 * 1024**2
+"""CPU buffers at least this large are mapped with huge pages (see ``allocate``)."""
 
 DEPENDENCE_TOLERANCE_ULPS = 64
 """An atom whose orthogonal part has squared norm below this many machine epsilons of its
@@ -184,7 +195,7 @@ def plan_omp(
     Chunks are as large as the budget allows, up to ``batch_size`` (or ``MAX_CHUNK_TOKENS``).
 
     ``full_gram`` is chosen when G fits in the budget next to at least
-    ``MIN_GRAM_CHUNK_TOKENS`` targets' state and its estimated cost, N^2 D / 2 for G plus
+    ``MIN_GRAM_CHUNK_TOKENS`` targets' state and its estimated cost, N^2 (D + 400) for G plus
     ``MEMORY_BOUND_COST`` x B N k^2 / 2 for the updates, is below ``residual``'s B N D k.
     """
     item = torch.finfo(dtype).bits // 8
@@ -195,34 +206,50 @@ def plan_omp(
         # alpha, |alpha| (padded), the k directions, the residual and the k x k factors.
         "residual": (2 * num_points + ARGMAX_BLOCK + (k + 2) * dim + k * (k + 3)) * item,
     }
-    max_chunk = min(num_targets, batch_size or MAX_CHUNK_TOKENS)
 
     def make(name: Strategy) -> OmpPlan:
         fixed = gram_bytes if name == "full_gram" else 0
         room = (memory_budget_bytes - fixed) // per_target[name]
-        chunk = max(1, min(max_chunk, room))
+        cap = min(num_targets, batch_size or MAX_CHUNK_TOKENS[name])
+        chunk = max(1, min(cap, room))
         return OmpPlan(name, chunk, fixed + chunk * per_target[name])
 
     if strategy is not None:
         return make(strategy)
     gram_room = (memory_budget_bytes - gram_bytes) // per_target["full_gram"]
     gram_fits = gram_room >= min(num_targets, MIN_GRAM_CHUNK_TOKENS)
-    gram_cost = num_points * num_points * dim / 2 + MEMORY_BOUND_COST * (
+    gram_cost = num_points * num_points * (dim + GRAM_TOUCH_COST) + MEMORY_BOUND_COST * (
         num_targets * num_points * k * k / 2
     )
     residual_cost = num_targets * num_points * dim * k
     return make("full_gram" if gram_fits and gram_cost < residual_cost else "residual")
 
 
-def symmetric_gram(points: torch.Tensor, block_rows: int = GRAM_BLOCK_ROWS) -> torch.Tensor:
-    """G = points @ points.T, multiplying only the blocks on and above the diagonal."""
+def gram_matrix(points: torch.Tensor, block_rows: int = GRAM_BLOCK_ROWS) -> torch.Tensor:
+    """G = points @ points.T, computed in row blocks straight into G's memory."""
     num_points = points.shape[0]
-    gram = torch.empty((num_points, num_points), dtype=points.dtype, device=points.device)
+    gram = allocate((num_points, num_points), points)
     for start in range(0, num_points, block_rows):
         stop = min(start + block_rows, num_points)
-        gram[start:stop, start:] = points[start:stop] @ points[start:].T
-        gram[stop:, start:stop] = gram[start:stop, stop:].T
+        torch.matmul(points[start:stop], points.T, out=gram[start:stop])
     return gram
+
+
+def allocate(shape: tuple[int, ...], like: torch.Tensor) -> torch.Tensor:
+    """An uninitialised tensor; large CPU ones on transparent huge pages where Linux allows.
+
+    The first write to freshly mapped memory costs a page fault per 4 KiB page, which for a
+    multi-GB Gram matrix takes as long as computing it (measured 15 s for 8.5 GB on a 2-core
+    VM, 9 s with huge pages). ``madvise(MADV_HUGEPAGE)`` asks for 2 MiB pages instead.
+    """
+    numel = math.prod(shape)
+    nbytes = numel * like.element_size()
+    hugepage = getattr(mmap, "MADV_HUGEPAGE", None)
+    if like.device.type != "cpu" or nbytes < HUGEPAGE_MIN_BYTES or hugepage is None:
+        return torch.empty(shape, dtype=like.dtype, device=like.device)
+    buffer = mmap.mmap(-1, nbytes, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
+    buffer.madvise(hugepage)
+    return torch.frombuffer(buffer, dtype=like.dtype).view(shape)
 
 
 class _ChunkState:
@@ -240,7 +267,7 @@ class _ChunkState:
         self.z = torch.empty((chunk, k), **options)
         if plan.strategy == "full_gram":
             # v[b, t] is target b's v_t; row t is complete before iteration t + 1 reads it.
-            self.v = torch.empty((chunk, k, num_points), **options)
+            self.v = allocate((chunk, k, num_points), like)
             self.inv_d = torch.empty((chunk, k), **options)
         else:
             self.directions = torch.empty((chunk, k, dim), **options)
@@ -253,7 +280,7 @@ class _GramSolver:
     def __init__(self, points: torch.Tensor) -> None:
         start = time.perf_counter()
         self.points = points
-        self.gram = symmetric_gram(points)
+        self.gram = gram_matrix(points)
         LOG.debug(
             "built the %s Gram matrix in %.3f s",
             tuple(self.gram.shape),
