@@ -208,3 +208,22 @@ def test_random_seed_applies_only_when_the_recipe_has_no_seed(tmp_path):
     assert without.options.seed == 5 and without.written.seed == 5
     path = write_recipe(tmp_path, "base_model: a\ndonor: b\nseed: 2\n", "seeded.yml")
     assert recipe.with_seed(load_recipe(path), 5).options.seed == 2
+
+
+@pytest.mark.parametrize(
+    ("name", "base", "donor", "k"),
+    [
+        ("gemma-from-smollm.yml", "gemma-3-270m", "smollm2-135m", 64),
+        ("smollm-from-gemma.yml", "smollm2-135m", "gemma-3-270m", 16),
+    ],
+)
+def test_real_pair_recipes_point_into_the_asset_cache(
+    name: str, base: str, donor: str, k: int, monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    monkeypatch.setenv("HOME", str(tmp_path))
+    loaded = load_recipe(Path(__file__).parent.parent / "examples" / "real" / name)
+    cache = tmp_path / ".cache" / "mergekit-omp" / "real"
+    assert loaded.options.base_model == str(cache / base)
+    assert loaded.options.donor == str(cache / donor)
+    assert (loaded.options.method, loaded.options.parameters) == ("omp", {"k": k})
+    recipe.check_method_parameters(loaded.options)
