@@ -27,6 +27,7 @@ from mergekit_omp.diagnostics.audit import (
     MAD_TO_SD,
     AuditSettings,
     audit_rows,
+    condition_positions,
     robust_scale,
     selection_condition,
 )
@@ -355,3 +356,14 @@ def test_plot_without_matplotlib_is_one_clear_error(planted_pair, tmp_path, monk
     assert result.output.strip() == (
         "Error: --plot needs matplotlib: pip install 'mergekit-omp[plot]' (or matplotlib)"
     )
+
+
+def test_conditioning_sample_shrinks_with_the_support_width() -> None:
+    settings = AuditSettings(condition_sample=4096)
+    listed = torch.tensor([3, 9998])
+    narrow = condition_positions(10_000, listed, settings, k=64, dim=640)
+    assert 4096 <= len(narrow) <= 4098 and torch.isin(listed, narrow).all()
+    # FOCUS-like supports: 512 anchors cost (512/64)^2 (512+640)/(64+640) = 105x a row of OMP's.
+    wide = condition_positions(10_000, listed, settings, k=512, dim=640)
+    assert 39 <= len(wide) <= 41 and torch.isin(listed, wide).all()
+    assert len(condition_positions(30, listed[:1], settings, k=64, dim=640)) == 30

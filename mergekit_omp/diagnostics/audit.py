@@ -54,6 +54,10 @@ class AuditSettings:
     """... and at least this many times, and more often than any real row."""
     condition_sample: int | None = 4096
     """Rows whose anchor conditioning is computed (plus every listed row); None: all."""
+    condition_budget: float = 4096 * 64**2 * (64 + 640)
+    """Most work (sampled rows x k^2 (k + D)) spent on conditioning: 4096 rows at k = 64,
+    D = 640. Methods with wide supports (FOCUS's sparsemax keeps hundreds of anchors) get
+    a proportionally smaller sample; listed rows are always measured."""
     top: int = 10
     """Worst tokens listed in the report."""
     max_listed: int = 100
@@ -157,12 +161,19 @@ def conditioning(
     return result
 
 
-def condition_positions(count: int, listed: torch.Tensor, settings: AuditSettings) -> torch.Tensor:
-    """A seeded sample of ``settings.condition_sample`` rows (all if None) plus ``listed``."""
-    if settings.condition_sample is None or settings.condition_sample >= count:
+def condition_positions(
+    count: int, listed: torch.Tensor, settings: AuditSettings, k: int, dim: int
+) -> torch.Tensor:
+    """A seeded sample of rows plus ``listed``: ``settings.condition_sample`` rows (all if
+    None), fewer where k^2 (k + D) per row would exceed ``settings.condition_budget``."""
+    affordable = max(1, int(settings.condition_budget // (k * k * (k + dim))))
+    size = min(
+        affordable, count if settings.condition_sample is None else settings.condition_sample
+    )
+    if size >= count:
         return torch.arange(count)
     generator = torch.Generator().manual_seed(settings.seed)
-    sample = torch.randperm(count, generator=generator)[: settings.condition_sample]
+    sample = torch.randperm(count, generator=generator)[:size]
     return torch.unique(torch.cat([sample, listed]))
 
 
@@ -400,7 +411,13 @@ def audit_rows(
         residual, l1 = coefficient_stats(
             problem, approximation.indices, approximation.coeffs, settings, progress
         )
-        positions = condition_positions(len(audit.token_ids), audit.listed_positions(), settings)
+        positions = condition_positions(
+            len(audit.token_ids),
+            audit.listed_positions(),
+            settings,
+            k=approximation.indices.shape[1],
+            dim=problem.donor_anchors.shape[1],
+        )
         condition = conditioning(
             problem, approximation.indices, approximation.coeffs, positions, settings, progress
         )
