@@ -14,7 +14,7 @@ mergekit output is also measured with ``<|im_start|>`` (its copy of the base's `
 row) in front, since its tokenizer puts nothing there.
 
     python benchmarks/real_pair.py [--cache DIR] [--direction gemma-from-smollm]
-        [--methods omp,zero,mean,wechsel,focus] [--max-bytes 50000] [--skip-mergekit]
+        [--methods omp,zero,mean,wechsel,focus] [--max-bytes 50000] [--k 64] [--skip-mergekit]
         [--out DIR] [--reuse] [--prior-bpb DIR]
 
 Prints a table (model, tool, wall s, CPU s, peak RSS GiB, bpb, approximated tokens) and
@@ -91,7 +91,7 @@ def transplant_ours(base: Path, donor: Path, out: Path, method: str, args) -> Ro
         if args.batch_size is not None:
             command += ["--batch-size", str(args.batch_size)]
         if method in ("omp", "wechsel"):
-            command += ["-k", "64"]
+            command += ["-k", str(args.k)]
         code, wall, cpu, rss = run_timed(command, out.with_name(out.name + ".log"))
         row.returncode, row.wall_s, row.cpu_s, row.peak_rss_gb = code, wall, cpu, rss
         timing.write_text(
@@ -105,7 +105,9 @@ def transplant_ours(base: Path, donor: Path, out: Path, method: str, args) -> Ro
     return row
 
 
-def transplant_mergekit(base: Path, donor: Path, out: Path, skip: bool, cache: Path) -> Row:
+def transplant_mergekit(
+    base: Path, donor: Path, out: Path, skip: bool, cache: Path, k: int = 64
+) -> Row:
     if skip:
         recorded = cache / MERGEKIT_BASELINE
         row = Row(label="mergekit omp", tool="mergekit-tokensurgeon", path=str(recorded))
@@ -114,7 +116,7 @@ def transplant_mergekit(base: Path, donor: Path, out: Path, skip: bool, cache: P
         row.approximated = 3581
         return row
     row = Row(label="mergekit omp", tool="mergekit-tokensurgeon", path=str(out))
-    command = ["mergekit-tokensurgeon", str(base), str(donor), str(out), "-a", "omp", "-k", "64"]
+    command = ["mergekit-tokensurgeon", str(base), str(donor), str(out), "-a", "omp", "-k", str(k)]
     log_path = out.with_name(out.name + ".log")
     code, wall, cpu, rss = run_timed(command, log_path)
     row.returncode, row.wall_s, row.cpu_s, row.peak_rss_gb = code, wall, cpu, rss
@@ -214,7 +216,7 @@ def run_direction(name: str, args) -> dict:
     if not args.skip_mergekit or name == "gemma-from-smollm":
         rows.append(
             transplant_mergekit(
-                base, donor, out / "mergekit-omp-k64", args.skip_mergekit, args.cache
+                base, donor, out / f"mergekit-omp-k{args.k}", args.skip_mergekit, args.cache, args.k
             )
         )
     rows += [transplant_ours(base, donor, out / f"ours-{m}", m, args) for m in args.methods]
@@ -272,6 +274,7 @@ def main() -> None:
     parser.add_argument(
         "--max-bytes", type=int, default=50000, help="bytes of english.txt to score"
     )
+    parser.add_argument("--k", type=int, default=64, help="-k for our omp and wechsel (64)")
     parser.add_argument(
         "--skip-mergekit",
         action="store_true",
