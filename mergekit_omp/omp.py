@@ -210,7 +210,7 @@ def plan_omp(
     def make(name: Strategy) -> OmpPlan:
         fixed = gram_bytes if name == "full_gram" else 0
         room = (memory_budget_bytes - fixed) // per_target[name]
-        cap = min(num_targets, batch_size or MAX_CHUNK_TOKENS[name])
+        cap = min(num_targets, MAX_CHUNK_TOKENS[name], batch_size or num_targets)
         chunk = max(1, min(cap, room))
         return OmpPlan(name, chunk, fixed + chunk * per_target[name])
 
