@@ -6,6 +6,7 @@ the LM head are materialised here; every other tensor is streamed at write time.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import os
 import re
@@ -48,6 +49,10 @@ class LoadedModel:
     def tied(self) -> bool:
         """The LM head is the input embedding matrix (no separate tensor)."""
         return ties_embeddings(self.config)
+
+    def without_matrices(self) -> LoadedModel:
+        """This model without its loaded vocabulary matrices (everything else is kept)."""
+        return dataclasses.replace(self, embed=None, lm_head=None)
 
 
 def model_reference(path: str) -> ModelReference:

@@ -242,6 +242,8 @@ def transplant(
         forced_pairs=forced_pairs,
     )
     result = TransplantResult(report=report, matrices=matrices, tokenizer=tokenizer)
+    # The old vocabulary matrices are used up; writing should not hold them as well.
+    base, donor = base.without_matrices(), donor.without_matrices()
     if out_path is not None:
         card = card_recipe if card_recipe is not None else recipe_yaml(options)
         write_transplant(result, base, donor, out_path, merge_options, overwrite, card)
