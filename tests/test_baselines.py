@@ -417,3 +417,14 @@ def test_fvt_matches_mergekits_subword_approximate(byte_level_tok, method):
         subword_method=SubwordMethod(method),
     )
     assert torch.allclose(ours, theirs, atol=1e-6)
+
+
+def test_combine_base_anchors_in_chunks_equals_one_product():
+    problem = random_problem(targets=600, anchors=50, seed=9)
+    generator = torch.Generator().manual_seed(10)
+    indices = torch.randint(0, 50, (600, 7), generator=generator)
+    coeffs = torch.randn(600, 7, generator=generator)
+    expected = torch.einsum("bk,bkd->bd", coeffs, problem.base_anchors[indices])
+    rows = problem.combine_base_anchors(indices, coeffs)  # 600 tokens: three chunks of <= 256
+    assert rows.shape == (600, 6)
+    assert torch.allclose(rows, expected, atol=1e-6)

@@ -14,6 +14,9 @@ from transformers import PreTrainedTokenizerBase
 from mergekit_omp.errors import TransplantError
 from mergekit_omp.vocabulary import Vocabulary
 
+COMBINE_CHUNK = 256
+"""Tokens whose anchor rows are gathered at once by ``combine_base_anchors``."""
+
 
 @dataclass(frozen=True)
 class ApproximationProblem:
@@ -50,9 +53,17 @@ class ApproximationProblem:
         return self.base_matrix.shape[1]
 
     def combine_base_anchors(self, indices: torch.Tensor, coeffs: torch.Tensor) -> torch.Tensor:
-        """Apply per-token coefficients over anchor ``indices`` to the base anchor rows."""
-        selected = self.base_anchors[indices].to(coeffs.dtype)  # (B, k, D_base)
-        return torch.bmm(coeffs.unsqueeze(1), selected).squeeze(1)
+        """Apply per-token coefficients over anchor ``indices`` to the base anchor rows.
+
+        In chunks of ``COMBINE_CHUNK`` tokens: the gathered (B, k, D) rows of a whole
+        vocabulary would be larger than the matrices themselves (0.5 GB for 3,131 tokens,
+        k = 64, D = 640)."""
+        rows = coeffs.new_empty((indices.shape[0], self.base_dim))
+        for start in range(0, indices.shape[0], COMBINE_CHUNK):
+            stop = start + COMBINE_CHUNK
+            selected = self.base_anchors[indices[start:stop]].to(coeffs.dtype)  # (b, k, D)
+            rows[start:stop] = torch.bmm(coeffs[start:stop].unsqueeze(1), selected).squeeze(1)
+        return rows
 
 
 @dataclass(frozen=True)
