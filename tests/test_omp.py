@@ -273,8 +273,8 @@ def test_plan_prefers_the_full_gram_only_when_it_fits_and_pays_off() -> None:
     # G fits but leaves room for fewer than MIN_GRAM_CHUNK_TOKENS targets.
     assert plan_omp(2048, 16000, 1024, 64, torch.float32, 1000 * 1024**2).strategy == "residual"
     assert plan_omp(2048, 16000, 1024, 64, torch.float32, big, batch_size=32).chunk_tokens == 32
-    # batch_size only lowers the strategy's own cap (64 targets for full_gram).
-    assert plan_omp(2048, 16000, 1024, 64, torch.float32, big, batch_size=512).chunk_tokens == 64
+    # batch_size only lowers the strategy's own cap (128 targets for full_gram).
+    assert plan_omp(2048, 16000, 1024, 64, torch.float32, big, batch_size=512).chunk_tokens == 128
 
 
 def test_gram_matrix_equals_the_product_in_any_block_size() -> None:
