@@ -6,6 +6,7 @@ the examples run on a fresh clone without the tests, so the builders live here.
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import torch
@@ -102,8 +103,6 @@ def metaspace_tokenizer(
 
 
 def _merges_of(tok: Tokenizer) -> list[tuple[str, str]]:
-    import json
-
     merges = json.loads(tok.to_str())["model"]["merges"]
     return [tuple(m) if isinstance(m, list) else tuple(m.split(" ", 1)) for m in merges]
 

@@ -222,7 +222,8 @@ def plan_omp(
     item = torch.finfo(dtype).bits // 8
     gram_bytes = num_points * num_points * item
     per_target = {
-        # k rows of v, alpha, |alpha| (padded), a Gram row, and the small k x k factors.
+        # k rows of v, alpha, |alpha| (padded), two rows of slack for temporaries, and the
+        # small k x k factors.
         "full_gram": ((k + 4) * num_points + k * (k + 3)) * item,
         # alpha, |alpha| (padded), the k directions, the residual and the k x k factors.
         "residual": (2 * num_points + ARGMAX_BLOCK + (k + 2) * dim + k * (k + 3)) * item,
