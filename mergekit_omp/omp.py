@@ -38,6 +38,8 @@ from typing import Literal
 import torch
 from tqdm import tqdm
 
+from mergekit_omp.omp_screen import Bf16Screen, bf16_matmul_is_fast, padded_anchor_count
+
 LOG = logging.getLogger(__name__)
 
 DEFAULT_MEMORY_FRACTION = 0.5
@@ -58,10 +60,21 @@ MIN_GRAM_CHUNK_TOKENS = 8
 to G: smaller chunks make its per-iteration work overhead-bound (58 tok/s with 1 target per
 chunk, 96 with 8, at N = 16,000 and D = 2048)."""
 
-MEMORY_BOUND_COST = 16.0
-"""Cost of one of full_gram's N k^2 / 2 multiply-adds per target (memory-bound batched
-matrix-vector products, plus its elementwise passes) relative to one GEMM multiply-add;
-measured 3.3 to 4.5 against 70 GMAC/s on the 2-core CPU, see docs/performance.md."""
+MEMORY_BOUND_COST = 12.0
+"""Cost of one of full_gram's N k^2 / 2 multiply-adds per target (memory-bound passes over
+the stored v rows, plus its elementwise passes) relative to one GEMM multiply-add: its loop
+ran 10 (N = 16,000) to 14 (N = 32,000) times slower per multiply-add than a float32 GEMM on
+the 2-core CPU, see docs/performance.md."""
+
+SCREEN_MAX_DIM = 1024
+"""residual screens its correlations in bfloat16 by default up to this dimension. The
+rounding bound widens with sqrt(D) relative to the top scores, so the candidates to check
+grow with D: on the 2-core CPU (k = 64) screening made residual 3.1x faster at N = 46,000,
+D = 576, 1.7x (N = 16,000) and 2.2x (N = 32,000) at D = 1024, but only 1.07x at D = 1536."""
+
+SCREEN_SPEEDUP = 1.7
+"""Speed of screened residual relative to float32 residual in the cost model: the lowest
+measured up to ``SCREEN_MAX_DIM``."""
 
 GRAM_TOUCH_COST = 400.0
 """Extra cost per entry of G, in GEMM multiply-adds, of mapping fresh memory for it (the
@@ -91,6 +104,8 @@ class OmpPlan:
     chunk_tokens: int
     working_bytes: int
     """Memory the plan allocates: G (full_gram only) plus one chunk's state."""
+    screened: bool = False
+    """residual only: correlations screened by a bfloat16 GEMM (see ``omp_screen``)."""
 
 
 def batch_omp(
@@ -102,6 +117,7 @@ def batch_omp(
     memory_budget_bytes: int | None = None,
     batch_size: int | None = None,
     strategy: Strategy | None = None,
+    screen: bool | None = None,
     progress: bool = False,
 ) -> tuple[torch.LongTensor, torch.Tensor]:
     """Select ``k`` of ``candidate_points`` (N, D) that best approximate each row of ``targets``.
@@ -121,6 +137,10 @@ def batch_omp(
             chunks are smaller when the budget requires.
         strategy: force ``full_gram`` or ``residual`` instead of planning (for tests and
             benchmarks; full_gram ignores the budget then).
+        screen: let residual screen its correlations with a bfloat16 GEMM and recompute the
+            candidates in float32 (same picks); default: for float32 work with D up to
+            ``SCREEN_MAX_DIM`` where bfloat16 GEMMs are fast (CUDA, CPUs with AVX-512 BF16
+            or AMX).
         progress: show a tqdm bar over the targets.
     """
     if targets.ndim != 2 or candidate_points.ndim != 2:
@@ -150,10 +170,20 @@ def batch_omp(
     budget = (
         memory_budget_bytes if memory_budget_bytes is not None else default_memory_budget(device)
     )
-    plan = plan_omp(num_targets, num_points, dim, k, work_dtype, budget, batch_size, strategy)
+    if screen is None:
+        screen = (
+            work_dtype == torch.float32
+            and dim <= SCREEN_MAX_DIM
+            and bf16_matmul_is_fast(device.type)
+        )
+    elif screen and work_dtype != torch.float32:
+        raise ValueError("bfloat16 screening needs float32 work (targets are float64)")
+    plan = plan_omp(
+        num_targets, num_points, dim, k, work_dtype, budget, batch_size, strategy, screen
+    )
     LOG.debug("batch_omp plan: %s (B=%d, N=%d, D=%d, k=%d)", plan, num_targets, num_points, dim, k)
 
-    solver = _GramSolver(points) if plan.strategy == "full_gram" else _ResidualSolver(points)
+    solver = _GramSolver(points) if plan.strategy == "full_gram" else _ResidualSolver(points, plan)
     state = _ChunkState(plan, num_points, dim, k, targets_work)
     with tqdm(total=num_targets, desc="OMP", unit="tok", disable=not progress) as bar:
         for start in range(0, num_targets, plan.chunk_tokens):
@@ -210,14 +240,16 @@ def plan_omp(
     memory_budget_bytes: int,
     batch_size: int | None = None,
     strategy: Strategy | None = None,
+    screen: bool = False,
 ) -> OmpPlan:
     """Choose the strategy and chunk size from the shapes and the memory budget.
 
     Chunks are as large as the budget allows, up to ``batch_size`` (or ``MAX_CHUNK_TOKENS``).
 
     ``full_gram`` is chosen when G fits in the budget next to at least
-    ``MIN_GRAM_CHUNK_TOKENS`` targets' state and its estimated cost, N^2 (D + 400) for G plus
-    ``MEMORY_BOUND_COST`` x B N k^2 / 2 for the updates, is below ``residual``'s B N D k.
+    ``MIN_GRAM_CHUNK_TOKENS`` targets' state and its estimated cost, N^2 (D / 2 + 400) for G plus
+    ``MEMORY_BOUND_COST`` x B N k^2 / 2 for the updates, is below ``residual``'s B N D k
+    (divided by ``SCREEN_SPEEDUP`` when ``screen``ed).
     """
     item = torch.finfo(dtype).bits // 8
     gram_bytes = num_points * num_points * item
@@ -228,32 +260,46 @@ def plan_omp(
         # alpha, |alpha| (padded), the k directions, the residual and the k x k factors.
         "residual": (2 * num_points + ARGMAX_BLOCK + (k + 2) * dim + k * (k + 3)) * item,
     }
+    screen_fixed = 0
+    if screen:
+        # bfloat16 scores; alpha and |alpha| stay reserved for rows scored in float32.
+        padded = padded_anchor_count(num_points)
+        per_target["residual"] += padded * 2
+        screen_fixed = padded * dim * 2
 
     def make(name: Strategy) -> OmpPlan:
-        fixed = gram_bytes if name == "full_gram" else 0
+        fixed = gram_bytes if name == "full_gram" else screen_fixed
         room = (memory_budget_bytes - fixed) // per_target[name]
         cap = min(num_targets, MAX_CHUNK_TOKENS[name], batch_size or num_targets)
         chunk = max(1, min(cap, room))
-        return OmpPlan(name, chunk, fixed + chunk * per_target[name])
+        screened = screen and name == "residual"
+        return OmpPlan(name, chunk, fixed + chunk * per_target[name], screened)
 
     if strategy is not None:
         return make(strategy)
     gram_room = (memory_budget_bytes - gram_bytes) // per_target["full_gram"]
     gram_fits = gram_room >= min(num_targets, MIN_GRAM_CHUNK_TOKENS)
-    gram_cost = num_points * num_points * (dim + GRAM_TOUCH_COST) + MEMORY_BOUND_COST * (
+    # G is symmetric: half of its N^2 D multiply-adds are computed, the rest mirrored.
+    gram_cost = num_points * num_points * (dim / 2 + GRAM_TOUCH_COST) + MEMORY_BOUND_COST * (
         num_targets * num_points * k * k / 2
     )
-    residual_cost = num_targets * num_points * dim * k
+    residual_cost = num_targets * num_points * dim * k / (SCREEN_SPEEDUP if screen else 1.0)
     return make("full_gram" if gram_fits and gram_cost < residual_cost else "residual")
 
 
 def gram_matrix(points: torch.Tensor, block_rows: int = GRAM_BLOCK_ROWS) -> torch.Tensor:
-    """G = points @ points.T, computed in row blocks straight into G's memory."""
+    """G = points @ points.T, symmetric by construction.
+
+    Each block of rows is computed from the diagonal rightwards straight into G's memory and
+    mirrored below the diagonal: half the multiply-adds, for a transposed copy (7.7 s
+    against 5.3 s for N = 16,000, D = 2048 on the 2-core CPU).
+    """
     num_points = points.shape[0]
     gram = allocate((num_points, num_points), points)
     for start in range(0, num_points, block_rows):
         stop = min(start + block_rows, num_points)
-        torch.matmul(points[start:stop], points.T, out=gram[start:stop])
+        torch.matmul(points[start:stop], points[start:].T, out=gram[start:stop, start:])
+        gram[stop:, start:stop].copy_(gram[start:stop, stop:].T)
     return gram
 
 
@@ -281,9 +327,16 @@ class _ChunkState:
         chunk = plan.chunk_tokens
         options = {"dtype": like.dtype, "device": like.device}
         padded = -(-num_points // ARGMAX_BLOCK) * ARGMAX_BLOCK
-        self.alpha = torch.empty((chunk, num_points), **options)
-        # |alpha| with the selected atoms at -inf, padded with -inf to whole argmax blocks.
-        self.scores = torch.full((chunk, padded), -math.inf, **options)
+        if plan.screened:
+            self.screen_scores = torch.empty(
+                (chunk, padded_anchor_count(num_points)),
+                dtype=torch.bfloat16,
+                device=like.device,
+            )
+        else:
+            self.alpha = torch.empty((chunk, num_points), **options)
+            # |alpha| with the selected atoms at -inf, padded with -inf to whole argmax blocks.
+            self.scores = torch.full((chunk, padded), -math.inf, **options)
         self.selected = torch.zeros((chunk, k), dtype=torch.long, device=like.device)
         self.lower = torch.empty((chunk, k, k), **options)
         self.z = torch.empty((chunk, k), **options)
@@ -312,10 +365,12 @@ class _GramSolver:
     def begin(self, targets: torch.Tensor, state: _ChunkState) -> None:
         b = targets.shape[0]
         self.alpha, self.v, self.inv_d = state.alpha[:b], state.v[:, :b], state.inv_d[:b]
+        self.scores = state.scores[:b]
         torch.matmul(targets, self.points.T, out=self.alpha)
 
-    def correlations(self, t: int) -> None:
+    def pick(self, selected: torch.Tensor) -> torch.Tensor:
         """alpha already holds C r_t: advance() updated it."""
+        return _pick_atoms(self.alpha, self.scores, selected)
 
     def project(self, t: int, atom: torch.Tensor) -> tuple[torch.Tensor, ...]:
         b = atom.shape[0]
@@ -342,18 +397,25 @@ class _GramSolver:
 class _ResidualSolver:
     """OMP in embedding space, as mergekit does it: alpha = r_t C^T by one GEMM per step."""
 
-    def __init__(self, points: torch.Tensor) -> None:
+    def __init__(self, points: torch.Tensor, plan: OmpPlan) -> None:
         self.points = points
+        self.screen = Bf16Screen(points) if plan.screened else None
 
     def begin(self, targets: torch.Tensor, state: _ChunkState) -> None:
         b = targets.shape[0]
         self.targets = targets
-        self.alpha, self.directions = state.alpha[:b], state.directions[:b]
-        self.residual = state.residual[:b]
+        self.directions, self.residual = state.directions[:b], state.residual[:b]
+        if self.screen is None:
+            self.alpha, self.scores = state.alpha[:b], state.scores[:b]
+        else:
+            self.screen_scores = state.screen_scores[:b]
         self.residual.copy_(targets)
 
-    def correlations(self, t: int) -> None:
+    def pick(self, selected: torch.Tensor) -> torch.Tensor:
+        if self.screen is not None:
+            return self.screen.pick(self.residual, selected, self.screen_scores)
         torch.matmul(self.residual, self.points.T, out=self.alpha)
+        return _pick_atoms(self.alpha, self.scores, selected)
 
     def project(self, t: int, atom: torch.Tensor) -> tuple[torch.Tensor, ...]:
         atoms = self.points[atom]
@@ -381,14 +443,12 @@ def _omp_chunk(
     """OMP for one chunk of targets; see the module docstring for the notation."""
     b = targets.shape[0]
     tolerance = DEPENDENCE_TOLERANCE_ULPS * torch.finfo(targets.dtype).eps
-    alpha, scores = state.alpha[:b], state.scores[:b]
     selected, lower, z = state.selected[:b], state.lower[:b], state.z[:b]
     lower.zero_()
     solver.begin(targets, state)
 
     for t in range(k):
-        solver.correlations(t)
-        atom = _pick_atoms(alpha, scores, selected[:, :t])
+        atom = solver.pick(selected[:, :t])
         selected[:, t] = atom
         # d^2: squared norm of a_j's part orthogonal to q_0..q_{t-1}.
         w, norm_squared, d_squared = solver.project(t, atom)
