@@ -9,6 +9,7 @@ import torch
 from mergekit.tokensurgeon import batch_omp as mergekit_batch_omp
 
 from mergekit_omp.omp import OmpPlan, batch_omp, gram_matrix, plan_omp
+from mergekit_omp.omp_screen import Bf16Screen, padded_anchor_count
 
 # Budget small enough that an N = 600 Gram (1.4 MB in float32) cannot be held.
 TINY_BUDGET = 400_000
@@ -168,11 +169,63 @@ def test_low_memory_path_gives_the_same_answers() -> None:
     assert torch.allclose(low_coeffs, full_coeffs, rtol=1e-4, atol=1e-5)
 
 
-@pytest.mark.parametrize("strategy", ["full_gram", "residual"])
-def test_both_strategies_match_mergekit_on_correlated_anchors(strategy: str) -> None:
+@pytest.mark.parametrize(
+    ("strategy", "screen"), [("full_gram", False), ("residual", False), ("residual", True)]
+)
+def test_every_strategy_matches_mergekit_on_correlated_anchors(strategy: str, screen: bool) -> None:
     points = correlated_anchors(700, 40, seed=35)
     targets = correlated_anchors(150, 40, seed=36)
-    assert_matches_mergekit(targets, points, k=20, strategy=strategy)
+    assert_matches_mergekit(targets, points, k=20, strategy=strategy, screen=screen)
+
+
+def screened_and_float32(
+    targets: torch.Tensor, points: torch.Tensor, k: int
+) -> tuple[tuple[torch.Tensor, torch.Tensor], tuple[torch.Tensor, torch.Tensor]]:
+    screened = batch_omp(targets, points, k, strategy="residual", screen=True)
+    plain = batch_omp(targets, points, k, strategy="residual", screen=False)
+    return screened, plain
+
+
+def test_screening_picks_what_float32_picks_among_near_duplicates() -> None:
+    # Pairs of anchors 1e-4 apart: bfloat16 (8 bits) cannot tell them apart, float32 can.
+    base = gaussian(150, 48, seed=40)
+    points = torch.cat([base, base + 1e-4 * gaussian(150, 48, seed=41)])
+    targets = gaussian(120, 48, seed=42) + 3 * points[:120]
+    (screened_idx, screened_coeffs), (plain_idx, plain_coeffs) = screened_and_float32(
+        targets, points, 12
+    )
+    assert torch.equal(screened_idx, plain_idx)
+    assert torch.equal(screened_coeffs, plain_coeffs)
+    # The first pick is the anchor the target was built on or its twin, decided in float32.
+    assert torch.isin(screened_idx[:, 0] % 150, torch.arange(120)).all()
+
+
+def test_screening_scores_rows_at_rounding_level_in_float32() -> None:
+    points = gaussian(200, 16, seed=43)
+    exact = 0.5 * points[3] - 2 * points[170]  # the residual is 0 after two picks
+    targets = torch.stack([torch.zeros(16), exact, gaussian(1, 16, seed=44)[0]])
+    (screened_idx, screened_coeffs), (plain_idx, plain_coeffs) = screened_and_float32(
+        targets, points, 6
+    )
+    assert torch.equal(screened_idx, plain_idx)
+    assert torch.equal(screened_coeffs, plain_coeffs)
+    assert screened_idx[0].tolist() == list(range(6))
+
+
+def test_screening_bound_holds_for_every_anchor() -> None:
+    """|bfloat16 score - float64 score| never exceeds the bound, even for heavy tails."""
+    generator = torch.Generator().manual_seed(45)
+    points = torch.randn(500, 96, generator=generator) ** 3
+    residual = torch.randn(40, 96, generator=generator) ** 3 * 100
+    screen = Bf16Screen(points)
+    scores = torch.empty(40, padded_anchor_count(500), dtype=torch.bfloat16)
+    torch.matmul(residual.to(torch.bfloat16), screen.points_bf16.T, out=scores)
+    screened = scores[:, :500].double()
+    exact = residual.double() @ points.double().T
+    bound = screen._bound(residual, residual.to(torch.bfloat16), screened.abs().amax(dim=1).float())
+    slack = (screened - exact).abs().amax(dim=1) / bound.double()
+    assert (slack <= 1).all()
+    assert slack.max() > 0.01  # and is not vacuous
 
 
 def test_residual_chunks_fit_a_budget_too_small_for_the_gram_matrix() -> None:
@@ -273,6 +326,11 @@ def test_plan_prefers_the_full_gram_only_when_it_fits_and_pays_off() -> None:
     # G fits but leaves room for fewer than MIN_GRAM_CHUNK_TOKENS targets.
     assert plan_omp(2048, 16000, 1024, 64, torch.float32, 1000 * 1024**2).strategy == "residual"
     assert plan_omp(2048, 16000, 1024, 64, torch.float32, big, batch_size=32).chunk_tokens == 32
+    # bfloat16 screening makes residual cheaper than G for N = 32000, D = 1024.
+    assert plan_omp(2048, 32000, 1024, 64, torch.float32, big).strategy == "full_gram"
+    screened = plan_omp(2048, 32000, 1024, 64, torch.float32, big, screen=True)
+    assert screened.strategy == "residual" and screened.screened
+    assert not plan_omp(2048, 16000, 1024, 64, torch.float32, big, screen=True).screened
     # batch_size only lowers the strategy's own cap (128 targets for full_gram).
     assert plan_omp(2048, 16000, 1024, 64, torch.float32, big, batch_size=512).chunk_tokens == 128
 
