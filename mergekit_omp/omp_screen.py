@@ -22,8 +22,10 @@ and u = 2^-8 the bfloat16 unit roundoff:
     rounding the accumulated score to bfloat16               <= u M~ / (1 - u)
     our float32 recomputation of the candidates' r.a         <= g_D (|r~| + |e_r|) (A + E)
 
-with E = max_j |e_a_j|, A = max_j |a~_j| and g_D = D 2^-24 / (1 - D 2^-24). The scores are
-compared as the raw bits of their absolute values (int16), which order like the values.
+with E = |e_a_j|, A = |a~_j| and g_D = D 2^-24 / (1 - D 2^-24). Blocks of anchors are
+screened first against their largest A and E, then the anchors inside candidate blocks
+against their own. The scores are compared as the raw bits of their absolute values
+(int16), which order like the values.
 """
 
 from __future__ import annotations
@@ -66,20 +68,30 @@ def padded_anchor_count(num_points: int) -> int:
 
 
 class Bf16Screen:
-    """bfloat16 copy of the anchors and the norms the rounding bound needs."""
+    """bfloat16 copy of the anchors, sorted by norm, and the norms the rounding bound needs.
+
+    The bound for anchor j grows with |a_j| and |e_a_j|; sorting the anchors by norm makes
+    each screening block's largest norm close to all of its anchors' (embedding norms vary
+    2x and more), so per-block thresholds stay tight.
+    """
 
     def __init__(self, points: torch.Tensor) -> None:
         if points.dtype != torch.float32:
             raise ValueError(f"bfloat16 screening needs float32 anchors, got {points.dtype}")
         num_points, dim = points.shape
+        padded = padded_anchor_count(num_points)
         self.points = points
-        self.points_bf16 = torch.zeros(
-            (padded_anchor_count(num_points), dim), dtype=torch.bfloat16, device=points.device
-        )
-        self.points_bf16[:num_points] = points
-        rounded = self.points_bf16[:num_points].float()
-        self.max_error_norm = float((points - rounded).norm(dim=1).max())
-        self.max_norm = float(rounded.norm(dim=1).max())
+        self.order = points.norm(dim=1).argsort(descending=True, stable=True)
+        self.position = torch.empty_like(self.order)
+        self.position[self.order] = torch.arange(num_points, device=points.device)
+        self.points_bf16 = torch.zeros((padded, dim), dtype=torch.bfloat16, device=points.device)
+        self.points_bf16[:num_points] = points[self.order]
+        rounded = self.points_bf16.float()
+        self.norms = rounded.norm(dim=1)
+        self.errors = torch.zeros_like(self.norms)
+        self.errors[:num_points] = (points[self.order] - rounded[:num_points]).norm(dim=1)
+        self.block_norms = self.norms.view(-1, SCREEN_BLOCK).amax(dim=1)
+        self.block_errors = self.errors.view(-1, SCREEN_BLOCK).amax(dim=1)
         self.accumulation = dim * 2.0**-24 / (1 - dim * 2.0**-24)
 
     def pick(
@@ -97,23 +109,42 @@ class Bf16Screen:
         bits = scores.view(torch.int16)
         bits.bitwise_and_(ABS_MASK)
         if selected.shape[1] > 0:
-            bits.scatter_(1, selected, 0)
+            bits.scatter_(1, self.position[selected], 0)
         blocks = bits.view(b, -1, SCREEN_BLOCK)
         block_max = blocks.amax(dim=2)
-        screened_max = _bits_to_float(block_max.amax(dim=1))
-        threshold = screened_max - 2 * self._bound(residual, rounded, screened_max)
-        threshold_bits = _float_to_bits_rounded_down(threshold)
+        best_bits, best_block = block_max.max(dim=1)
+        screened_max = _bits_to_float(best_bits)
+        norm_weight, error_weight, offset = self.bound_coefficients(residual, rounded, screened_max)
+        # |S_jb| >= M~ - Delta* for the true best j_b, so |S~_jb| >= M~ - Delta* - Delta_jb.
+        best_bound = (
+            norm_weight * self.block_norms[best_block]
+            + error_weight * self.block_errors[best_block]
+            + offset
+        )
+        base = (screened_max - best_bound - offset).unsqueeze(1)
+        norm_weight, error_weight = norm_weight.unsqueeze(1), error_weight.unsqueeze(1)
+        block_threshold = base - norm_weight * self.block_norms - error_weight * self.block_errors
+        block_bits = _float_to_bits_rounded_down(block_threshold)
 
-        candidate_blocks = block_max >= threshold_bits.unsqueeze(1)
+        candidate_blocks = block_max >= block_bits
         too_many = candidate_blocks.sum(dim=1) * FALLBACK_BLOCK_SHARE > block_max.shape[1]
-        fallback = (threshold_bits < 1) | too_many
+        # Block 0 holds the largest norms, hence the lowest threshold.
+        fallback = (block_bits[:, 0] < 1) | too_many
         candidate_blocks &= ~fallback.unsqueeze(1)
         rows, block = candidate_blocks.nonzero(as_tuple=True)
-        in_block = blocks[rows, block] >= threshold_bits[rows].unsqueeze(1)
-        pair, offset = in_block.nonzero(as_tuple=True)
-        rows, anchors = rows[pair], block[pair] * SCREEN_BLOCK + offset
-        valid = anchors < num_points
-        rows, anchors = rows[valid], anchors[valid]
+        positions = block.unsqueeze(1) * SCREEN_BLOCK + torch.arange(
+            SCREEN_BLOCK, device=residual.device
+        )
+        threshold = (
+            base[rows]
+            - norm_weight[rows] * self.norms[positions]
+            - error_weight[rows] * self.errors[positions]
+        )
+        in_block = _bits_to_float(blocks[rows, block]) >= threshold
+        in_block &= positions < num_points
+        pair, offset_in_block = in_block.nonzero(as_tuple=True)
+        rows = rows[pair]
+        anchors = self.order[block[pair] * SCREEN_BLOCK + offset_in_block]
 
         exact = (residual[rows] * self.points[anchors]).sum(dim=1).abs()
         best = torch.full((b,), -1.0, device=residual.device).scatter_reduce(0, rows, exact, "amax")
@@ -128,19 +159,18 @@ class Bf16Screen:
             )
         return atoms
 
-    def _bound(
+    def bound_coefficients(
         self, residual: torch.Tensor, rounded: torch.Tensor, screened_max: torch.Tensor
-    ) -> torch.Tensor:
-        """Delta: the largest possible |S~_j - S_j| over the unselected anchors, per row."""
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Per row, (x, y, c) with |S~_j - S_j| <= x |a~_j| + y |e_a_j| + c for every
+        unselected anchor j (the terms of the module docstring, with E and A per anchor)."""
         rounded_norm = rounded.float().norm(dim=1)
         error_norm = (residual - rounded.float()).norm(dim=1)
-        big, small = self.max_norm, self.max_error_norm
-        products = rounded_norm * small + error_norm * (big + small)
-        accumulation = self.accumulation * (
-            rounded_norm * big + (rounded_norm + error_norm) * (big + small)
-        )
-        output = BF16_UNIT_ROUNDOFF / (1 - BF16_UNIT_ROUNDOFF) * screened_max
-        return BOUND_SAFETY * (products + accumulation + output)
+        gamma = self.accumulation
+        norm_weight = error_norm + gamma * (2 * rounded_norm + error_norm)
+        error_weight = (rounded_norm + error_norm) * (1 + gamma)
+        offset = BF16_UNIT_ROUNDOFF / (1 - BF16_UNIT_ROUNDOFF) * screened_max
+        return BOUND_SAFETY * norm_weight, BOUND_SAFETY * error_weight, BOUND_SAFETY * offset
 
 
 @contextlib.contextmanager

@@ -112,7 +112,7 @@ def test_accepts_mergekit_tokensurgeon_arguments(mixed_pair, tmp_path):
     embed, lm_head = saved["matrices"]
     assert embed["prefix_match"] and not embed["byte_match"]
     assert lm_head["byte_match"] and not lm_head["prefix_match"]
-    assert embed["parameters"] == {"k": 8, "memory_gb": None}
+    assert embed["parameters"] == {"k": 8, "memory_gb": None, "screen": None}
     assert list((tmp_path / "out").glob("*.bin"))
 
 
@@ -243,7 +243,7 @@ def test_writes_loadable_model_with_method_parameter(mixed_pair, tmp_path):
     assert tensors["model.embed_tokens.weight"].dtype == torch.bfloat16
     assert "k=5" not in result.stderr
     saved = json.loads((tmp_path / "out" / "mergekit_omp_report.json").read_text())
-    assert saved["matrices"][0]["parameters"] == {"k": 5, "memory_gb": None}
+    assert saved["matrices"][0]["parameters"] == {"k": 5, "memory_gb": None, "screen": None}
 
 
 @pytest.mark.parametrize("flag,expected", [([], False), (["--trust-remote-code"], True)])

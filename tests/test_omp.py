@@ -9,7 +9,7 @@ import torch
 from mergekit.tokensurgeon import batch_omp as mergekit_batch_omp
 
 from mergekit_omp.omp import OmpPlan, batch_omp, gram_matrix, plan_omp
-from mergekit_omp.omp_screen import Bf16Screen, padded_anchor_count
+from mergekit_omp.omp_screen import Bf16Screen
 
 # Budget small enough that an N = 600 Gram (1.4 MB in float32) cannot be held.
 TINY_BUDGET = 400_000
@@ -213,19 +213,21 @@ def test_screening_scores_rows_at_rounding_level_in_float32() -> None:
 
 
 def test_screening_bound_holds_for_every_anchor() -> None:
-    """|bfloat16 score - float64 score| never exceeds the bound, even for heavy tails."""
+    """|bfloat16 score - float64 score| never exceeds the anchor's bound, even for heavy tails."""
     generator = torch.Generator().manual_seed(45)
     points = torch.randn(500, 96, generator=generator) ** 3
     residual = torch.randn(40, 96, generator=generator) ** 3 * 100
     screen = Bf16Screen(points)
-    scores = torch.empty(40, padded_anchor_count(500), dtype=torch.bfloat16)
-    torch.matmul(residual.to(torch.bfloat16), screen.points_bf16.T, out=scores)
-    screened = scores[:, :500].double()
-    exact = residual.double() @ points.double().T
-    bound = screen._bound(residual, residual.to(torch.bfloat16), screened.abs().amax(dim=1).float())
-    slack = (screened - exact).abs().amax(dim=1) / bound.double()
+    rounded = residual.to(torch.bfloat16)
+    screened = (rounded @ screen.points_bf16.T)[:, :500].double()
+    exact = residual.double() @ points[screen.order].double().T
+    x, y, c = screen.bound_coefficients(residual, rounded, screened.abs().amax(dim=1).float())
+    bound = x.unsqueeze(1) * screen.norms[:500] + y.unsqueeze(1) * screen.errors[:500]
+    slack = (screened - exact).abs() / (bound + c.unsqueeze(1)).double()
     assert (slack <= 1).all()
     assert slack.max() > 0.01  # and is not vacuous
+    sorted_norms = points[screen.order].norm(dim=1)
+    assert (sorted_norms[:-1] >= sorted_norms[1:]).all()  # blocks hold similar norms
 
 
 def test_residual_chunks_fit_a_budget_too_small_for_the_gram_matrix() -> None:

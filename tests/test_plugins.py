@@ -20,14 +20,15 @@ PLUGIN = Path(__file__).parent / "fixtures" / "plugin"
 def test_builtins_are_registered_through_entry_points():
     assert {"omp", "zero", "mean"} <= set(approximator_names())
     omp = get_approximator("omp")
-    assert omp.parameter_names() == ["k", "memory_gb"]
+    assert omp.parameter_names() == ["k", "memory_gb", "screen"]
     assert omp.reference_url == "https://arxiv.org/abs/2506.06607"
-    assert omp.validate_parameters({}) == {"k": 64, "memory_gb": None}
+    assert omp.validate_parameters({}) == {"k": 64, "memory_gb": None, "screen": None}
 
 
 def test_parameters_are_typed():
     omp = get_approximator("omp")
-    assert omp.validate_parameters({"k": "8"}) == {"k": 8, "memory_gb": None}
+    assert omp.validate_parameters({"k": "8"}) == {"k": 8, "memory_gb": None, "screen": None}
+    assert omp.validate_parameters({"screen": "false"})["screen"] is False
     with pytest.raises(TransplantError, match="k"):
         omp.validate_parameters({"k": "many"})
     with pytest.raises(TransplantError, match="unknown_thing"):

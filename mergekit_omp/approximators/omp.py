@@ -16,13 +16,20 @@ from mergekit_omp.omp import batch_omp
     reference_url="https://arxiv.org/abs/2506.06607",
 )
 def omp(
-    problem: ApproximationProblem, *, k: int = 64, memory_gb: float | None = None
+    problem: ApproximationProblem,
+    *,
+    k: int = 64,
+    memory_gb: float | None = None,
+    screen: bool | None = None,
 ) -> Approximation:
     """Sparse anchor combination found by OMP in the donor space (default).
 
     ``memory_gb`` is the working memory allowed for OMP's anchor Gram matrix and per-chunk
     state (default: half of the memory available when it starts); with less than the Gram
     matrix needs, OMP works in embedding space instead, slower but within the budget.
+    ``screen`` lets that embedding-space route find its candidates with a bfloat16 GEMM and
+    check them in float32: the same picks, faster (default: where bfloat16 GEMMs are fast
+    and D <= 1024; ``false`` turns it off).
     """
     if memory_gb is not None and memory_gb <= 0:
         raise TransplantError(f"memory_gb must be positive, got {memory_gb}")
@@ -37,6 +44,7 @@ def omp(
         k,
         memory_budget_bytes=None if memory_gb is None else int(memory_gb * 1024**3),
         batch_size=problem.batch_size,
+        screen=screen,
         progress=problem.progress,
     )
     rows = problem.combine_base_anchors(indices, coeffs)
