@@ -107,12 +107,22 @@ class GramTimer(logging.Handler):
             self.seconds = float(record.args[-1])
 
 
+def warm_up(k: int) -> None:
+    """One small call of each, so thread pools and kernels are set up before timing."""
+    generator = torch.Generator().manual_seed(1)
+    points = torch.randn(4 * k, 256, generator=generator)
+    targets = torch.randn(256, 256, generator=generator)
+    omp.batch_omp(targets, points, k)
+    mergekit_batch_omp(targets, points, k)
+
+
 def planned(tokens: int, anchors: int, dim: int, k: int, budget: int | None) -> tuple[str, int]:
     """batch_omp's strategy for these shapes and its planned working set in bytes."""
     if budget is None:
         budget = omp.default_memory_budget(torch.device("cpu"))
-    plan = omp.plan_omp(tokens, anchors, dim, k, torch.float32, budget)
-    return plan.strategy, plan.working_bytes
+    screen = omp.screens_by_default(torch.float32, dim, torch.device("cpu"))
+    plan = omp.plan_omp(tokens, anchors, dim, k, torch.float32, budget, screen=screen)
+    return plan.strategy + (" (screened)" if plan.screened else ""), plan.working_bytes
 
 
 def mergekit_working_set(tokens: int, anchors: int, dim: int, k: int) -> int:
@@ -236,6 +246,7 @@ def main() -> None:
     budget = None if args.memory_budget_gib is None else int(args.memory_budget_gib * 1024**3)
     print_header(args.k)
     started = time.perf_counter()
+    warm_up(args.k)
     for num_anchors in anchors:
         for dim in dims:
             row = measure(num_anchors, dim, args.k, tokens, mergekit_tokens, args.seed, budget)

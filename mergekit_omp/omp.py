@@ -171,11 +171,7 @@ def batch_omp(
         memory_budget_bytes if memory_budget_bytes is not None else default_memory_budget(device)
     )
     if screen is None:
-        screen = (
-            work_dtype == torch.float32
-            and dim <= SCREEN_MAX_DIM
-            and bf16_matmul_is_fast(device.type)
-        )
+        screen = screens_by_default(work_dtype, dim, device)
     elif screen and work_dtype != torch.float32:
         raise ValueError("bfloat16 screening needs float32 work (targets are float64)")
     plan = plan_omp(
@@ -197,6 +193,12 @@ def batch_omp(
     del solver, state
     release_freed_memory(device)
     return indices, coeffs
+
+
+def screens_by_default(dtype: torch.dtype, dim: int, device: torch.device) -> bool:
+    """Whether residual screens in bfloat16 unless told: float32 work, D up to
+    ``SCREEN_MAX_DIM``, and a device where bfloat16 GEMMs are fast."""
+    return dtype == torch.float32 and dim <= SCREEN_MAX_DIM and bf16_matmul_is_fast(device.type)
 
 
 def release_freed_memory(device: torch.device) -> None:
