@@ -60,11 +60,14 @@ MIN_GRAM_CHUNK_TOKENS = 8
 to G: smaller chunks make its per-iteration work overhead-bound (58 tok/s with 1 target per
 chunk, 96 with 8, at N = 16,000 and D = 2048)."""
 
-MEMORY_BOUND_COST = 12.0
+MEMORY_BOUND_COST = 10.0
 """Cost of one of full_gram's N k^2 / 2 multiply-adds per target (memory-bound passes over
-the stored v rows, plus its elementwise passes) relative to one GEMM multiply-add: its loop
-ran 10 (N = 16,000) to 14 (N = 32,000) times slower per multiply-add than a float32 GEMM on
-the 2-core CPU, see docs/performance.md."""
+the stored v rows, plus its elementwise passes) relative to one GEMM multiply-add, up to
+``MEMORY_BOUND_CACHED_POINTS`` anchors: its loop ran 10 (N = 16,000), 14 (N = 32,000) and
+17 or more (N = 46,000) times slower per multiply-add than a float32 GEMM on the 2-core
+CPU, as a chunk's rows fall out of cache; see ``memory_bound_cost``."""
+
+MEMORY_BOUND_CACHED_POINTS = 16000
 
 SCREEN_MAX_DIM = 1024
 """residual screens its correlations in bfloat16 by default up to this dimension. The
@@ -250,7 +253,7 @@ def plan_omp(
 
     ``full_gram`` is chosen when G fits in the budget next to at least
     ``MIN_GRAM_CHUNK_TOKENS`` targets' state and its estimated cost, N^2 (D / 2 + 400) for G plus
-    ``MEMORY_BOUND_COST`` x B N k^2 / 2 for the updates, is below ``residual``'s B N D k
+    ``memory_bound_cost(N)`` x B N k^2 / 2 for the updates, is below ``residual``'s B N D k
     (divided by ``SCREEN_SPEEDUP`` when ``screen``ed).
     """
     item = torch.finfo(dtype).bits // 8
@@ -282,11 +285,17 @@ def plan_omp(
     gram_room = (memory_budget_bytes - gram_bytes) // per_target["full_gram"]
     gram_fits = gram_room >= min(num_targets, MIN_GRAM_CHUNK_TOKENS)
     # G is symmetric: half of its N^2 D multiply-adds are computed, the rest mirrored.
-    gram_cost = num_points * num_points * (dim / 2 + GRAM_TOUCH_COST) + MEMORY_BOUND_COST * (
-        num_targets * num_points * k * k / 2
-    )
+    gram_cost = num_points * num_points * (dim / 2 + GRAM_TOUCH_COST) + memory_bound_cost(
+        num_points
+    ) * (num_targets * num_points * k * k / 2)
     residual_cost = num_targets * num_points * dim * k / (SCREEN_SPEEDUP if screen else 1.0)
     return make("full_gram" if gram_fits and gram_cost < residual_cost else "residual")
+
+
+def memory_bound_cost(num_points: int) -> float:
+    """``MEMORY_BOUND_COST``, growing like sqrt(N) beyond ``MEMORY_BOUND_CACHED_POINTS``
+    (fits the measured 10, 14 and 17 at N = 16,000, 32,000 and 46,000)."""
+    return MEMORY_BOUND_COST * math.sqrt(max(1.0, num_points / MEMORY_BOUND_CACHED_POINTS))
 
 
 def gram_matrix(points: torch.Tensor, block_rows: int = GRAM_BLOCK_ROWS) -> torch.Tensor:

@@ -328,6 +328,8 @@ def test_plan_prefers_the_full_gram_only_when_it_fits_and_pays_off() -> None:
     # G fits but leaves room for fewer than MIN_GRAM_CHUNK_TOKENS targets.
     assert plan_omp(2048, 16000, 1024, 64, torch.float32, 1000 * 1024**2).strategy == "residual"
     assert plan_omp(2048, 16000, 1024, 64, torch.float32, big, batch_size=32).chunk_tokens == 32
+    # Gemma-3 <- SmolLM2 (N = 46018, D = 576): the update loop leaves the cache; no 8 GB G.
+    assert plan_omp(3131, 46018, 576, 64, torch.float32, big * 2).strategy == "residual"
     # bfloat16 screening makes residual cheaper than G for N = 32000, D = 1024.
     assert plan_omp(2048, 32000, 1024, 64, torch.float32, big).strategy == "full_gram"
     screened = plan_omp(2048, 32000, 1024, 64, torch.float32, big, screen=True)
