@@ -128,8 +128,8 @@ class Bf16Screen:
 
         candidate_blocks = block_max >= block_bits
         too_many = candidate_blocks.sum(dim=1) * FALLBACK_BLOCK_SHARE > block_max.shape[1]
-        # Block 0 holds the largest norms, hence the lowest threshold.
-        fallback = (block_bits[:, 0] < 1) | too_many
+        # A threshold that is not positive would admit the zeroed (selected) anchors.
+        fallback = (block_bits.amin(dim=1) < 1) | too_many
         candidate_blocks &= ~fallback.unsqueeze(1)
         rows, block = candidate_blocks.nonzero(as_tuple=True)
         positions = block.unsqueeze(1) * SCREEN_BLOCK + torch.arange(
