@@ -123,9 +123,18 @@ def _read_matrix(
     (view,) = vocabulary_views((tensor,), info.vocabulary_axis, info.name)
     if view.ndim != 2:
         raise TransplantError(f"{info.name} of {reference} is not a matrix")
-    if not torch.isfinite(view).all():
+    if not _is_finite(view):
         raise TransplantError(f"{info.name} of {reference} contains NaN or Inf values")
     return view
+
+
+def _is_finite(matrix: torch.Tensor) -> bool:
+    """No NaN or Inf. A sum is finite only then, so the elementwise check (1.8 s for the two
+    real models' embeddings, against 0.05 s) runs only when it is not: a NaN or Inf, or an
+    overflow of the sum."""
+    if torch.isfinite(matrix.sum()):
+        return True
+    return bool(torch.isfinite(matrix).all())
 
 
 def ties_embeddings(config: PretrainedConfig) -> bool:

@@ -83,6 +83,13 @@ def byte_level_decoder() -> dict[str, int]:
     return {chr(cp): byte for byte, cp in zip(printable, codepoints, strict=True)}
 
 
+def _component_spec(component: object | None) -> dict | None:
+    """The JSON form of one ``tokenizers`` component (pre-tokenizer, decoder, normalizer)."""
+    if component is None:
+        return None
+    return json.loads(component.__getstate__())
+
+
 def _components(node: dict | None) -> list[dict]:
     if not node:
         return []
@@ -96,14 +103,15 @@ def detect_encoding(tokenizer: PreTrainedTokenizerBase) -> tuple[Encoding, bool]
     """How the tokenizer writes bytes in its vocabulary, and whether it has byte fallback."""
     backend = getattr(tokenizer, "backend_tokenizer", None)
     if backend is not None:
-        spec = json.loads(backend.to_str())
-        parts = (
-            _components(spec.get("pre_tokenizer"))
-            + _components(spec.get("decoder"))
-            + _components(spec.get("normalizer"))
-        )
+        # Each component serialised on its own: the whole tokenizer's JSON (vocabulary and
+        # merges) takes seconds to write and parse for a 262k-token vocabulary.
+        parts = [
+            leaf
+            for name in ("pre_tokenizer", "decoder", "normalizer")
+            for leaf in _components(_component_spec(getattr(backend, name, None)))
+        ]
         types = {part.get("type") for part in parts}
-        byte_fallback = bool(spec.get("model", {}).get("byte_fallback", False))
+        byte_fallback = bool(getattr(backend.model, "byte_fallback", False))
         if "ByteLevel" in types:
             return Encoding.BYTE_LEVEL, byte_fallback
         metaspace_replace = any(
