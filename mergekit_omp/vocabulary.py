@@ -90,6 +90,14 @@ def _component_spec(component: object | None) -> dict | None:
     return json.loads(component.__getstate__())
 
 
+def _has_byte_fallback(model: object) -> bool:
+    """BPE exposes ``byte_fallback``; Unigram only has it in its JSON form."""
+    flag = getattr(model, "byte_fallback", None)
+    if flag is None:
+        flag = json.loads(model.__getstate__()).get("byte_fallback", False)
+    return bool(flag)
+
+
 def _components(node: dict | None) -> list[dict]:
     if not node:
         return []
@@ -111,7 +119,7 @@ def detect_encoding(tokenizer: PreTrainedTokenizerBase) -> tuple[Encoding, bool]
             for leaf in _components(_component_spec(getattr(backend, name, None)))
         ]
         types = {part.get("type") for part in parts}
-        byte_fallback = bool(getattr(backend.model, "byte_fallback", False))
+        byte_fallback = _has_byte_fallback(backend.model)
         if "ByteLevel" in types:
             return Encoding.BYTE_LEVEL, byte_fallback
         metaspace_replace = any(

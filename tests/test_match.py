@@ -55,6 +55,24 @@ def test_metaspace_tokens_decode_to_their_bytes(base):
     assert vocab.forms[base.convert_tokens_to_ids("</s>")] == TokenForm(TokenKind.ADDED, b"</s>")
 
 
+@pytest.mark.parametrize("byte_fallback", [True, False])
+def test_unigram_byte_fallback_is_detected(byte_fallback):
+    """Unigram keeps byte_fallback only in its JSON form (BPE also has an attribute)."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    pieces = [("<unk>", 0.0), ("\u2581the", -1.0), ("<0x0A>", -2.0)]
+    backend = Tokenizer(models.Unigram(pieces, 0, byte_fallback=byte_fallback))
+    backend.pre_tokenizer = pre_tokenizers.Metaspace()
+    tok = PreTrainedTokenizerFast(tokenizer_object=backend, unk_token="<unk>")
+    vocab = vocabulary_of(tok)
+    assert vocab.encoding == Encoding.METASPACE
+    newline = vocab.forms[tok.convert_tokens_to_ids("<0x0A>")]
+    assert newline == (
+        TokenForm(TokenKind.BYTE, b"\n") if byte_fallback else TokenForm(TokenKind.TEXT, b"<0x0A>")
+    )
+
+
 NO_EXTRA_MATCHING = MatchPolicy()
 
 
