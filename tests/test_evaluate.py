@@ -194,6 +194,14 @@ def test_bits_per_byte_is_the_summed_nll_in_bits_per_utf8_byte(pair):
     assert with_bos.scored_tokens == len(ids)
     assert with_bos.bos_id == tokenizer.convert_tokens_to_ids("<s>")
     assert bits_per_byte(model, tokenizer, text, window=10_000).window == 127  # context - 1
+    # The BOS row fed as an embedding scores exactly like the BOS token; another row does not.
+    bos = tokenizer.convert_tokens_to_ids("<s>")
+    row = model.get_input_embeddings().weight[bos : bos + 1].detach()
+    as_row = bits_per_byte(model, tokenizer, text, window=10, bos_embedding=row)
+    assert as_row.bpb == pytest.approx(with_bos.bpb, rel=1e-5)
+    assert as_row.scored_tokens == len(ids) and as_row.bos_id is None
+    other = bits_per_byte(model, tokenizer, text, window=10, bos_embedding=row + 1)
+    assert other.bpb != pytest.approx(with_bos.bpb, rel=1e-3)
 
 
 @pytest.mark.parametrize("which", ["pair", "tied_pair"])

@@ -4,8 +4,9 @@
     bpb = sum over tokens of -ln p(token | context) / ln 2 / (UTF-8 bytes of the text)
 
 Bits per byte, unlike perplexity, compares models with different tokenizers, which is
-what a tokenizer transplant changes. Self-contained on purpose (a library version will
-live in the package); used for the measurements in docs/results.md.
+what a tokenizer transplant changes. A command-line front of ``mergekit_omp.evaluate.bpb``
+(the function ``mergekit-omp-eval`` and ``benchmarks/real_pair.py`` use) that adds
+``--bos-embedding``; used for the measurements in docs/results.md.
 
 The text is tokenized once, without special tokens, and cut into non-overlapping windows
 of ``--window`` tokens. What comes in front of each window is set by ``--bos``:
@@ -33,42 +34,12 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
-import time
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-
-def read_text(path: str | Path, max_bytes: int | None = None) -> str:
-    data = Path(path).read_bytes()
-    if max_bytes is not None and len(data) > max_bytes:
-        data = data[:max_bytes]
-    # A cut may split a multi-byte character; drop the partial tail.
-    return data.decode("utf-8", errors="ignore")
-
-
-def tokenizer_adds_bos(tok) -> bool:
-    if tok.bos_token_id is None:
-        return False
-    ids = tok("a")["input_ids"]
-    return len(ids) > 0 and ids[0] == tok.bos_token_id
-
-
-def resolve_bos(tok, bos: str) -> int | None:
-    """The token id put in front of every window, or None."""
-    if bos == "auto":
-        return tok.bos_token_id if tokenizer_adds_bos(tok) else None
-    if bos == "none":
-        return None
-    if bos.lstrip("-").isdigit():
-        return int(bos)
-    tid = tok.convert_tokens_to_ids(bos)
-    if tid is None or (tid == tok.unk_token_id and bos != tok.unk_token):
-        raise ValueError(f"token {bos!r} is not in the vocabulary")
-    return tid
+from mergekit_omp.evaluate.bpb import bits_per_byte, read_text
 
 
 def embedding_row(model_dir: str, token_id: int) -> torch.Tensor:
@@ -80,67 +51,6 @@ def embedding_row(model_dir: str, token_id: int) -> torch.Tensor:
         row = other.get_input_embeddings()(torch.tensor([token_id])).clone()
     del other
     return row
-
-
-@torch.no_grad()
-def bits_per_byte(
-    model,
-    tok,
-    text: str,
-    window: int = 1024,
-    bos_id: int | None = None,
-    bos_embedding: torch.Tensor | None = None,
-    progress: bool = True,
-) -> dict:
-    """``bos_embedding`` (shape [1, hidden]), if given, is the input at the first position
-    of every window instead of a token (takes precedence over ``bos_id``)."""
-    ids = tok(text, add_special_tokens=False)["input_ids"]
-    n_bytes = len(text.encode("utf-8"))
-    nll, scored = 0.0, 0
-    t0 = time.time()
-    embed = model.get_input_embeddings()
-    for start in range(0, len(ids), window):
-        chunk = ids[start : start + window]
-        if bos_embedding is not None:
-            x = torch.cat([bos_embedding, embed(torch.tensor(chunk))])[None]
-            logits = model(inputs_embeds=x).logits[0, :-1].float()
-            targets = torch.tensor(chunk)
-        else:
-            if bos_id is not None:
-                prefix = [bos_id]
-            elif start > 0:
-                prefix = [ids[start - 1]]
-            else:
-                prefix = []
-            inp = torch.tensor([prefix + chunk])
-            logits = model(input_ids=inp).logits[0, :-1].float()
-            targets = inp[0, 1:]
-        losses = F.cross_entropy(logits, targets, reduction="none")
-        nll += losses.sum().item()
-        scored += targets.numel()
-        if progress:
-            print(
-                f"  window {start // window + 1}/{math.ceil(len(ids) / window)}: "
-                f"{nll / math.log(2) / n_bytes:.4f} bpb so far ({time.time() - t0:.0f} s)",
-                flush=True,
-            )
-    return {
-        "bytes": n_bytes,
-        "tokens": len(ids),
-        "scored_tokens": scored,
-        "unscored_tokens": len(ids) - scored,
-        "bytes_per_token": n_bytes / max(len(ids), 1),
-        "nll_nats": nll,
-        "bpb": nll / math.log(2) / n_bytes,
-        "window": window,
-        "bos_id": None if bos_embedding is not None else bos_id,
-        "bos_token": (
-            tok.convert_ids_to_tokens(bos_id)
-            if bos_id is not None and bos_embedding is None
-            else None
-        ),
-        "seconds": time.time() - t0,
-    }
 
 
 def main() -> None:
@@ -166,13 +76,18 @@ def main() -> None:
     tok = AutoTokenizer.from_pretrained(args.tokenizer or args.model)
     model = AutoModelForCausalLM.from_pretrained(args.model, dtype=torch.float32).eval()
     text = read_text(args.text, args.max_bytes)
-    bos_id = resolve_bos(tok, args.bos)
     bos_embedding = None
     if args.bos_embedding:
         src, _, row = args.bos_embedding.rpartition(":")
         bos_embedding = embedding_row(src, int(row))
-    res = bits_per_byte(
-        model, tok, text, window=args.window, bos_id=bos_id, bos_embedding=bos_embedding
+    result = bits_per_byte(
+        model,
+        tok,
+        text,
+        window=args.window,
+        bos=args.bos,
+        bos_embedding=bos_embedding,
+        progress=True,
     )
     res = {
         "model": str(args.model),
@@ -180,7 +95,10 @@ def main() -> None:
         "max_bytes": args.max_bytes,
         "bos_arg": args.bos,
         "bos_embedding": args.bos_embedding,
-        **res,
+        **result.model_dump(),
+        "bytes_per_token": result.bytes_per_token,
+        "unscored_tokens": result.tokens - result.scored_tokens,
+        "bos_token": None if result.bos_id is None else tok.convert_ids_to_tokens(result.bos_id),
     }
     print(json.dumps(res, indent=1))
     if args.json_out:

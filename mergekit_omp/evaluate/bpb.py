@@ -10,6 +10,10 @@ into non-overlapping windows. What comes in front of each window (``bos``):
 * ``"none"``: no BOS; a window after the first is preceded by the last token of the one
   before, so that only the text's very first token goes unscored;
 * a token id or token string: that token in front of every window, so every token is scored.
+
+``bos_embedding`` (a (1, hidden) row, as the embedding module outputs it) is put in front
+of every window instead of a token, through ``inputs_embeds``: a model transplanted onto a
+tokenizer without the original ``<bos>`` can still be given the original ``<bos>`` row.
 """
 
 from __future__ import annotations
@@ -110,19 +114,29 @@ def bits_per_byte(
     *,
     window: int | None = None,
     bos: str | int = "auto",
+    bos_embedding: torch.Tensor | None = None,
     progress: bool = False,
     description: str = "bits per byte",
 ) -> BitsPerByte:
-    """``model``'s bits per byte on ``text`` tokenized by ``tokenizer`` (see the module doc)."""
+    """``model``'s bits per byte on ``text`` tokenized by ``tokenizer`` (see the module doc);
+    ``bos_embedding`` takes precedence over ``bos``."""
     start_time = time.perf_counter()
     ids = tokenizer(text, add_special_tokens=False)["input_ids"]
-    bos_id = resolve_bos(tokenizer, bos)
+    bos_id = None if bos_embedding is not None else resolve_bos(tokenizer, bos)
     size = effective_window(model, window)
     device = next(model.parameters()).device
     nll, scored = 0.0, 0
     starts = range(0, len(ids), size)
     for start in tqdm.tqdm(starts, desc=description, disable=not progress, leave=False):
         chunk = ids[start : start + size]
+        if bos_embedding is not None:
+            targets = torch.tensor(chunk, device=device)
+            embedded = model.get_input_embeddings()(targets)
+            inputs_embeds = torch.cat([bos_embedding.to(embedded), embedded])[None]
+            logits = model(inputs_embeds=inputs_embeds).logits[0, :-1].float()
+            nll += F.cross_entropy(logits, targets, reduction="sum").item()
+            scored += targets.numel()
+            continue
         if bos_id is not None:
             prefix = [bos_id]
         elif start > 0:
