@@ -6,7 +6,7 @@ Same inputs, outputs and answers as ``mergekit.tokensurgeon.batch_omp``. Two str
 the K-SVD Algorithm using Batch Orthogonal Matching Pursuit",
 https://www.cs.technion.ac.il/~ronrubin/Publications/KSVD-OMP-v2.pdf) builds G = C C^T once
 and then works in anchor space: iteration t costs N t multiply-adds per target instead of
-N D, at the price of N^2 memory and an N^2 D build.
+N D, at the price of N^2 memory and an N^2 D / 2 build (G is symmetric).
 
 ``residual`` works in embedding space like mergekit: every iteration multiplies the residuals
 by C^T (one GEMM per chunk). It needs no Gram matrix, only O(N + k D) memory per target, and
@@ -341,7 +341,6 @@ class _ChunkState:
     def __init__(self, plan: OmpPlan, num_points: int, dim: int, k: int, like: torch.Tensor):
         chunk = plan.chunk_tokens
         options = {"dtype": like.dtype, "device": like.device}
-        padded = -(-num_points // ARGMAX_BLOCK) * ARGMAX_BLOCK
         if plan.screened:
             self.screen_scores = torch.empty(
                 (chunk, padded_anchor_count(num_points)),
@@ -350,8 +349,7 @@ class _ChunkState:
             )
         else:
             self.alpha = torch.empty((chunk, num_points), **options)
-            # |alpha| with the selected atoms at -inf, padded with -inf to whole argmax blocks.
-            self.scores = torch.full((chunk, padded), -math.inf, **options)
+            self.scores = _scores_buffer(chunk, num_points, like)
         self.selected = torch.zeros((chunk, k), dtype=torch.long, device=like.device)
         self.lower = torch.empty((chunk, k, k), **options)
         self.z = torch.empty((chunk, k), **options)
@@ -427,10 +425,15 @@ class _ResidualSolver:
         self.residual.copy_(targets)
 
     def pick(self, selected: torch.Tensor) -> torch.Tensor:
-        if self.screen is not None:
-            return self.screen.pick(self.residual, selected, self.screen_scores)
-        torch.matmul(self.residual, self.points.T, out=self.alpha)
-        return _pick_atoms(self.alpha, self.scores, selected)
+        if self.screen is None:
+            torch.matmul(self.residual, self.points.T, out=self.alpha)
+            return _pick_atoms(self.alpha, self.scores, selected)
+        atoms, undecided = self.screen.pick(self.residual, selected, self.screen_scores)
+        if undecided.numel() > 0:
+            alpha = self.residual[undecided] @ self.points.T
+            scores = _scores_buffer(undecided.numel(), alpha.shape[1], alpha)
+            atoms[undecided] = _pick_atoms(alpha, scores, selected[undecided])
+        return atoms
 
     def project(self, t: int, atom: torch.Tensor) -> tuple[torch.Tensor, ...]:
         atoms = self.points[atom]
@@ -478,6 +481,13 @@ def _omp_chunk(
         lower.transpose(1, 2), z.unsqueeze(-1), upper=True
     ).squeeze(-1)
     return selected.clone(), coeffs
+
+
+def _scores_buffer(rows: int, num_points: int, like: torch.Tensor) -> torch.Tensor:
+    """Room for |alpha| with the selected atoms at -inf, padded with -inf to whole argmax
+    blocks (see ``_pick_atoms``)."""
+    padded = -(-num_points // ARGMAX_BLOCK) * ARGMAX_BLOCK
+    return torch.full((rows, padded), -math.inf, dtype=like.dtype, device=like.device)
 
 
 def _pick_atoms(alpha: torch.Tensor, scores: torch.Tensor, selected: torch.Tensor) -> torch.Tensor:

@@ -11,8 +11,8 @@ argmax and M~ = |S~_j*|, hence |S~_jb| >= M~ - 2 Delta. Only the anchors above t
 (a handful per target: the bound is a few bfloat16 ulps of |r| |a| while the scores near the
 maximum are spread over |r| |a| / sqrt(D)) get their float32 score recomputed, and the best
 of those is the pick, lowest index on ties as in mergekit. Rows whose threshold is not
-positive (residual at rounding level) or that have too many candidates are scored in float32
-in full.
+positive (residual at rounding level) or that have too many candidates are left to the
+caller's float32 pass over every anchor.
 
 The bound, with r~ = bf16(r), e_r = r - r~, a~ = bf16(a), e_a = a - a~ (both exact in float32)
 and u = 2^-8 the bfloat16 unit roundoff:
@@ -32,7 +32,6 @@ from __future__ import annotations
 
 import contextlib
 import functools
-import math
 from collections.abc import Iterator
 
 import torch
@@ -43,8 +42,8 @@ SCREEN_BLOCK = 64
 BOUND_SAFETY = 1.05
 """Margin on the rounding bound for the float32 rounding of the norms it is built from."""
 FALLBACK_BLOCK_SHARE = 8
-"""A row with candidates in more than 1 / this share of the blocks is scored in float32 in
-full instead (checking candidates one by one costs more than the GEMM row then)."""
+"""A row with candidates in more than 1 / this share of the blocks is left undecided, for a
+float32 pass over every anchor (checking the candidates one by one would cost more)."""
 ABS_MASK = 0x7FFF
 
 
@@ -96,10 +95,12 @@ class Bf16Screen:
 
     def pick(
         self, residual: torch.Tensor, selected: torch.Tensor, scores: torch.Tensor
-    ) -> torch.Tensor:
+    ) -> tuple[torch.Tensor, torch.Tensor]:
         """argmax_j |<r, a_j>| over the anchors not in ``selected``, as float32 scores decide.
 
-        ``scores`` is a (b, padded N) bfloat16 buffer, overwritten.
+        ``scores`` is a (b, padded N) bfloat16 buffer, overwritten. Returns the picks and the
+        rows the screen could not decide (their picks are undefined): those need a float32
+        pass over every anchor.
         """
         b = residual.shape[0]
         num_points = self.points.shape[0]
@@ -152,12 +153,7 @@ class Bf16Screen:
         atoms = torch.full((b,), num_points, dtype=torch.long, device=residual.device)
         atoms.scatter_reduce_(0, rows[winner], anchors[winner], "amin")
 
-        fallback_rows = fallback.nonzero().flatten()
-        if fallback_rows.numel() > 0:
-            atoms[fallback_rows] = _float32_pick(
-                residual[fallback_rows], self.points, selected[fallback_rows]
-            )
-        return atoms
+        return atoms, fallback.nonzero().flatten()
 
     def bound_coefficients(
         self, residual: torch.Tensor, rounded: torch.Tensor, screened_max: torch.Tensor
@@ -198,13 +194,3 @@ def _float_to_bits_rounded_down(values: torch.Tensor) -> torch.Tensor:
     """float32 to the int16 bits of the largest bfloat16 not above them (0 when not positive)."""
     truncated = values.clamp(min=0).view(torch.int32) >> 16
     return truncated.to(torch.int16)
-
-
-def _float32_pick(
-    residual: torch.Tensor, points: torch.Tensor, selected: torch.Tensor
-) -> torch.Tensor:
-    """Unscreened argmax of |r C^T| over the unselected anchors (lowest index on ties)."""
-    scores = (residual @ points.T).abs()
-    if selected.shape[1] > 0:
-        scores.scatter_(1, selected, -math.inf)
-    return scores.argmax(dim=1)
