@@ -7,9 +7,10 @@ Both run in this process on Gaussian anchors (N x D) and targets (B x D), k atom
 Ours runs on all B targets, so its tokens/s includes building the N x N Gram matrix once,
 amortised over those B. B defaults to 8192: a real transplant approximates thousands to
 hundreds of thousands of tokens (3,131 for Gemma-3 <- SmolLM2, 216,122 the other way);
-``--tokens 2048`` shows the Gram build's weight with fewer. mergekit has no shared precomputation, so it is timed on the first
-M targets only; M defaults to 512, the batch mergekit-tokensurgeon hands batch_omp by
-default, so its GEMMs run as efficiently as they do for its users.
+``--tokens 2048`` shows the Gram build's weight with fewer. mergekit has no shared
+precomputation, so it is timed on the first M targets only; M defaults to 512, the batch
+mergekit-tokensurgeon hands batch_omp by default, so its GEMMs run as efficiently as they
+do for its users.
 
 "same support" counts those M targets where both selected the same set of anchors; a
 "near-tie" differs only where the two anchors' exact (float64) scores at the first

@@ -41,8 +41,8 @@ DEFAULT_CACHE = Path(os.environ.get("MERGEKIT_OMP_CACHE", "~/.cache/mergekit-omp
 GEMMA, SMOLLM = "gemma-3-270m", "smollm2-135m"
 DIRECTIONS = {"gemma-from-smollm": (GEMMA, SMOLLM), "smollm-from-gemma": (SMOLLM, GEMMA)}
 MERGEKIT_BASELINE = "baselines/tokensurgeon-omp-k64"
-# docs/results.md (last "rerun against mergekit" row), measured 2026-12-02 on the idle machine in the same
-# run as ours: 166 s wall, 302 s CPU, 2.12 GiB peak RSS.
+# docs/results.md (last "rerun against mergekit" row), measured 2026-12-02 on the idle
+# machine in the same run as ours: 166 s wall, 302 s CPU, 2.12 GiB peak RSS.
 MERGEKIT_RECORDED = {"wall_s": 166.0, "cpu_s": 302.0, "peak_rss_gb": 2.12}
 IM_START = "<|im_start|>"
 

@@ -84,7 +84,8 @@ def byte_level_decoder() -> dict[str, int]:
 
 
 def _component_spec(component: object | None) -> dict | None:
-    """The JSON form of one ``tokenizers`` component (pre-tokenizer, decoder, normalizer)."""
+    """The JSON form of one ``tokenizers`` component (pre-tokenizer, decoder, normalizer,
+    model)."""
     if component is None:
         return None
     return json.loads(component.__getstate__())
@@ -94,7 +95,7 @@ def _has_byte_fallback(model: object) -> bool:
     """BPE exposes ``byte_fallback``; Unigram only has it in its JSON form."""
     flag = getattr(model, "byte_fallback", None)
     if flag is None:
-        flag = json.loads(model.__getstate__()).get("byte_fallback", False)
+        flag = _component_spec(model).get("byte_fallback", False)
     return bool(flag)
 
 

@@ -133,22 +133,20 @@ def bits_per_byte(
             targets = torch.tensor(chunk, device=device)
             embedded = model.get_input_embeddings()(targets)
             inputs_embeds = torch.cat([bos_embedding.to(embedded), embedded])[None]
-            logits = model(inputs_embeds=inputs_embeds).logits[0, :-1].float()
-            nll += F.cross_entropy(logits, targets, reduction="sum").item()
-            scored += targets.numel()
-            continue
-        if bos_id is not None:
-            prefix = [bos_id]
-        elif start > 0:
-            prefix = [ids[start - 1]]
+            logits = model(inputs_embeds=inputs_embeds).logits[0, :-1]
         else:
-            prefix = []
-        inputs = torch.tensor([prefix + chunk], device=device)
-        if inputs.shape[1] < 2:
-            continue
-        logits = model(input_ids=inputs).logits[0, :-1].float()
-        targets = inputs[0, 1:]
-        nll += F.cross_entropy(logits, targets, reduction="sum").item()
+            if bos_id is not None:
+                prefix = [bos_id]
+            elif start > 0:
+                prefix = [ids[start - 1]]
+            else:
+                prefix = []
+            inputs = torch.tensor([prefix + chunk], device=device)
+            if inputs.shape[1] < 2:
+                continue
+            logits = model(input_ids=inputs).logits[0, :-1]
+            targets = inputs[0, 1:]
+        nll += F.cross_entropy(logits.float(), targets, reduction="sum").item()
         scored += targets.numel()
     n_bytes = len(text.encode("utf-8"))
     return BitsPerByte(
