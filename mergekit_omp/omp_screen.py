@@ -160,8 +160,9 @@ class Bf16Screen:
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """Per row, (x, y, c) with |S~_j - S_j| <= x |a~_j| + y |e_a_j| + c for every
         unselected anchor j (the terms of the module docstring, with E and A per anchor)."""
-        rounded_norm = rounded.float().norm(dim=1)
-        error_norm = (residual - rounded.float()).norm(dim=1)
+        widened = rounded.float()
+        rounded_norm = widened.norm(dim=1)
+        error_norm = (residual - widened).norm(dim=1)
         gamma = self.accumulation
         norm_weight = error_norm + gamma * (2 * rounded_norm + error_norm)
         error_weight = (rounded_norm + error_norm) * (1 + gamma)
