@@ -83,12 +83,16 @@ class Bf16Screen:
         self.order = points.norm(dim=1).argsort(descending=True, stable=True)
         self.position = torch.empty_like(self.order)
         self.position[self.order] = torch.arange(num_points, device=points.device)
+        in_order = points.index_select(0, self.order)
         self.points_bf16 = torch.zeros((padded, dim), dtype=torch.bfloat16, device=points.device)
-        self.points_bf16[:num_points] = points[self.order]
+        self.points_bf16[:num_points] = in_order
         rounded = self.points_bf16.float()
         self.norms = rounded.norm(dim=1)
         self.errors = torch.zeros_like(self.norms)
-        self.errors[:num_points] = (points[self.order] - rounded[:num_points]).norm(dim=1)
+        self.errors[:num_points] = (in_order - rounded[:num_points]).norm(dim=1)
+        del in_order, rounded
+        self._pair_rows = torch.empty((0, dim), dtype=points.dtype, device=points.device)
+        self._pair_anchors = torch.empty_like(self._pair_rows)
         self.block_norms = self.norms.view(-1, SCREEN_BLOCK).amax(dim=1)
         self.block_errors = self.errors.view(-1, SCREEN_BLOCK).amax(dim=1)
         self.accumulation = dim * 2.0**-24 / (1 - dim * 2.0**-24)
@@ -138,22 +142,40 @@ class Bf16Screen:
         )
         threshold = (
             base[rows]
-            - norm_weight[rows] * self.norms[positions]
-            - error_weight[rows] * self.errors[positions]
+            - norm_weight[rows] * _rows_of(self.norms, block)
+            - error_weight[rows] * _rows_of(self.errors, block)
         )
-        in_block = _bits_to_float(blocks[rows, block]) >= threshold
+        candidate_bits = _rows_of(bits, rows * blocks.shape[1] + block)
+        in_block = _bits_to_float(candidate_bits) >= threshold
         in_block &= positions < num_points
         pair, offset_in_block = in_block.nonzero(as_tuple=True)
         rows = rows[pair]
         anchors = self.order[block[pair] * SCREEN_BLOCK + offset_in_block]
 
-        exact = (residual[rows] * self.points[anchors]).sum(dim=1).abs()
+        exact = self._exact_scores(residual, rows, anchors)
         best = torch.full((b,), -1.0, device=residual.device).scatter_reduce(0, rows, exact, "amax")
         winner = exact == best[rows]
         atoms = torch.full((b,), num_points, dtype=torch.long, device=residual.device)
         atoms.scatter_reduce_(0, rows[winner], anchors[winner], "amin")
 
         return atoms, fallback.nonzero().flatten()
+
+    def _exact_scores(
+        self, residual: torch.Tensor, rows: torch.Tensor, anchors: torch.Tensor
+    ) -> torch.Tensor:
+        """|<r_i, a_j>| in float32 for each candidate pair (i, j) of ``rows`` and ``anchors``.
+
+        The pairs' rows are gathered into buffers kept from call to call: fresh multi-MB
+        tensors each iteration cost more in page faults than the products themselves.
+        """
+        pairs = rows.numel()
+        if self._pair_rows.shape[0] < pairs:
+            grown = max(pairs, 2 * self._pair_rows.shape[0])
+            self._pair_rows = self._pair_rows.new_empty((grown, self._pair_rows.shape[1]))
+            self._pair_anchors = torch.empty_like(self._pair_rows)
+        left = torch.index_select(residual, 0, rows, out=self._pair_rows[:pairs])
+        right = torch.index_select(self.points, 0, anchors, out=self._pair_anchors[:pairs])
+        return left.mul_(right).sum(dim=1).abs_()
 
     def bound_coefficients(
         self, residual: torch.Tensor, rounded: torch.Tensor, screened_max: torch.Tensor
@@ -184,6 +206,11 @@ def _float32_accumulation(device: torch.device) -> Iterator[None]:
         yield
     finally:
         matmul.allow_bf16_reduced_precision_reduction = previous
+
+
+def _rows_of(values: torch.Tensor, blocks: torch.Tensor) -> torch.Tensor:
+    """The ``SCREEN_BLOCK`` entries of each of ``blocks`` (flat block numbers) of ``values``."""
+    return values.view(-1, SCREEN_BLOCK).index_select(0, blocks)
 
 
 def _bits_to_float(bits: torch.Tensor) -> torch.Tensor:
