@@ -68,13 +68,12 @@ def _first_id_by_form(vocab: Vocabulary, usable: Collection[int]) -> dict[TokenF
 
 def _first_id_by_bytes(vocab: Vocabulary, usable: Collection[int]) -> dict[bytes, int]:
     """Bytes -> id over ordinary and byte-fallback tokens, ordinary tokens first."""
-    index: dict[bytes, int] = {}
-    for kind in (TokenKind.TEXT, TokenKind.BYTE):
-        for token_id in sorted(vocab.forms):
-            form = vocab.forms[token_id]
-            if token_id in usable and form.kind == kind:
-                index.setdefault(form.data, token_id)
-    return index
+    by_kind: dict[TokenKind, dict[bytes, int]] = {TokenKind.TEXT: {}, TokenKind.BYTE: {}}
+    for token_id in sorted(vocab.forms):
+        kind, data = vocab.forms[token_id]
+        if kind in by_kind and token_id in usable:
+            by_kind[kind].setdefault(data, token_id)
+    return by_kind[TokenKind.BYTE] | by_kind[TokenKind.TEXT]
 
 
 def _longest_prefix(data: bytes, by_bytes: dict[bytes, int]) -> int | None:

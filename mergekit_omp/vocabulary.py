@@ -13,6 +13,7 @@ import json
 import re
 from dataclasses import dataclass
 from functools import lru_cache
+from typing import NamedTuple
 
 from transformers import PreTrainedTokenizerBase
 
@@ -32,8 +33,10 @@ class TokenKind(str, enum.Enum):
     Non-special added tokens (Gemma's ``"\\n"``) are ordinary text and get ``TEXT``."""
 
 
-@dataclass(frozen=True)
-class TokenForm:
+class TokenForm(NamedTuple):
+    """A NamedTuple rather than a frozen dataclass: a vocabulary makes one per token, and
+    262k frozen-dataclass constructions took 0.9 s."""
+
     kind: TokenKind
     data: bytes
 
@@ -81,6 +84,18 @@ def byte_level_decoder() -> dict[str, int]:
             codepoints.append(256 + extra)
             extra += 1
     return {chr(cp): byte for byte, cp in zip(printable, codepoints, strict=True)}
+
+
+@lru_cache(maxsize=1)
+def byte_level_translation() -> dict[int, int]:
+    """``str.translate`` table that turns the alphabet's characters into the bytes they
+    stand for (as code points below 256) and every other character below 256 into one
+    that latin-1 cannot encode, so that a token outside the alphabet fails to encode."""
+    table = {ord(ch): byte for ch, byte in byte_level_decoder().items()}
+    outside = 0x100 + 0x100  # past the alphabet's own code points
+    for code in range(256):
+        table.setdefault(code, outside)
+    return table
 
 
 def _component_spec(component: object | None) -> dict | None:
@@ -146,13 +161,15 @@ def _guess_encoding_from_strings(tokens: list[str]) -> tuple[Encoding, bool]:
 
 def token_form(token: str, encoding: Encoding, byte_fallback: bool) -> TokenForm:
     """The bytes one ordinary vocabulary entry stands for."""
-    if byte_fallback and (m := BYTE_TOKEN_RE.match(token)):
+    if byte_fallback and token.startswith("<0x") and (m := BYTE_TOKEN_RE.match(token)):
         return TokenForm(TokenKind.BYTE, bytes([int(m.group(1), 16)]))
     if encoding == Encoding.BYTE_LEVEL:
-        table = byte_level_decoder()
-        if all(ch in table for ch in token):
-            return TokenForm(TokenKind.TEXT, bytes(table[ch] for ch in token))
-        return TokenForm(TokenKind.TEXT, token.encode("utf-8"))
+        try:
+            return TokenForm(
+                TokenKind.TEXT, token.translate(byte_level_translation()).encode("latin-1")
+            )
+        except UnicodeEncodeError:  # a character outside the alphabet: the text as is
+            return TokenForm(TokenKind.TEXT, token.encode("utf-8"))
     if encoding == Encoding.METASPACE:
         return TokenForm(TokenKind.TEXT, token.replace(METASPACE, " ").encode("utf-8"))
     return TokenForm(TokenKind.TEXT, token.encode("utf-8"))
@@ -174,15 +191,13 @@ def vocabulary_of(tokenizer: PreTrainedTokenizerBase) -> Vocabulary:
     strings = {token_id: token for token, token_id in tokenizer.get_vocab().items()}
     forms = {}
     for token_id, token in strings.items():
-        if byte_fallback and BYTE_TOKEN_RE.match(token):
+        if token_id not in added or (byte_fallback and BYTE_TOKEN_RE.match(token)):
             forms[token_id] = token_form(token, encoding, byte_fallback)
-        elif token_id in added and added[token_id].special:
+        elif added[token_id].special:
             forms[token_id] = TokenForm(TokenKind.ADDED, added[token_id].content.encode("utf-8"))
-        elif token_id in added:
+        else:
             # a non-special added token (Gemma's "\n", "\n\n") matches its content literally
             forms[token_id] = TokenForm(TokenKind.TEXT, added[token_id].content.encode("utf-8"))
-        else:
-            forms[token_id] = token_form(token, encoding, byte_fallback)
     return Vocabulary(
         forms=forms,
         strings=strings,
