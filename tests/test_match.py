@@ -5,7 +5,7 @@ import tiny
 from tokenizers import AddedToken
 
 from mergekit_omp.match import MatchKind, MatchPolicy, match_vocabularies
-from mergekit_omp.vocabulary import Encoding, TokenForm, TokenKind, vocabulary_of
+from mergekit_omp.vocabulary import Encoding, TokenForm, TokenKind, token_form, vocabulary_of
 
 TRAP_TEXT = ["Ċ is a letter in Latvian-style names: Ċaro Ċ Ċ, and ĉ too.\n"] * 30
 
@@ -44,6 +44,21 @@ def test_encodings_are_detected(donor, base):
 def test_byte_level_tokens_decode_to_their_bytes(donor, token, expected):
     vocab = vocabulary_of(donor)
     assert vocab.forms[donor_id(donor, token)] == TokenForm(TokenKind.TEXT, expected)
+
+
+@pytest.mark.parametrize(
+    "token",
+    [
+        "Ġa b",  # a literal space: below 256 but not in the alphabet (which writes it Ġ)
+        "Ġx\x7f",  # DEL, also outside the alphabet
+        "Ġ日本",  # above the alphabet's code points
+        "\u00ad",  # the soft hyphen, the one gap in the alphabet's Latin-1 range
+    ],
+)
+def test_byte_level_token_outside_the_alphabet_is_its_text(token):
+    assert token_form(token, Encoding.BYTE_LEVEL, False) == TokenForm(
+        TokenKind.TEXT, token.encode("utf-8")
+    )
 
 
 def test_metaspace_tokens_decode_to_their_bytes(base):
