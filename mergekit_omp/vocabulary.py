@@ -92,7 +92,7 @@ def byte_level_translation() -> dict[int, int]:
     stand for (as code points below 256) and every other character below 256 into one
     that latin-1 cannot encode, so that a token outside the alphabet fails to encode."""
     table = {ord(ch): byte for ch, byte in byte_level_decoder().items()}
-    outside = 0x100 + 0x100  # past the alphabet's own code points
+    outside = 0x200  # past the alphabet's own code points (256 to 323)
     for code in range(256):
         table.setdefault(code, outside)
     return table
