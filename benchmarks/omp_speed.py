@@ -204,8 +204,9 @@ def print_header(k: int) -> None:
         f"{platform.processor() or platform.machine()}, k={k}, float32"
     )
     print(
-        "| N | D | strategy | ours tokens | ours tok/s | of which Gram s | mergekit tokens | mergekit tok/s "
-        "| ratio | same support (near-ties) | ours peak (planned) | mergekit peak (analytic) |"
+        "| N | D | strategy | ours tokens | ours tok/s | of which Gram s | mergekit tokens "
+        "| mergekit tok/s | ratio | same support (near-ties) | ours peak (planned) "
+        "| mergekit peak (analytic) |"
     )
     print("|---|---|---|---|---|---|---|---|---|---|---|---|")
 
@@ -215,7 +216,8 @@ def print_row(row: Row) -> None:
     theirs_rate = row.mergekit_tokens / row.mergekit.seconds
     gram = "n/a" if row.gram_seconds is None else f"{row.gram_seconds:.1f}"
     print(
-        f"| {row.anchors} | {row.dim} | {row.strategy} | {row.ours_tokens} | {ours_rate:.1f} | {gram} "
+        f"| {row.anchors} | {row.dim} | {row.strategy} | {row.ours_tokens} | {ours_rate:.1f} "
+        f"| {gram} "
         f"| {row.mergekit_tokens} | {theirs_rate:.2f} | {ours_rate / theirs_rate:.1f}x "
         f"| {row.agree}/{row.mergekit_tokens} ({row.near_ties}) "
         f"| {size(row.ours.peak_growth_bytes)} ({size(row.planned_bytes)}) "

@@ -174,7 +174,8 @@ def fmt(value: float | None, spec: str) -> str:
 
 def print_table(base: str, rows: list[Row], base_bpb: dict) -> None:
     print(
-        f"\n| model | tool | wall s | CPU s | peak RSS GiB | bpb (own tokenizer) | bpb (`{IM_START}` first) | approximated | timing |"
+        "\n| model | tool | wall s | CPU s | peak RSS GiB | bpb (own tokenizer) "
+        f"| bpb (`{IM_START}` first) | approximated | timing |"
     )
     print("|---|---|---|---|---|---|---|---|---|")
     print(f"| {base} (base) | – | – | – | – | {base_bpb['bpb']:.3f} | – | – | – |")

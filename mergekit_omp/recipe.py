@@ -84,7 +84,8 @@ def describe_validation_error(
     prefix: tuple[str, ...] = (),
     candidates: Collection[str] = (),
 ) -> str:
-    """One line naming each offending key: ``recipe.yml: unknown key 'metod' (did you mean ...)``."""
+    """One line naming each offending key, such as
+    ``recipe.yml: unknown key 'metod' (did you mean ...)``."""
     problems = []
     for error in exc.errors():
         loc = ".".join(str(part) for part in (*prefix, *error["loc"]))

