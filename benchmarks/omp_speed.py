@@ -121,10 +121,9 @@ def warm_up(k: int) -> None:
 
 def planned(tokens: int, anchors: int, dim: int, k: int, budget: int | None) -> tuple[str, int]:
     """batch_omp's strategy for these shapes and its planned working set in bytes."""
-    if budget is None:
-        budget = omp.default_memory_budget(torch.device("cpu"))
-    screen = omp.screens_by_default(torch.float32, dim, torch.device("cpu"))
-    plan = omp.plan_omp(tokens, anchors, dim, k, torch.float32, budget, screen=screen)
+    plan = omp.plan_call(
+        tokens, anchors, dim, k, torch.float32, torch.device("cpu"), memory_budget_bytes=budget
+    )
     return plan.strategy + (" (screened)" if plan.screened else ""), plan.working_bytes
 
 

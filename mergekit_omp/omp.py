@@ -171,17 +171,21 @@ def batch_omp(
     if num_targets == 0 or k == 0:
         return indices, coeffs
 
+    if screen and work_dtype != torch.float32:
+        raise ValueError("bfloat16 screening needs float32 work (targets are float64)")
     targets_work = targets.to(dtype=work_dtype)
     points = candidate_points.to(device=device, dtype=work_dtype)
-    budget = (
-        memory_budget_bytes if memory_budget_bytes is not None else default_memory_budget(device)
-    )
-    if screen is None:
-        screen = screens_by_default(work_dtype, dim, device)
-    elif screen and work_dtype != torch.float32:
-        raise ValueError("bfloat16 screening needs float32 work (targets are float64)")
-    plan = plan_omp(
-        num_targets, num_points, dim, k, work_dtype, budget, batch_size, strategy, screen
+    plan = plan_call(
+        num_targets,
+        num_points,
+        dim,
+        k,
+        work_dtype,
+        device,
+        memory_budget_bytes=memory_budget_bytes,
+        batch_size=batch_size,
+        strategy=strategy,
+        screen=screen,
     )
     LOG.debug("batch_omp plan: %s (B=%d, N=%d, D=%d, k=%d)", plan, num_targets, num_points, dim, k)
 
@@ -199,6 +203,29 @@ def batch_omp(
     del solver, state
     release_freed_memory(device)
     return indices, coeffs
+
+
+def plan_call(
+    num_targets: int,
+    num_points: int,
+    dim: int,
+    k: int,
+    dtype: torch.dtype,
+    device: torch.device,
+    *,
+    memory_budget_bytes: int | None = None,
+    batch_size: int | None = None,
+    strategy: Strategy | None = None,
+    screen: bool | None = None,
+) -> OmpPlan:
+    """The plan ``batch_omp`` runs with these arguments: ``plan_omp`` with the default
+    budget (``default_memory_budget``) and screening (``screens_by_default``) filled in."""
+    budget = (
+        memory_budget_bytes if memory_budget_bytes is not None else default_memory_budget(device)
+    )
+    if screen is None:
+        screen = screens_by_default(dtype, dim, device)
+    return plan_omp(num_targets, num_points, dim, k, dtype, budget, batch_size, strategy, screen)
 
 
 def screens_by_default(dtype: torch.dtype, dim: int, device: torch.device) -> bool:

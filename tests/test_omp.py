@@ -8,7 +8,15 @@ import pytest
 import torch
 from mergekit.tokensurgeon import batch_omp as mergekit_batch_omp
 
-from mergekit_omp.omp import OmpPlan, batch_omp, gram_matrix, plan_omp
+from mergekit_omp import omp
+from mergekit_omp.omp import (
+    OmpPlan,
+    batch_omp,
+    gram_matrix,
+    plan_call,
+    plan_omp,
+    screens_by_default,
+)
 from mergekit_omp.omp_screen import Bf16Screen
 
 # Budget small enough that an N = 600 Gram (1.4 MB in float32) cannot be held.
@@ -236,6 +244,30 @@ def test_residual_chunks_fit_a_budget_too_small_for_the_gram_matrix() -> None:
     plan = plan_omp(64, 300, 32, 12, torch.float32, budget)
     assert plan == OmpPlan("residual", chunk_tokens=3, working_bytes=budget)
     assert_matches_mergekit(targets, points, k=12, memory_budget_bytes=budget)
+
+
+def test_plan_call_is_the_plan_batch_omp_runs(monkeypatch: pytest.MonkeyPatch) -> None:
+    """What the benchmark labels its rows with: plan_omp with the default budget and
+    screening filled in, and exactly what batch_omp plans."""
+    cpu = torch.device("cpu")
+    screen = screens_by_default(torch.float32, 32, cpu)
+    expected = plan_omp(64, 300, 32, 12, torch.float32, TINY_BUDGET, screen=screen)
+    assert plan_call(64, 300, 32, 12, torch.float32, cpu, memory_budget_bytes=TINY_BUDGET) == (
+        expected
+    )
+    assert not plan_call(64, 300, 32, 12, torch.float64, cpu).screened
+    monkeypatch.setattr(omp, "default_memory_budget", lambda device: TINY_BUDGET)
+    assert plan_call(64, 300, 32, 12, torch.float32, cpu) == expected
+
+    planned: list[OmpPlan] = []
+
+    def recording_plan_call(*args, **kwargs) -> OmpPlan:
+        planned.append(plan_call(*args, **kwargs))
+        return planned[-1]
+
+    monkeypatch.setattr(omp, "plan_call", recording_plan_call)
+    batch_omp(gaussian(64, 32, seed=30), gaussian(300, 32, seed=31), 12)
+    assert planned == [expected]
 
 
 def test_chunking_does_not_change_answers() -> None:
