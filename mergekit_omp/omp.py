@@ -62,12 +62,19 @@ MIN_GRAM_CHUNK_TOKENS = 8
 to G: smaller chunks make its per-iteration work overhead-bound (58 tok/s with 1 target per
 chunk, 96 with 8, at N = 16,000 and D = 2048)."""
 
-MEMORY_BOUND_COST = 10.0
-"""Cost of one of full_gram's N k^2 / 2 multiply-adds per target (memory-bound passes over
-the stored v rows, plus its elementwise passes) relative to one GEMM multiply-add, up to
-``MEMORY_BOUND_CACHED_POINTS`` anchors: its loop ran 10 (N = 16,000), 14 (N = 32,000) and
-17 or more (N = 46,000) times slower per multiply-add than a float32 GEMM on the 2-core
-CPU, as a chunk's rows fall out of cache; see ``memory_bound_cost``."""
+MEMORY_BOUND_COST = 12.0
+"""Cost of one multiply-add of full_gram's update loop (per target N k^2 / 2 of them over
+the stored v rows, plus ``GRAM_PASSES_PER_ITERATION`` elementwise passes over N per
+iteration) relative to one float32 GEMM multiply-add, up to ``MEMORY_BOUND_CACHED_POINTS``
+anchors. Measured on the 2-core CPU against float32 residual's 75 GMAC/s: 12.8 at
+N = 16,000 and 12.7 at N = 32,000 (k = 64, D = 1024), 14.1 at N = 46,018 (k = 16, D = 640),
+22.6 at N = 46,018 (k = 64, D = 576) as a chunk's rows fall out of cache; see
+``memory_bound_cost``."""
+
+GRAM_PASSES_PER_ITERATION = 5
+"""Elementwise passes over a target's N correlations per full_gram iteration besides the
+t passes over v (the alpha update, |alpha|, the selected atoms' -inf, two argmax levels):
+with them one cost per multiply-add fits both k = 16 and k = 64."""
 
 MEMORY_BOUND_CACHED_POINTS = 16000
 """Anchors up to which a chunk's update rows stay in the CPU's cache (32 MB here)."""
@@ -75,12 +82,14 @@ MEMORY_BOUND_CACHED_POINTS = 16000
 SCREEN_MAX_DIM = 1024
 """residual screens its correlations in bfloat16 by default up to this dimension. The
 rounding bound widens with sqrt(D) relative to the top scores, so the candidates to check
-grow with D: on the 2-core CPU (k = 64) screening made residual 3.1x faster at N = 46,000,
-D = 576, 1.7x (N = 16,000) and 2.2x (N = 32,000) at D = 1024, but only 1.07x at D = 1536."""
+grow with D; see ``SCREEN_SPEEDUPS``."""
 
-SCREEN_SPEEDUP = 1.7
-"""Speed of screened residual relative to float32 residual in the cost model: the lowest
-measured up to ``SCREEN_MAX_DIM``."""
+SCREEN_SPEEDUPS = ((640, 3.0), (1024, 2.3), (1536, 1.6))
+"""Speed of screened residual relative to float32 residual in the cost model, for D up to
+each bound (1 above the last): the lowest measured in each range on the 2-core CPU. Real
+SmolLM2 rows: 3.0x (N = 46,018, D = 576, k = 64), Gemma-3 rows: 3.8x (N = 46,018, D = 640,
+k = 16); Gaussian: 2.33x (N = 16,000) and 3.52x (N = 32,000) at D = 1024, 1.68x at
+D = 1536 (N = 16,000, k = 64)."""
 
 GRAM_TOUCH_COST = 400.0
 """Extra cost per entry of G, in GEMM multiply-adds, of mapping fresh memory for it (the
@@ -282,9 +291,10 @@ def plan_omp(
     Chunks are as large as the budget allows, up to ``batch_size`` (or ``MAX_CHUNK_TOKENS``).
 
     ``full_gram`` is chosen when G fits in the budget next to at least
-    ``MIN_GRAM_CHUNK_TOKENS`` targets' state and its estimated cost, N^2 (D / 2 + 400) for G plus
-    ``memory_bound_cost(N)`` x B N k^2 / 2 for the updates, is below ``residual``'s B N D k
-    (divided by ``SCREEN_SPEEDUP`` when ``screen``ed).
+    ``MIN_GRAM_CHUNK_TOKENS`` targets' state and its estimated cost, N^2 (D / 2 + 400) for G
+    plus ``memory_bound_cost(N)`` x B N (k^2 / 2 + ``GRAM_PASSES_PER_ITERATION`` k) for the
+    updates, is below ``residual``'s B N D k (divided by ``screen_speedup(D)`` when
+    ``screen``ed).
     """
     item = torch.finfo(dtype).bits // 8
     gram_bytes = num_points * num_points * item
@@ -315,16 +325,23 @@ def plan_omp(
     gram_room = (memory_budget_bytes - gram_bytes) // per_target["full_gram"]
     gram_fits = gram_room >= min(num_targets, MIN_GRAM_CHUNK_TOKENS)
     # G is symmetric: half of its N^2 D multiply-adds are computed, the rest mirrored.
-    gram_cost = num_points * num_points * (dim / 2 + GRAM_TOUCH_COST) + memory_bound_cost(
-        num_points
-    ) * (num_targets * num_points * k * k / 2)
-    residual_cost = num_targets * num_points * dim * k / (SCREEN_SPEEDUP if screen else 1.0)
+    update_cost = num_targets * num_points * (k * k / 2 + GRAM_PASSES_PER_ITERATION * k)
+    gram_cost = (
+        num_points * num_points * (dim / 2 + GRAM_TOUCH_COST)
+        + memory_bound_cost(num_points) * update_cost
+    )
+    residual_cost = num_targets * num_points * dim * k / (screen_speedup(dim) if screen else 1.0)
     return make("full_gram" if gram_fits and gram_cost < residual_cost else "residual")
+
+
+def screen_speedup(dim: int) -> float:
+    """``SCREEN_SPEEDUPS`` for dimension ``dim``."""
+    return next((speedup for bound, speedup in SCREEN_SPEEDUPS if dim <= bound), 1.0)
 
 
 def memory_bound_cost(num_points: int) -> float:
     """``MEMORY_BOUND_COST``, growing like sqrt(N) beyond ``MEMORY_BOUND_CACHED_POINTS``
-    (fits the measured 10, 14 and 17 at N = 16,000, 32,000 and 46,000)."""
+    (12, 17 and 20 at N = 16,000, 32,000 and 46,000: at or above the measured costs)."""
     return MEMORY_BOUND_COST * math.sqrt(max(1.0, num_points / MEMORY_BOUND_CACHED_POINTS))
 
 

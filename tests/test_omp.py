@@ -366,7 +366,17 @@ def test_plan_prefers_the_full_gram_only_when_it_fits_and_pays_off() -> None:
     assert plan_omp(2048, 32000, 1024, 64, torch.float32, big).strategy == "full_gram"
     screened = plan_omp(2048, 32000, 1024, 64, torch.float32, big, screen=True)
     assert screened.strategy == "residual" and screened.screened
-    assert not plan_omp(2048, 16000, 1024, 64, torch.float32, big, screen=True).screened
+    # ... and for N = 16000 (181 tok/s against full_gram's 145, 8192 targets).
+    assert plan_omp(8192, 16000, 1024, 64, torch.float32, big, screen=True).screened
+    # Not at D = 2048, where screening does not pay.
+    assert plan_omp(8192, 16000, 2048, 64, torch.float32, big, screen=True).strategy == (
+        "full_gram"
+    )
+    # SmolLM2 <- Gemma-3 (216,122 targets, k = 16, D = 640): screened residual ran 631 tok/s,
+    # full_gram 550 plus 25 s for an 8.5 GB G; float32 residual (157 tok/s) would not pay.
+    smollm_from_gemma = (216122, 46018, 640, 16, torch.float32, big * 2)
+    assert plan_omp(*smollm_from_gemma, screen=True).screened
+    assert plan_omp(*smollm_from_gemma).strategy == "full_gram"
     # batch_size only lowers the strategy's own cap (128 targets for full_gram).
     assert plan_omp(2048, 16000, 1024, 64, torch.float32, big, batch_size=512).chunk_tokens == 128
 
