@@ -25,9 +25,10 @@ def omp(
     """Sparse anchor combination found by OMP in the donor space (default).
 
     ``memory_gb`` is the working memory allowed for OMP's anchor Gram matrix and per-chunk
-    state (default: half of the memory available when it starts); with less than the Gram
-    matrix needs, OMP works in embedding space instead, slower but within the budget.
-    ``screen`` lets that embedding-space route find its candidates with a bfloat16 GEMM and
+    state (default: half of the memory available when it starts). OMP works through that
+    Gram matrix or in embedding space, whichever its cost model expects to be faster; with
+    less memory than the Gram matrix needs, in embedding space, within the budget.
+    ``screen`` lets the embedding-space route find its candidates with a bfloat16 GEMM and
     check them in float32: the same picks, faster (default: where bfloat16 GEMMs are fast
     and D <= 1024; ``false`` turns it off).
     """
