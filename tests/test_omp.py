@@ -12,6 +12,7 @@ from mergekit_omp import omp
 from mergekit_omp.omp import (
     OmpPlan,
     batch_omp,
+    even_chunks,
     gram_matrix,
     plan_call,
     plan_omp,
@@ -268,6 +269,17 @@ def test_plan_call_is_the_plan_batch_omp_runs(monkeypatch: pytest.MonkeyPatch) -
     monkeypatch.setattr(omp, "plan_call", recording_plan_call)
     batch_omp(gaussian(64, 32, seed=30), gaussian(300, 32, seed=31), 12)
     assert planned == [expected]
+
+
+@pytest.mark.parametrize(
+    "count,cap,sizes",
+    [(3131, 1024, [782, 783, 783, 783]), (50, 7, [6, 6, 6, 7, 6, 6, 6, 7]), (100, 128, [100])],
+)
+def test_chunks_are_as_few_and_as_even_as_the_cap_allows(count, cap, sizes) -> None:
+    chunks = even_chunks(count, cap)
+    assert [stop - start for start, stop in chunks] == sizes
+    assert chunks[0][0] == 0 and chunks[-1][1] == count
+    assert all(a[1] == b[0] for a, b in zip(chunks, chunks[1:], strict=False))
 
 
 def test_chunking_does_not_change_answers() -> None:
