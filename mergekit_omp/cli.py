@@ -18,7 +18,12 @@ from mergekit.tokensurgeon import SubwordMethod, WeightingScheme
 
 from mergekit_omp.approximators import approximator_names, get_approximator
 from mergekit_omp.bos import BosPolicy
-from mergekit_omp.cli_support import overwrite_option, report_option, run_cli_action
+from mergekit_omp.cli_support import (
+    exit_without_teardown,
+    overwrite_option,
+    report_option,
+    run_cli_action,
+)
 from mergekit_omp.options import MatchScope, TransplantOptions
 from mergekit_omp.recipe import check_method_parameters, recipe_yaml
 from mergekit_omp.transplant import transplant
@@ -272,3 +277,7 @@ def main(
     )
     if not merge_options.quiet:
         click.echo(result.report.summary(), err=True)
+
+
+run = exit_without_teardown(main)
+"""The ``mergekit-omp`` console script."""

@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import functools
+import logging
+import os
 import signal
 import sys
 from collections.abc import Callable
-from typing import Any
+from typing import Any, NoReturn
 
 import click
 from mergekit.options import MergeOptions
@@ -44,6 +46,34 @@ def run_cli_action(action: Callable[..., Any]) -> Callable[..., Any]:
             sys.exit(1)
 
     return wrapper
+
+
+def exit_without_teardown(command: click.Command) -> Callable[[], NoReturn]:
+    """A console-script entry point: run ``command``, then leave the process without the
+    interpreter's teardown.
+
+    Freeing torch's and transformers' modules and the vocabularies' millions of objects
+    took 1.6 to 2 s after a real transplant had finished (5 % of its run); everything that
+    matters is on disk by then. Standard streams and logging are flushed first.
+    """
+
+    def entry() -> NoReturn:
+        try:
+            command.main()  # standalone: always ends in SystemExit
+            code: Any = 0
+        except SystemExit as done:
+            code = done.code
+        if code is None:
+            code = 0
+        elif not isinstance(code, int):  # as sys.exit does with a message
+            click.echo(code, err=True)
+            code = 1
+        sys.stdout.flush()
+        sys.stderr.flush()
+        logging.shutdown()
+        os._exit(code)
+
+    return entry
 
 
 overwrite_option = click.option(

@@ -28,7 +28,12 @@ from mergekit.options import MergeOptions, PrettyPrintHelp, add_merge_options
 from pydantic import ValidationError
 
 from mergekit_omp.approximators import get_approximator
-from mergekit_omp.cli_support import overwrite_option, report_option, run_cli_action
+from mergekit_omp.cli_support import (
+    exit_without_teardown,
+    overwrite_option,
+    report_option,
+    run_cli_action,
+)
 from mergekit_omp.errors import TransplantError
 from mergekit_omp.load import HUB_ID_RE
 from mergekit_omp.options import MatchScope, MatrixOverride, TransplantOptions
@@ -269,3 +274,7 @@ def main(
         report_path=report_path,
         merge_options=merge_options,
     )
+
+
+run = exit_without_teardown(main)
+"""The ``mergekit-omp-yaml`` console script."""

@@ -67,7 +67,7 @@ def run_cli(site: Path, *args: str) -> subprocess.CompletedProcess:
         os.environ, PYTHONPATH=os.pathsep.join([str(site), os.environ.get("PYTHONPATH", "")])
     )
     return subprocess.run(
-        [sys.executable, "-c", "from mergekit_omp.cli import main; main()", *args],
+        [sys.executable, "-c", "from mergekit_omp.cli import run; run()", *args],
         env=env,
         capture_output=True,
         text=True,
@@ -85,6 +85,7 @@ def test_installed_plugin_appears_and_runs(plugin_site, mixed_pair, tmp_path):
         plugin_site, str(base), str(donor), str(out), "-a", "scaled_mean", "-p", "factor=3"
     )
     assert run.returncode == 0, run.stderr
+    assert "Transplanted" in run.stderr  # the summary, flushed before the process ends
     base_embed = load_file(base / "model.safetensors")["model.embed_tokens.weight"]
     new_embed = load_file(out / "model.safetensors")["model.embed_tokens.weight"]
     from mergekit_omp import TransplantOptions, transplant
