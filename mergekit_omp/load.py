@@ -6,10 +6,13 @@ the LM head are materialised here; every other tensor is streamed at write time.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
+import gc
 import logging
 import os
 import re
+from collections.abc import Iterator
 from dataclasses import dataclass
 
 import torch
@@ -137,6 +140,24 @@ def _is_finite(matrix: torch.Tensor) -> bool:
     return bool(torch.isfinite(matrix).all())
 
 
+@contextlib.contextmanager
+def garbage_collection_paused() -> Iterator[None]:
+    """Python's cyclic garbage collector off for the duration.
+
+    Reading a 262k-token tokenizer and its vocabulary allocates millions of containers, and
+    the collector walked all the live ones again at every full collection: the load stage
+    of Gemma-3 <- SmolLM2 took 4.6 to 5.9 s with it, 2.2 to 3.0 without. Nothing made here
+    is cyclic garbage.
+    """
+    was_enabled = gc.isenabled()
+    gc.disable()
+    try:
+        yield
+    finally:
+        if was_enabled:
+            gc.enable()
+
+
 def ties_embeddings(config: PretrainedConfig) -> bool:
     text_config = config.get_text_config() if hasattr(config, "get_text_config") else config
     return bool(
@@ -167,7 +188,9 @@ def load_model(
             raise TransplantError(f"{path} has untied embeddings but no {lm_head_info.name}")
     elif lm_head_info is not None and lm_head_falls_back_to_embed:
         lm_head = embed
-    tokenizer = load_tokenizer(path, options.trust_remote_code)
+    with garbage_collection_paused():
+        tokenizer = load_tokenizer(path, options.trust_remote_code)
+        vocabulary = vocabulary_of(tokenizer)
     return LoadedModel(
         reference=reference,
         config=config,
@@ -175,7 +198,7 @@ def load_model(
         embed_info=embed_info,
         lm_head_info=lm_head_info,
         tokenizer=tokenizer,
-        vocabulary=vocabulary_of(tokenizer),
+        vocabulary=vocabulary,
         embed=embed,
         lm_head=lm_head,
     )
