@@ -187,3 +187,21 @@ def test_omp_rows_are_batch_omp_applied_to_base_anchors(mixed_pair):
     indices, coeffs = batch_omp(donor_embed[embed.match.new_tokens], donor_embed[donor_ids], 6)
     expected = torch.bmm(coeffs.unsqueeze(1), base_embed[base_ids][indices]).squeeze(1)
     assert torch.allclose(embed.matrix[embed.match.new_tokens], expected, atol=1e-6)
+
+
+def test_garbage_collection_pause_restores_the_collectors_state() -> None:
+    import gc
+
+    from mergekit_omp.load import garbage_collection_paused
+
+    assert gc.isenabled()
+    with garbage_collection_paused():
+        assert not gc.isenabled()
+    assert gc.isenabled()
+    gc.disable()
+    try:
+        with garbage_collection_paused():
+            pass
+        assert not gc.isenabled()  # left as the caller had it
+    finally:
+        gc.enable()
