@@ -66,7 +66,12 @@ def log(message: str) -> None:
 
 
 def run_timed(command: list[str], log_path: Path) -> tuple[int, float, float, float]:
-    """Run ``command``; return (exit code, wall s, user+sys CPU s, peak RSS GiB) of the child."""
+    """Run ``command``; return (exit code, wall s, user+sys CPU s, peak RSS GiB) of the child.
+
+    Dirty pages left by the previous child (a 1 GB model written moments before) are
+    flushed first, so that neither tool is timed while the kernel writes the other's output.
+    """
+    os.sync()
     log("$ " + " ".join(command))
     start = time.perf_counter()
     with open(log_path, "w") as out:
