@@ -19,7 +19,7 @@ from mergekit.tokensurgeon import SubwordMethod, WeightingScheme
 from mergekit_omp.approximators import approximator_names, get_approximator
 from mergekit_omp.bos import BosPolicy
 from mergekit_omp.cli_support import (
-    exit_without_teardown,
+    one_shot_entry_point,
     overwrite_option,
     report_option,
     run_cli_action,
@@ -279,5 +279,5 @@ def main(
         click.echo(result.report.summary(), err=True)
 
 
-run = exit_without_teardown(main)
+run = one_shot_entry_point(main)
 """The ``mergekit-omp`` console script."""

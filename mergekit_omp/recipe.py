@@ -29,7 +29,7 @@ from pydantic import ValidationError
 
 from mergekit_omp.approximators import get_approximator
 from mergekit_omp.cli_support import (
-    exit_without_teardown,
+    one_shot_entry_point,
     overwrite_option,
     report_option,
     run_cli_action,
@@ -276,5 +276,5 @@ def main(
     )
 
 
-run = exit_without_teardown(main)
+run = one_shot_entry_point(main)
 """The ``mergekit-omp-yaml`` console script."""
