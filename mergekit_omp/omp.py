@@ -40,7 +40,13 @@ from typing import Literal
 import torch
 from tqdm import tqdm
 
-from mergekit_omp.omp_screen import Bf16Screen, bf16_matmul_is_fast, padded_anchor_count
+from mergekit_omp.omp_screen import (
+    GEMM_ROW_ALIGN,
+    Bf16Screen,
+    aligned_rows,
+    bf16_matmul_is_fast,
+    padded_anchor_count,
+)
 
 LOG = logging.getLogger(__name__)
 
@@ -318,7 +324,8 @@ def plan_omp(
         # bfloat16 scores; alpha and |alpha| stay reserved for rows scored in float32.
         padded = padded_anchor_count(num_points)
         per_target["residual"] += padded * 2
-        screen_fixed = padded * dim * 2
+        # the anchors in bfloat16, and up to GEMM_ROW_ALIGN - 1 rows of padding scores
+        screen_fixed = padded * dim * 2 + (GEMM_ROW_ALIGN - 1) * padded * 2
 
     def make(name: Strategy) -> OmpPlan:
         fixed = gram_bytes if name == "full_gram" else screen_fixed
@@ -395,7 +402,7 @@ class _ChunkState:
         options = {"dtype": like.dtype, "device": like.device}
         if plan.screened:
             self.screen_scores = torch.empty(
-                (chunk, padded_anchor_count(num_points)),
+                (aligned_rows(chunk), padded_anchor_count(num_points)),
                 dtype=torch.bfloat16,
                 device=like.device,
             )
@@ -476,7 +483,7 @@ class _ResidualSolver:
         if self.screen is None:
             self.alpha, self.scores = state.alpha[:b], state.scores[:b]
         else:
-            self.screen_scores = state.screen_scores[:b]
+            self.screen_scores = state.screen_scores[: aligned_rows(b)]
         self.residual.copy_(targets)
 
     def pick(self, selected: torch.Tensor) -> torch.Tensor:
