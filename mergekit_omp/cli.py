@@ -15,8 +15,11 @@ import yaml
 from click.core import ParameterSource
 from mergekit.options import MergeOptions, PrettyPrintHelp, add_merge_options
 from mergekit.tokensurgeon import SubwordMethod, WeightingScheme
+from pydantic import ValidationError
 
 from mergekit_omp.approximators import approximator_names, get_approximator
+from mergekit_omp.approximators.base import DEFAULT_BATCH_SIZE
+from mergekit_omp.approximators.omp import DEFAULT_K
 from mergekit_omp.bos import BosPolicy
 from mergekit_omp.cli_support import (
     one_shot_entry_point,
@@ -24,8 +27,9 @@ from mergekit_omp.cli_support import (
     report_option,
     run_cli_action,
 )
-from mergekit_omp.options import MatchScope, TransplantOptions
-from mergekit_omp.recipe import check_method_parameters, recipe_yaml
+from mergekit_omp.errors import TransplantError
+from mergekit_omp.options import MatchScope, TransplantOptions, describe_options_error
+from mergekit_omp.recipe import recipe_yaml
 from mergekit_omp.transplant import transplant
 
 LOG = logging.getLogger("mergekit_omp")
@@ -70,6 +74,20 @@ def transplant_options_from_cli(
     ctx: click.Context, base: str, donor: str, values: dict[str, Any], merge_options: MergeOptions
 ) -> TransplantOptions:
     method = values["approximation_method"]
+    try:
+        return _options(ctx, base, donor, method, values, merge_options)
+    except ValidationError as exc:
+        raise TransplantError(describe_options_error(exc)) from None
+
+
+def _options(
+    ctx: click.Context,
+    base: str,
+    donor: str,
+    method: str,
+    values: dict[str, Any],
+    merge_options: MergeOptions,
+) -> TransplantOptions:
     return TransplantOptions(
         base_model=base,
         donor=donor,
@@ -102,7 +120,7 @@ def transplant_options(f: Callable[..., Any]) -> Callable[..., Any]:
             "--k",
             "-k",
             type=int,
-            default=64,
+            default=DEFAULT_K,
             show_default=True,
             help="Number of anchor tokens per new token (sparsity of OMP; neighbours for "
             "wechsel/clp). Passed to the method only when given.",
@@ -142,7 +160,7 @@ def transplant_options(f: Callable[..., Any]) -> Callable[..., Any]:
         click.option(
             "--batch-size",
             type=int,
-            default=512,
+            default=DEFAULT_BATCH_SIZE,
             show_default=True,
             help="Tokens approximated per batch. -1 for one batch. For omp an upper bound: "
             "it sizes its chunks from its memory budget (-p memory_gb=GB).",
@@ -264,7 +282,6 @@ def main(
     """
     merge_options.apply_global_options()
     options = transplant_options_from_cli(ctx, base_model, donor, values, merge_options)
-    check_method_parameters(options)
     if print_recipe:
         click.echo(recipe_yaml(options, header=RECIPE_HEADER), nl=False)
         return

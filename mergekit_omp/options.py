@@ -6,12 +6,24 @@ model, so a recipe and a command line mean exactly the same thing.
 
 from __future__ import annotations
 
+import difflib
 import enum
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    ValidationInfo,
+    field_validator,
+)
+from pydantic_core import ErrorDetails, InitErrorDetails, PydanticCustomError
 
+from mergekit_omp.approximators import Approximator, get_approximator
+from mergekit_omp.approximators.base import DEFAULT_BATCH_SIZE
 from mergekit_omp.bos import BosPolicy
+from mergekit_omp.errors import TransplantError
 from mergekit_omp.match import MatchPolicy
 
 Matrix = Literal["embed", "lm_head"]
@@ -56,10 +68,16 @@ class TransplantOptions(BaseModel):
     prefix_match: MatchScope = MatchScope.NO
     byte_match: MatchScope = MatchScope.NO
     magikarp: bool = Field(False, description="Ignore under-trained tokens (arXiv 2405.05417)")
-    new_vocab_noise: float | None = Field(None, description="Gaussian noise std for new rows")
-    new_vocab_scale: float | None = Field(None, description="Scale factor for new rows")
+    new_vocab_noise: float | None = Field(
+        None, allow_inf_nan=False, description="Gaussian noise std for new rows"
+    )
+    new_vocab_scale: float | None = Field(
+        None, allow_inf_nan=False, description="Scale factor for new rows"
+    )
     pad_vocab_to_multiple_of: int | None = Field(None, gt=0)
-    batch_size: int | None = Field(512, description="Tokens per approximation batch")
+    batch_size: int | None = Field(
+        DEFAULT_BATCH_SIZE, description="Tokens per approximation batch (-1: one batch)"
+    )
     dtype: Literal["float32", "float16", "bfloat16"] | None = Field(
         None, description="Output dtype of the new matrices (default: the base's)"
     )
@@ -84,6 +102,34 @@ class TransplantOptions(BaseModel):
             return MatchScope.YES if value else MatchScope.NO
         return value
 
+    @field_validator("method")
+    @classmethod
+    def _known_method(cls, name: str) -> str:
+        _method_named(name)
+        return name
+
+    @field_validator("parameters")
+    @classmethod
+    def _parameters_fit_method(cls, parameters: dict[str, Any], info: ValidationInfo) -> Any:
+        if "method" in info.data:  # else the method itself failed
+            _check_parameters(info.data["method"], parameters)
+        return parameters
+
+    @field_validator("embed", "lm_head")
+    @classmethod
+    def _override_fits_method(
+        cls, override: MatrixOverride | None, info: ValidationInfo
+    ) -> MatrixOverride | None:
+        if override is None or "method" not in info.data or "parameters" not in info.data:
+            return override
+        if override.method is not None:
+            _method_named(override.method, loc=("method",))
+        method, parameters = _override_choice(
+            info.data["method"], info.data["parameters"], override
+        )
+        _check_parameters(method, parameters, loc=("parameters",))
+        return override
+
     def override(self, matrix: Matrix) -> MatrixOverride:
         return getattr(self, matrix) or MatrixOverride()
 
@@ -91,12 +137,13 @@ class TransplantOptions(BaseModel):
         return self.override(matrix).method or self.method
 
     def parameters_for(self, matrix: Matrix) -> dict[str, Any]:
-        override = self.override(matrix)
-        if override.parameters is not None:
-            return dict(override.parameters)
-        if override.method is not None and override.method != self.method:
-            return {}
-        return dict(self.parameters)
+        """The parameters as written (validated when the options were made)."""
+        return _override_choice(self.method, self.parameters, self.override(matrix))[1]
+
+    def method_and_parameters(self, matrix: Matrix) -> tuple[Approximator, dict[str, Any]]:
+        """The matrix's method and its parameters with their defaults filled in."""
+        method = get_approximator(self.method_for(matrix))
+        return method, method.validate_parameters(self.parameters_for(matrix))
 
     def match_policy(self, matrix: Matrix) -> MatchPolicy:
         override = self.override(matrix)
@@ -106,3 +153,66 @@ class TransplantOptions(BaseModel):
             byte_match=self.byte_match.applies_to(matrix) if byte is None else byte,
             prefix_match=self.prefix_match.applies_to(matrix) if prefix is None else prefix,
         )
+
+
+def _override_choice(
+    method: str, parameters: dict[str, Any], override: MatrixOverride
+) -> tuple[str, dict[str, Any]]:
+    """(method, parameters) of a matrix: an override's method does not inherit parameters
+    meant for another method."""
+    name = override.method or method
+    if override.parameters is not None:
+        return name, dict(override.parameters)
+    if override.method is not None and override.method != method:
+        return name, {}
+    return name, dict(parameters)
+
+
+def _method_named(name: str, loc: tuple[str, ...] = ()) -> Approximator:
+    try:
+        return get_approximator(name)
+    except TransplantError as exc:
+        error = PydanticCustomError("unknown_method", "{message}", {"message": str(exc)})
+        if not loc:
+            raise error from None
+        raise _nested([InitErrorDetails(type=error, loc=loc, input=name)]) from None
+
+
+def _check_parameters(name: str, parameters: dict[str, Any], loc: tuple[str, ...] = ()) -> None:
+    """The method's own parameter model, errors nested under ``loc`` (+ the parameter)."""
+    method = get_approximator(name)
+    try:
+        method.check_parameters(parameters)
+    except ValidationError as exc:
+        raise _nested(
+            [
+                InitErrorDetails(
+                    type=PydanticCustomError(
+                        "method_parameter", "{message}", {"message": _message(error, method)}
+                    ),
+                    loc=(*loc, *error["loc"]),
+                    input=error["input"],
+                )
+                for error in exc.errors()
+            ]
+        ) from None
+
+
+def _message(error: ErrorDetails, method: Approximator) -> str:
+    if error["type"] != "extra_forbidden":
+        return f"{error['msg']} (method '{method.name}')"
+    close = difflib.get_close_matches(str(error["loc"][-1]), method.parameter_names(), n=1)
+    hint = f" (did you mean '{close[0]}'?)" if close else ""
+    return f"method '{method.name}' takes no such parameter{hint}"
+
+
+def _nested(errors: list[InitErrorDetails]) -> ValidationError:
+    return ValidationError.from_exception_data("MethodParameters", errors)
+
+
+def describe_options_error(exc: ValidationError) -> str:
+    """One line naming each offending key, e.g. ``parameters.k: Input should be greater
+    than or equal to 1 (method 'omp')``."""
+    return "; ".join(
+        f"{'.'.join(str(part) for part in error['loc'])}: {error['msg']}" for error in exc.errors()
+    )

@@ -27,7 +27,6 @@ import yaml
 from mergekit.options import MergeOptions, PrettyPrintHelp, add_merge_options
 from pydantic import ValidationError
 
-from mergekit_omp.approximators import get_approximator
 from mergekit_omp.cli_support import (
     one_shot_entry_point,
     overwrite_option,
@@ -132,43 +131,7 @@ def validate_recipe(data: Mapping[str, Any], source: str) -> TransplantOptions:
         raise TransplantError(
             describe_validation_error(exc, source, candidates=RECIPE_KEYS + OVERRIDE_KEYS)
         ) from None
-    check_method_parameters(options, source)
     return options
-
-
-def _parameters_key(options: TransplantOptions, matrix: str) -> str:
-    override = getattr(options, matrix)
-    return f"{matrix}.parameters" if override and override.parameters is not None else "parameters"
-
-
-def check_method_parameters(options: TransplantOptions, source: str | None = None) -> None:
-    """Fail before any heavy work if a method is unknown or its parameters do not fit it.
-
-    With ``source`` (a recipe file) the error names the recipe key; without it, the
-    approximator's own message (the command line's ``--param``).
-    """
-    for matrix in ("embed", "lm_head"):
-        override = getattr(options, matrix)
-        method_key = f"{matrix}.method" if override and override.method else "method"
-        try:
-            method = get_approximator(options.method_for(matrix))
-        except TransplantError as exc:
-            raise TransplantError(
-                f"{source}: {method_key}: {exc}" if source else str(exc)
-            ) from None
-        if source is None:
-            method.validate_parameters(options.parameters_for(matrix))
-            continue
-        try:
-            method.parameters.model_validate(options.parameters_for(matrix))
-        except ValidationError as exc:
-            message = describe_validation_error(
-                exc,
-                source,
-                prefix=(_parameters_key(options, matrix),),
-                candidates=method.parameter_names(),
-            )
-            raise TransplantError(f"{message} (method '{method.name}')") from None
 
 
 def load_recipe(path: str | os.PathLike) -> Recipe:

@@ -3,8 +3,9 @@
     from mergekit_omp import TransplantOptions, transplant
     report = transplant(TransplantOptions(base_model="base", donor="donor"), "out")
 
-Stages, each in its own module: load -> match -> approximate -> audit (diagnostics/) ->
-assemble -> write -> report.
+Stages, each in its own module: load -> plan -> match -> approximate -> audit
+(diagnostics/) -> assemble -> write -> report. ``plan.plan_transplant`` makes every
+decision; ``build_matrix`` carries them out for one matrix.
 """
 
 from __future__ import annotations
@@ -14,23 +15,20 @@ import os
 from dataclasses import dataclass, field
 
 import torch
-from mergekit.io.tasks import LoaderCache
 from mergekit.options import MergeOptions
-from mergekit.tokensurgeon import well_trained_tokens
 from transformers import PreTrainedTokenizerBase
 
 from mergekit_omp.approximate import approximate_new_rows, build_problem
-from mergekit_omp.approximators import Approximation, get_approximator
-from mergekit_omp.assemble import assemble_matrix, output_vocab_size
-from mergekit_omp.bos import BosPolicy, output_tokenizer, plan_bos
+from mergekit_omp.approximators import Approximation
+from mergekit_omp.assemble import assemble_matrix
 from mergekit_omp.card import model_card
 from mergekit_omp.diagnostics.stage import MatrixDiagnosis, audit_matrix, check_numbers
-from mergekit_omp.load import LoadedModel, load_model
-from mergekit_omp.match import VocabularyMatch, match_vocabularies
+from mergekit_omp.load import LoadedModel
+from mergekit_omp.match import VocabularyMatch
 from mergekit_omp.options import Matrix, TransplantOptions
+from mergekit_omp.plan import MatrixPlan, TransplantPlan, load_pair, plan_transplant
 from mergekit_omp.recipe import recipe_yaml
 from mergekit_omp.report import MatrixReport, TransplantReport
-from mergekit_omp.vocabulary import Vocabulary
 from mergekit_omp.write import (
     check_output_path,
     donor_token_ids,
@@ -60,146 +58,100 @@ class TransplantResult:
     matrices: dict[str, MatrixResult] = field(default_factory=dict)
     tokenizer: PreTrainedTokenizerBase | None = None
     """The output tokenizer: the donor's, with BOS insertion following the base."""
+    plan: TransplantPlan | None = None
 
 
-def bos_pair(base: LoadedModel, donor: LoadedModel) -> dict[int, int] | None:
-    """The donor's BOS token carries the base's BOS row."""
-    donor_bos, base_bos = donor.tokenizer.bos_token_id, base.tokenizer.bos_token_id
-    if donor_bos is None or base_bos is None:
-        return None
-    return {donor_bos: base_bos}
-
-
-def plan_output_tokenizer(
-    base: LoadedModel, donor: LoadedModel, policy: BosPolicy, report: TransplantReport
-) -> PreTrainedTokenizerBase:
-    plan = plan_bos(base.tokenizer, donor.tokenizer, policy)
-    tokenizer, failure = output_tokenizer(donor.tokenizer, plan)
-    report.diagnostics["bos"] = {
-        "base_adds_bos": plan.base_adds_bos,
-        "donor_adds_bos": plan.donor_adds_bos,
-        "output_adds_bos": plan.output_adds_bos and failure is None,
-    }
-    report.warnings.extend(w for w in (plan.warning, failure) if w)
-    return tokenizer
-
-
-def _well_trained_ids(
-    vocab: Vocabulary, embed: torch.Tensor, lm_head: torch.Tensor | None
-) -> set[int]:
-    by_string = {s: i for i, s in vocab.strings.items() if i < embed.shape[0]}
-    good = well_trained_tokens(
-        by_string, embed.float(), None if lm_head is None else lm_head.float()
-    )
-    return {by_string[t] for t in good}
-
-
-def _matrices_to_build(
-    base: LoadedModel, donor: LoadedModel
-) -> list[tuple[Matrix, torch.Tensor, torch.Tensor, str]]:
-    """(matrix, base rows, donor rows, tensor name) for each matrix the output needs."""
-    plans: list[tuple[Matrix, torch.Tensor, torch.Tensor, str]] = [
-        ("embed", base.embed, donor.embed, base.embed_info.name)
-    ]
-    if base.lm_head is not None and base.lm_head_info is not None:
-        donor_lm_head = donor.lm_head if donor.lm_head is not None else donor.embed
-        plans.append(("lm_head", base.lm_head, donor_lm_head, base.lm_head_info.name))
-    return plans
-
-
-def build_matrices(
+def build_matrix(
+    plan: TransplantPlan,
+    matrix: MatrixPlan,
     base: LoadedModel,
     donor: LoadedModel,
-    options: TransplantOptions,
     report: TransplantReport,
     *,
     progress: bool = True,
-    forced_pairs: dict[int, int] | None = None,
-) -> dict[str, MatrixResult]:
-    """Match, approximate and assemble each vocabulary matrix of the output.
-
-    ``forced_pairs`` (donor id -> base id) take precedence over matching, e.g. the donor's
-    BOS token when the output tokenizer now inserts it for a base that expects its own.
-    """
-    well_trained = None
-    if options.magikarp:
-        with report.timed("magikarp"):
-            well_trained = (
-                _well_trained_ids(donor.vocabulary, donor.embed, donor.lm_head),
-                _well_trained_ids(base.vocabulary, base.embed, base.lm_head),
-            )
-    out_rows = output_vocab_size(
-        donor.embed.shape[0], donor.vocabulary.max_id, options.pad_vocab_to_multiple_of
+) -> MatrixResult:
+    """Match, approximate, audit and assemble one vocabulary matrix as ``plan`` decided."""
+    options = plan.options
+    base_rows, donor_rows = matrix.base_rows(base), matrix.donor_rows(donor)
+    with report.timed("match"):
+        match = plan.match(matrix, base, donor)
+    LOG.info("%s: %s", matrix.name, match.counts())
+    with report.timed("approximate"):
+        problem = build_problem(
+            base_rows,
+            donor_rows,
+            match,
+            base,
+            donor,
+            is_lm_head=matrix.name == "lm_head",
+            batch_size=options.batch_size,
+            progress=progress,
+            seed=options.seed,
+        )
+        approximation = approximate_new_rows(
+            problem,
+            matrix.method,
+            matrix.parameters,
+            noise=options.new_vocab_noise,
+            scale=options.new_vocab_scale,
+        )
+    with report.timed("audit"):
+        approximation, diagnosis = audit_matrix(
+            problem,
+            approximation,
+            report,
+            matrix=matrix.name,
+            is_output=matrix.is_output,
+            guard=options.guard,
+            seed=options.seed,
+            progress=progress,
+        )
+    with report.timed("assemble"):
+        dtype = plan.dtype or base_rows.dtype
+        new_matrix = assemble_matrix(base_rows, match, approximation.rows, plan.out_rows, dtype)
+    report.matrices.append(
+        MatrixReport(
+            matrix=matrix.name,
+            tensor=matrix.tensor_name,
+            method=matrix.method.name,
+            parameters=dict(matrix.parameters),
+            byte_match=matrix.policy.byte_match,
+            prefix_match=matrix.policy.prefix_match,
+            counts=match.counts(),
+            anchors=len(problem.donor_anchor_ids),
+            rows=plan.out_rows,
+        )
     )
-    report.vocab_size = out_rows
-    results: dict[str, MatrixResult] = {}
-    for matrix, base_rows, donor_rows, tensor_name in _matrices_to_build(base, donor):
-        policy = options.match_policy(matrix)
-        method = get_approximator(options.method_for(matrix))
-        parameters = method.validate_parameters(options.parameters_for(matrix))
-        with report.timed("match"):
-            match = match_vocabularies(
-                donor.vocabulary,
-                base.vocabulary,
-                policy,
-                donor_rows=donor_rows.shape[0],
-                base_rows=base_rows.shape[0],
-                well_trained=well_trained,
-                forced_pairs=forced_pairs,
-            )
-        LOG.info("%s: %s", matrix, match.counts())
-        with report.timed("approximate"):
-            problem = build_problem(
-                base_rows,
-                donor_rows,
-                match,
-                base,
-                donor,
-                is_lm_head=matrix == "lm_head",
-                batch_size=options.batch_size,
-                progress=progress,
-                seed=options.seed,
-            )
-            approximation = approximate_new_rows(
-                problem,
-                method,
-                parameters,
-                noise=options.new_vocab_noise,
-                scale=options.new_vocab_scale,
-            )
-        with report.timed("audit"):
-            approximation, diagnosis = audit_matrix(
-                problem,
-                approximation,
-                report,
-                matrix=matrix,
-                is_output=matrix == "lm_head" or base.tied,
-                guard=options.guard,
-                seed=options.seed,
-                progress=progress,
-            )
-        with report.timed("assemble"):
-            dtype = getattr(torch, options.dtype) if options.dtype else base_rows.dtype
-            new_matrix = assemble_matrix(base_rows, match, approximation.rows, out_rows, dtype)
-        results[matrix] = MatrixResult(
-            matrix, tensor_name, match, approximation, new_matrix, diagnosis
-        )
-        report.matrices.append(
-            MatrixReport(
-                matrix=matrix,
-                tensor=tensor_name,
-                method=method.name,
-                parameters=parameters,
-                byte_match=policy.byte_match,
-                prefix_match=policy.prefix_match,
-                counts=match.counts(),
-                anchors=len(problem.donor_anchor_ids),
-                rows=out_rows,
-            )
-        )
+    return MatrixResult(
+        matrix.name, matrix.tensor_name, match, approximation, new_matrix, diagnosis
+    )
+
+
+def build_matrices(
+    plan: TransplantPlan,
+    base: LoadedModel,
+    donor: LoadedModel,
+    report: TransplantReport,
+    *,
+    progress: bool = True,
+) -> dict[str, MatrixResult]:
+    """Every matrix of ``plan`` (``build_matrix``), then the number-scheme check."""
+    record_plan(plan, report)
+    results = {
+        matrix.name: build_matrix(plan, matrix, base, donor, report, progress=progress)
+        for matrix in plan.matrices
+    }
     with report.timed("numbers"):
         check_numbers(base, donor, results["embed"].match, report)
     return results
+
+
+def record_plan(plan: TransplantPlan, report: TransplantReport) -> None:
+    """The plan's decisions in the report: BOS, output rows, its warnings."""
+    report.tied_embeddings = plan.tied
+    report.vocab_size = plan.out_rows
+    report.diagnostics["bos"] = plan.bos_diagnostics()
+    report.warnings.extend(plan.warnings)
 
 
 def transplant(
@@ -221,27 +173,19 @@ def transplant(
     merge_options = merge_options or MergeOptions()
     if out_path is not None:
         check_output_path(out_path, overwrite)
-    LoaderCache().setup(merge_options)
     report = TransplantReport(
         base_model=options.base_model,
         donor=options.donor,
         options=options.model_dump(mode="json"),
     )
     with report.timed("load"):
-        base = load_model(options.base_model, merge_options, lm_head_falls_back_to_embed=False)
-        donor = load_model(options.donor, merge_options, lm_head_falls_back_to_embed=True)
-    report.tied_embeddings = base.tied
-    tokenizer = plan_output_tokenizer(base, donor, options.bos, report)
-    forced_pairs = bos_pair(base, donor) if report.diagnostics["bos"]["output_adds_bos"] else None
+        base, donor = load_pair(options.base_model, options.donor, merge_options)
+    with report.timed("plan"):
+        plan = plan_transplant(options, base, donor)
     matrices = build_matrices(
-        base,
-        donor,
-        options,
-        report,
-        progress=progress and not merge_options.quiet,
-        forced_pairs=forced_pairs,
+        plan, base, donor, report, progress=progress and not merge_options.quiet
     )
-    result = TransplantResult(report=report, matrices=matrices, tokenizer=tokenizer)
+    result = TransplantResult(report=report, matrices=matrices, tokenizer=plan.tokenizer, plan=plan)
     # The old vocabulary matrices are used up; writing should not hold them as well.
     base, donor = base.without_matrices(), donor.without_matrices()
     if out_path is not None:
@@ -250,6 +194,13 @@ def transplant(
     if report_path is not None:
         report.write_json(report_path)
     return result
+
+
+def aux_match(result: TransplantResult) -> VocabularyMatch:
+    """The match that lays out per-token tensors besides the matrices (an LM-head bias):
+    the LM head's when it has its own, else the embedding's."""
+    matrix = result.matrices.get("lm_head") or result.matrices["embed"]
+    return matrix.match
 
 
 def write_transplant(
@@ -268,7 +219,7 @@ def write_transplant(
             staging,
             base,
             replacements,
-            result.matrices["embed"].match,
+            aux_match(result),
             report.vocab_size,
             merge_options,
         )

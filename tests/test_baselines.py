@@ -205,8 +205,9 @@ def test_wechsel_defaults_are_the_papers_and_k_is_capped_by_the_anchors():
     assert wechsel.validate_parameters({}) == {"k": 10, "temperature": 0.1}
     result = wechsel(random_problem(anchors=4), k=10)
     assert result.indices.shape == (37, 4)
-    with pytest.raises(TransplantError, match="temperature"):
-        wechsel(random_problem(), temperature=0)
+    for bad in ({"temperature": 0}, {"temperature": float("nan")}, {"k": 0}):
+        with pytest.raises(TransplantError, match=next(iter(bad))):
+            wechsel.validate_parameters(bad)
 
 
 def test_wechsel_coefficients_reproduce_its_rows():
@@ -396,7 +397,7 @@ def test_subword_pooling_methods(byte_level_tok, is_lm_head):
             got = subword(problem, subword_method=method).rows[row_index]
             assert torch.allclose(got, row, atol=1e-6), method
     with pytest.raises(TransplantError, match="subword_method"):
-        subword(problem, subword_method="median")
+        subword.validate_parameters({"subword_method": "median"})
 
 
 @pytest.mark.parametrize("method", ["mean", "sum", "first_last"])

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import inspect
+import typing
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
@@ -15,7 +16,25 @@ from mergekit_omp.errors import TransplantError
 from mergekit_omp.vocabulary import Vocabulary
 
 COMBINE_CHUNK = 256
-"""Tokens whose anchor rows are gathered at once by ``combine_base_anchors``."""
+"""Tokens whose anchor rows are gathered at once by ``combine_anchor_rows``."""
+DEFAULT_BATCH_SIZE = 512
+"""Tokens approximated per batch unless ``--batch-size`` says otherwise."""
+
+
+def combine_anchor_rows(
+    anchors: torch.Tensor, indices: torch.Tensor, coeffs: torch.Tensor
+) -> torch.Tensor:
+    """Apply per-token coefficients over anchor ``indices`` to the ``anchors`` rows.
+
+    In chunks of ``COMBINE_CHUNK`` tokens: the gathered (B, k, D) rows of a whole
+    vocabulary would be larger than the matrices themselves (0.5 GB for 3,131 tokens,
+    k = 64, D = 640)."""
+    rows = coeffs.new_empty((indices.shape[0], anchors.shape[1]))
+    for start in range(0, indices.shape[0], COMBINE_CHUNK):
+        stop = start + COMBINE_CHUNK
+        selected = anchors[indices[start:stop]].to(coeffs.dtype)  # (b, k, D)
+        rows[start:stop] = torch.bmm(coeffs[start:stop].unsqueeze(1), selected).squeeze(1)
+    return rows
 
 
 @dataclass(frozen=True)
@@ -53,17 +72,8 @@ class ApproximationProblem:
         return self.base_matrix.shape[1]
 
     def combine_base_anchors(self, indices: torch.Tensor, coeffs: torch.Tensor) -> torch.Tensor:
-        """Apply per-token coefficients over anchor ``indices`` to the base anchor rows.
-
-        In chunks of ``COMBINE_CHUNK`` tokens: the gathered (B, k, D) rows of a whole
-        vocabulary would be larger than the matrices themselves (0.5 GB for 3,131 tokens,
-        k = 64, D = 640)."""
-        rows = coeffs.new_empty((indices.shape[0], self.base_dim))
-        for start in range(0, indices.shape[0], COMBINE_CHUNK):
-            stop = start + COMBINE_CHUNK
-            selected = self.base_anchors[indices[start:stop]].to(coeffs.dtype)  # (b, k, D)
-            rows[start:stop] = torch.bmm(coeffs[start:stop].unsqueeze(1), selected).squeeze(1)
-        return rows
+        """Apply per-token coefficients over anchor ``indices`` to the base anchor rows."""
+        return combine_anchor_rows(self.base_anchors, indices, coeffs)
 
 
 @dataclass(frozen=True)
@@ -95,29 +105,54 @@ class Approximator:
         return list(self.parameters.model_fields)
 
     def validate_parameters(self, params: Mapping[str, Any]) -> dict[str, Any]:
-        """Typed, defaulted parameters; unknown names and wrong types raise TransplantError."""
+        """Typed, defaulted, in-range parameters; anything else raises TransplantError.
+
+        The one check of a method's parameters: ``TransplantOptions`` runs it when it is
+        made (through ``check_parameters``), before any model is read."""
         try:
-            return self.parameters.model_validate(dict(params)).model_dump()
+            return self.check_parameters(params)
         except ValidationError as exc:
-            problems = "; ".join(
-                f"{'.'.join(str(p) for p in e['loc']) or 'parameters'}: {e['msg']}"
-                for e in exc.errors()
-            )
-            raise TransplantError(f"bad parameters for method '{self.name}': {problems}") from None
+            raise TransplantError(
+                f"bad parameters for method '{self.name}': {describe_parameter_errors(exc)}"
+            ) from None
+
+    def check_parameters(self, params: Mapping[str, Any]) -> dict[str, Any]:
+        """``validate_parameters`` raising pydantic's ``ValidationError`` (for models
+        that nest it, such as ``TransplantOptions``)."""
+        return self.parameters.model_validate(dict(params)).model_dump()
 
     def __call__(self, problem: ApproximationProblem, **params: Any) -> Approximation:
-        return self.function(problem, **self.validate_parameters(params))
+        """Run the method; ``params`` are already validated (``validate_parameters``)."""
+        return self.function(problem, **params)
+
+
+def describe_parameter_errors(exc: ValidationError) -> str:
+    return "; ".join(
+        f"{'.'.join(str(p) for p in e['loc']) or 'parameters'}: {e['msg']}" for e in exc.errors()
+    )
 
 
 def parameters_model(name: str, function: ApproximatorFn) -> type[BaseModel]:
-    """A frozen pydantic model of ``function``'s keyword-only arguments."""
+    """A frozen pydantic model of ``function``'s keyword-only arguments.
+
+    Types are read with ``typing.get_type_hints(include_extras=True)``, as mergekit's
+    ``@merge_method`` does, so string annotations (``from __future__ import annotations``)
+    resolve in the function's module and ``Annotated[int, Field(ge=1)]`` keeps its range.
+    Every keyword-only argument must be annotated."""
+    try:
+        hints = typing.get_type_hints(function, include_extras=True)
+    except Exception as exc:
+        raise TypeError(f"approximator '{name}': cannot resolve its type hints: {exc}") from exc
     fields: dict[str, Any] = {}
     for param in inspect.signature(function).parameters.values():
         if param.kind != inspect.Parameter.KEYWORD_ONLY:
             continue
-        annotation = param.annotation if param.annotation is not inspect.Parameter.empty else Any
+        if param.name not in hints:
+            raise TypeError(
+                f"approximator '{name}': parameter '{param.name}' needs a type annotation"
+            )
         default = param.default if param.default is not inspect.Parameter.empty else ...
-        fields[param.name] = (annotation, default)
+        fields[param.name] = (hints[param.name], default)
     return create_model(
         f"{name.title().replace('_', '')}Parameters",
         __config__=ConfigDict(frozen=True, extra="forbid"),

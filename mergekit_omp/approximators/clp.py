@@ -16,7 +16,10 @@ for a large vocabulary). A token whose similarities do not sum to a positive num
 be normalised and gets equal weights over its anchors.
 """
 
+from typing import Annotated
+
 import torch
+from pydantic import Field
 
 from mergekit_omp.approximators.base import Approximation, ApproximationProblem, approximator
 from mergekit_omp.approximators.similarity import (
@@ -25,7 +28,6 @@ from mergekit_omp.approximators.similarity import (
     no_targets,
     target_batches,
 )
-from mergekit_omp.errors import TransplantError
 
 
 def normalised(similarities: torch.Tensor) -> torch.Tensor:
@@ -40,10 +42,10 @@ def normalised(similarities: torch.Tensor) -> torch.Tensor:
     pretty_name="CLP-Transfer",
     reference_url="https://arxiv.org/abs/2301.09626",
 )
-def clp(problem: ApproximationProblem, *, k: int | None = None) -> Approximation:
+def clp(
+    problem: ApproximationProblem, *, k: Annotated[int, Field(ge=1)] | None = None
+) -> Approximation:
     """Anchors weighted by normalised cosine similarity in the donor space (all, or top k)."""
-    if k is not None and k < 1:
-        raise TransplantError(f"clp needs k >= 1 (or no k for all anchors), got {k}")
     if problem.num_targets == 0:
         return no_targets(problem)
     similarity = AnchorSimilarity(problem)

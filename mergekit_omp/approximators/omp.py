@@ -5,9 +5,16 @@ Each new token's donor row is written as a k-sparse combination of donor anchor 
 base row.
 """
 
+from typing import Annotated
+
+from pydantic import Field
+
 from mergekit_omp.approximators.base import Approximation, ApproximationProblem, approximator
 from mergekit_omp.errors import TransplantError
 from mergekit_omp.omp import batch_omp
+
+DEFAULT_K = 64
+"""Anchors per new token (mergekit-tokensurgeon's ``-k`` default)."""
 
 
 @approximator(
@@ -18,8 +25,8 @@ from mergekit_omp.omp import batch_omp
 def omp(
     problem: ApproximationProblem,
     *,
-    k: int = 64,
-    memory_gb: float | None = None,
+    k: Annotated[int, Field(ge=1)] = DEFAULT_K,
+    memory_gb: Annotated[float, Field(gt=0, allow_inf_nan=False)] | None = None,
     screen: bool | None = None,
 ) -> Approximation:
     """Sparse anchor combination found by OMP in the donor space (default).
@@ -32,8 +39,6 @@ def omp(
     check them in float32: the same picks, faster (default: where bfloat16 GEMMs are fast
     and D <= 1024; ``false`` turns it off).
     """
-    if memory_gb is not None and memory_gb <= 0:
-        raise TransplantError(f"memory_gb must be positive, got {memory_gb}")
     anchors = problem.donor_anchors.shape[0]
     if k > anchors:
         raise TransplantError(

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import logging
 from functools import lru_cache
-from importlib.metadata import entry_points
+from importlib.metadata import EntryPoint, entry_points
 
 from mergekit_omp.approximators.base import Approximator
 from mergekit_omp.errors import TransplantError
@@ -13,10 +13,15 @@ ENTRY_POINT_GROUP = "mergekit_omp.approximators"
 LOG = logging.getLogger(__name__)
 
 
+def _builtins_first(entry_point: EntryPoint) -> tuple[bool, str, str]:
+    """Built-ins first (a plugin cannot take their names), then by name."""
+    return (not entry_point.value.startswith("mergekit_omp."), entry_point.name, entry_point.value)
+
+
 @lru_cache(maxsize=1)
 def _registry() -> dict[str, Approximator]:
     registry: dict[str, Approximator] = {}
-    for entry_point in sorted(entry_points(group=ENTRY_POINT_GROUP), key=lambda e: e.name):
+    for entry_point in sorted(entry_points(group=ENTRY_POINT_GROUP), key=_builtins_first):
         try:
             loaded = entry_point.load()
         except Exception as exc:  # a broken plugin must not break the tool
@@ -30,13 +35,28 @@ def _registry() -> dict[str, Approximator]:
             )
             continue
         for name in (entry_point.name, *loaded.aliases):
-            registry.setdefault(name, loaded)
+            register(registry, name, loaded, entry_point.value)
     return registry
 
 
-def refresh_registry() -> None:
-    """Forget discovered plugins (after installing one into the running interpreter)."""
-    _registry.cache_clear()
+def register(
+    registry: dict[str, Approximator], name: str, method: Approximator, source: str
+) -> None:
+    """Add ``method`` under ``name``; a name claimed by another method keeps its first
+    claimant (built-ins, then entry points in name order) and the clash is logged as a
+    warning naming both: one broken plugin must not break the tool."""
+    claimant = registry.get(name)
+    if claimant is None:
+        registry[name] = method
+    elif claimant is not method:
+        LOG.warning(
+            "Approximator name '%s' is claimed twice: kept %s (%s), ignored %s (%s)",
+            name,
+            claimant.name,
+            claimant.function.__module__,
+            method.name,
+            source,
+        )
 
 
 def approximator_names() -> list[str]:

@@ -14,10 +14,13 @@ from collections.abc import Iterator
 import torch
 import tqdm
 
-from mergekit_omp.approximators.base import Approximation, ApproximationProblem
+from mergekit_omp.approximators.base import (
+    DEFAULT_BATCH_SIZE,
+    Approximation,
+    ApproximationProblem,
+)
 
 NORM_EPS = 1e-12
-DEFAULT_BATCH = 512
 
 
 def unit_rows(matrix: torch.Tensor) -> torch.Tensor:
@@ -40,7 +43,7 @@ def no_targets(problem: ApproximationProblem) -> Approximation:
 def target_batches(problem: ApproximationProblem, description: str) -> Iterator[slice]:
     """Slices of the problem's targets, ``problem.batch_size`` at a time, with a progress bar."""
     total = problem.num_targets
-    size = problem.batch_size or DEFAULT_BATCH
+    size = problem.batch_size or DEFAULT_BATCH_SIZE
     starts = range(0, total, size)
     bar = tqdm.tqdm(
         starts,

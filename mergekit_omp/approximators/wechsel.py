@@ -10,11 +10,13 @@ alignment is needed. The k anchors nearest to a new token by cosine similarity i
 donor space get the softmax weights, which are applied to those anchors' base rows.
 """
 
+from typing import Annotated
+
 import torch
+from pydantic import Field
 
 from mergekit_omp.approximators.base import Approximation, ApproximationProblem, approximator
 from mergekit_omp.approximators.similarity import AnchorSimilarity, no_targets, target_batches
-from mergekit_omp.errors import TransplantError
 
 
 def softmax_top_k(
@@ -31,13 +33,12 @@ def softmax_top_k(
     reference_url="https://arxiv.org/abs/2112.06598",
 )
 def wechsel(
-    problem: ApproximationProblem, *, k: int = 10, temperature: float = 0.1
+    problem: ApproximationProblem,
+    *,
+    k: Annotated[int, Field(ge=1)] = 10,
+    temperature: Annotated[float, Field(gt=0, allow_inf_nan=False)] = 0.1,
 ) -> Approximation:
     """Softmax-weighted k nearest anchors by cosine similarity in the donor space."""
-    if k < 1:
-        raise TransplantError(f"wechsel needs k >= 1, got {k}")
-    if temperature <= 0:
-        raise TransplantError(f"wechsel needs a positive temperature, got {temperature}")
     if problem.num_targets == 0:
         return no_targets(problem)
     k = min(k, problem.donor_anchors.shape[0])

@@ -9,6 +9,7 @@ from typing import Any
 import click
 from mergekit.options import MergeOptions, PrettyPrintHelp, add_merge_options
 
+from mergekit_omp.approximators.base import DEFAULT_BATCH_SIZE
 from mergekit_omp.cli_support import run_cli_action
 from mergekit_omp.errors import TransplantError
 from mergekit_omp.evaluate.compare import compare_methods, parse_method_spec
@@ -57,7 +58,7 @@ def parse_holdout(value: str | None) -> float | None:
 @click.option(
     "--batch-size",
     type=int,
-    default=512,
+    default=DEFAULT_BATCH_SIZE,
     show_default=True,
     help="Tokens approximated per batch. -1 for one batch.",
 )
@@ -68,7 +69,8 @@ def parse_holdout(value: str | None) -> float | None:
     default=None,
     metavar="FILE",
     help="Also measure bits per byte on this UTF-8 text: the base model with its "
-    "tokenizer, and each method's transplant with the donor's.",
+    "tokenizer, and each method's transplant with the tokenizer mergekit-omp writes "
+    "(the donor's, inserting BOS as the base expects).",
 )
 @click.option(
     "--max-bytes",

@@ -15,20 +15,21 @@ from typing import Any
 
 import tqdm
 import yaml
-from mergekit.io.tasks import LoaderCache
 from mergekit.options import MergeOptions
 from pydantic import BaseModel, Field
 
 from mergekit_omp.approximators import Approximator, approximator_names, get_approximator
+from mergekit_omp.approximators.base import DEFAULT_BATCH_SIZE
 from mergekit_omp.errors import TransplantError
 from mergekit_omp.evaluate.bpb import BitsPerByte, bits_per_byte, read_text
 from mergekit_omp.evaluate.leave_out import LeaveOutTask, MatrixScore, leave_out_tasks, score_method
 from mergekit_omp.evaluate.transplanted import InMemoryTransplant
-from mergekit_omp.load import LoadedModel, load_model
+from mergekit_omp.load import LoadedModel
 from mergekit_omp.match import MatchPolicy
 from mergekit_omp.options import MatchScope, TransplantOptions
+from mergekit_omp.plan import TransplantPlan, load_pair, plan_transplant
 from mergekit_omp.report import TransplantReport
-from mergekit_omp.transplant import build_matrices
+from mergekit_omp.transplant import MatrixResult, build_matrices
 
 LOG = logging.getLogger(__name__)
 
@@ -124,13 +125,42 @@ def rank_results(results: list[MethodResult], by_bpb: bool) -> str:
     )
 
 
-def load_pair(
-    base_model: str, donor: str, merge_options: MergeOptions
-) -> tuple[LoadedModel, LoadedModel]:
-    LoaderCache().setup(merge_options)
-    base = load_model(base_model, merge_options, lm_head_falls_back_to_embed=False)
-    donor_model = load_model(donor, merge_options, lm_head_falls_back_to_embed=True)
-    return base, donor_model
+def evaluation_options(
+    base_model: str,
+    donor: str,
+    *,
+    policy: MatchPolicy | None = None,
+    batch_size: int | None = DEFAULT_BATCH_SIZE,
+    seed: int = 0,
+) -> TransplantOptions:
+    """The transplant every method of an evaluation shares (its method aside)."""
+    policy = policy or MatchPolicy()
+    return TransplantOptions(
+        base_model=base_model,
+        donor=donor,
+        byte_match=MatchScope.YES if policy.byte_match else MatchScope.NO,
+        prefix_match=MatchScope.YES if policy.prefix_match else MatchScope.NO,
+        batch_size=batch_size,
+        seed=seed,
+    )
+
+
+def with_method(
+    options: TransplantOptions, method: str, parameters: dict[str, Any]
+) -> TransplantOptions:
+    """``options`` with another method for every matrix (validated again)."""
+    data = options.model_dump()
+    data.update(method=method, parameters=parameters, embed=None, lm_head=None)
+    return TransplantOptions.model_validate(data)
+
+
+def transplanted_matrices(
+    options: TransplantOptions, base: LoadedModel, donor: LoadedModel
+) -> tuple[TransplantPlan, dict[str, MatrixResult]]:
+    """The plan and matrices ``mergekit-omp`` would write for ``options``."""
+    plan = plan_transplant(options, base, donor)
+    report = TransplantReport(base_model=base.path, donor=donor.path, options={})
+    return plan, build_matrices(plan, base, donor, report, progress=False)
 
 
 def run_leave_out(
@@ -166,15 +196,15 @@ def run_bits_per_byte(
     results: list[MethodResult],
     text: str,
     *,
+    options: TransplantOptions,
     window: int | None,
     bos: str,
-    policy: MatchPolicy,
-    batch_size: int | None,
-    seed: int,
     merge_options: MergeOptions,
     progress: bool,
 ) -> BitsPerByte:
-    """Bits per byte of the base (its tokenizer) and of each method's transplant (donor's)."""
+    """Bits per byte of the base (its tokenizer) and of each method's transplant: the
+    model ``mergekit-omp`` writes for ``options`` with that method, scored with the output
+    tokenizer it writes."""
     in_memory = InMemoryTransplant(
         base,
         device=merge_options.device or "cpu",
@@ -192,23 +222,10 @@ def run_bits_per_byte(
     for result in results:
         if result.error is not None:
             continue
-        options = TransplantOptions(
-            base_model=base.path,
-            donor=donor.path,
-            method=result.method,
-            parameters=result.parameters,
-            byte_match=MatchScope.YES if policy.byte_match else MatchScope.NO,
-            batch_size=batch_size,
-            seed=seed,
-        )
         start = time.perf_counter()
         try:
-            matrices = build_matrices(
-                base,
-                donor,
-                options,
-                TransplantReport(base_model=base.path, donor=donor.path, options={}),
-                progress=False,
+            plan, matrices = transplanted_matrices(
+                with_method(options, result.method, result.parameters), base, donor
             )
         except TransplantError as exc:
             result.error = str(exc)
@@ -216,7 +233,7 @@ def run_bits_per_byte(
         result.transplant_seconds = round(time.perf_counter() - start, 3)
         result.bpb = bits_per_byte(
             in_memory.apply(matrices),
-            donor.tokenizer,
+            plan.tokenizer,
             text,
             window=window,
             bos=bos,
@@ -234,7 +251,7 @@ def compare_methods(
     holdout: float | None = None,
     seed: int = 0,
     policy: MatchPolicy | None = None,
-    batch_size: int | None = 512,
+    batch_size: int | None = DEFAULT_BATCH_SIZE,
     text_path: str | None = None,
     max_bytes: int | None = None,
     window: int | None = None,
@@ -248,10 +265,9 @@ def compare_methods(
     if not specs:
         raise TransplantError("no approximation methods to compare")
     text = read_text(text_path, max_bytes) if text_path is not None else None
+    options = evaluation_options(base_model, donor, policy=policy, batch_size=batch_size, seed=seed)
     base, donor_model = load_pair(base_model, donor, merge_options)
-    tasks = leave_out_tasks(
-        base, donor_model, holdout=holdout, seed=seed, policy=policy, batch_size=batch_size
-    )
+    tasks = leave_out_tasks(base, donor_model, options=options, holdout=holdout, seed=seed)
     results = run_leave_out(tasks, specs, progress)
     base_bpb = None
     if text is not None:
@@ -260,11 +276,9 @@ def compare_methods(
             donor_model,
             results,
             text,
+            options=options,
             window=window,
             bos=bos,
-            policy=policy or MatchPolicy(),
-            batch_size=batch_size,
-            seed=seed,
             merge_options=merge_options,
             progress=progress,
         )

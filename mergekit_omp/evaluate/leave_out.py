@@ -26,7 +26,9 @@ from mergekit_omp.approximate import approximate_new_rows, build_problem
 from mergekit_omp.approximators import ApproximationProblem, Approximator
 from mergekit_omp.errors import TransplantError
 from mergekit_omp.load import LoadedModel
-from mergekit_omp.match import MatchPolicy, VocabularyMatch, match_vocabularies
+from mergekit_omp.match import VocabularyMatch
+from mergekit_omp.options import TransplantOptions
+from mergekit_omp.plan import plan_transplant
 from mergekit_omp.vocabulary import Vocabulary
 
 DEFAULT_HOLDOUT_COUNT = 1000
@@ -117,37 +119,25 @@ class LeaveOutTask:
         return self.problem.num_targets
 
 
-def vocabulary_matrices(
-    base: LoadedModel, donor: LoadedModel
-) -> list[tuple[str, torch.Tensor, torch.Tensor]]:
-    """(matrix, base rows, donor rows) for each matrix a transplant rebuilds."""
-    plans = [("embed", base.embed, donor.embed)]
-    if base.lm_head is not None:
-        donor_lm_head = donor.lm_head if donor.lm_head is not None else donor.embed
-        plans.append(("lm_head", base.lm_head, donor_lm_head))
-    return plans
-
-
 def leave_out_tasks(
     base: LoadedModel,
     donor: LoadedModel,
     *,
+    options: TransplantOptions | None = None,
     holdout: float | None = None,
     seed: int = 0,
-    policy: MatchPolicy | None = None,
-    batch_size: int | None = 512,
     progress: bool = False,
 ) -> list[LeaveOutTask]:
-    """The held-out problem of each vocabulary matrix, the same seed for each."""
+    """The held-out problem of each matrix the transplant ``options`` plan, one seed for all.
+
+    The matrices, their matches (policy, forced pairs) and the batch size are the plan's
+    (``plan.plan_transplant``), as in ``mergekit-omp``."""
+    options = options or TransplantOptions(base_model=base.path, donor=donor.path)
+    plan = plan_transplant(options, base, donor)
     tasks = []
-    for matrix, base_rows, donor_rows in vocabulary_matrices(base, donor):
-        match = match_vocabularies(
-            donor.vocabulary,
-            base.vocabulary,
-            policy or MatchPolicy(),
-            donor_rows=donor_rows.shape[0],
-            base_rows=base_rows.shape[0],
-        )
+    for matrix in plan.matrices:
+        base_rows, donor_rows = matrix.base_rows(base), matrix.donor_rows(donor)
+        match = plan.match(matrix, base, donor)
         held = choose_held_out(match, holdout, seed)
         problem = build_problem(
             hidden_base_rows(base_rows, held.base_ids),
@@ -155,8 +145,8 @@ def leave_out_tasks(
             without_held_out(match, held),
             base,
             donor,
-            is_lm_head=matrix == "lm_head",
-            batch_size=batch_size,
+            is_lm_head=matrix.name == "lm_head",
+            batch_size=options.batch_size,
             progress=progress,
             seed=seed,
         )
@@ -166,7 +156,9 @@ def leave_out_tasks(
         truth = base_rows[torch.tensor(held.base_ids, device=base_rows.device)].to(
             problem.base_matrix.dtype
         )
-        tasks.append(LeaveOutTask(matrix, problem, truth, anchors=len(problem.donor_anchor_ids)))
+        tasks.append(
+            LeaveOutTask(matrix.name, problem, truth, anchors=len(problem.donor_anchor_ids))
+        )
     return tasks
 
 

@@ -2,8 +2,8 @@
 
 The base is loaded once with ``transformers``; for each method its embedding (and, when the
 base's LM head is untied, its LM head) is resized to the donor's vocabulary and overwritten
-with the rows ``transplant.build_matrices`` made, exactly the tensors ``mergekit-omp`` would
-write. Nothing touches the disk.
+with the rows ``transplant.build_matrices`` made from a ``TransplantPlan``, exactly the
+tensors ``mergekit-omp`` would write. Nothing touches the disk.
 """
 
 from __future__ import annotations
@@ -48,5 +48,6 @@ class InMemoryTransplant:
             if output.weight is not inputs.weight:
                 output.weight.copy_(head.to(output.weight))
             if self.base_bias is not None:
-                output.bias.copy_(remap_vocabulary_rows(self.base_bias, embed.match, rows))
+                head_match = matrices["lm_head"].match if "lm_head" in matrices else embed.match
+                output.bias.copy_(remap_vocabulary_rows(self.base_bias, head_match, rows))
         return self.model

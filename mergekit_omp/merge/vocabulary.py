@@ -30,6 +30,8 @@ from mergekit.common import ImmutableMap, ModelReference
 from mergekit.tokenizer import PermutedVocabulary, TokenizerInfo
 from mergekit.vocabulary import vocabulary_views
 
+from mergekit_omp.approximate import work_dtype
+from mergekit_omp.approximators.base import combine_anchor_rows
 from mergekit_omp.errors import TransplantError
 from mergekit_omp.merge.config import OmpMergeSettings, OmpTokenSource
 from mergekit_omp.omp import batch_omp
@@ -108,14 +110,12 @@ def omp_rows(
     OMP writes each source row as a k-sparse combination of the source's anchor rows; the
     same coefficients applied to the model's anchor rows give the model's row.
     """
-    dtype = (
-        torch.float64 if torch.float64 in (source_rows.dtype, model_rows.dtype) else torch.float32
-    )
+    dtype = work_dtype(source_rows, model_rows)
     source_anchors = source_rows[[source_permutation[i] for i in anchor_ids]].to(dtype)
     model_anchors = model_rows[[model_permutation[i] for i in anchor_ids]].to(dtype)
     targets = source_rows[[source_permutation[i] for i in token_ids]].to(dtype)
     indices, coeffs = batch_omp(targets, source_anchors, k)
-    return torch.bmm(coeffs.to(dtype).unsqueeze(1), model_anchors[indices]).squeeze(1)
+    return combine_anchor_rows(model_anchors, indices, coeffs.to(dtype))
 
 
 class OmpPermutedVocabulary(PermutedVocabulary):
