@@ -66,8 +66,8 @@ def _first_id_by_form(vocab: Vocabulary, usable: Collection[int]) -> dict[TokenF
     return index
 
 
-def _first_id_by_bytes(vocab: Vocabulary, usable: Collection[int]) -> dict[bytes, int]:
-    """Bytes -> id over ordinary and byte-fallback tokens, ordinary tokens first."""
+def first_id_by_bytes(vocab: Vocabulary, usable: Collection[int]) -> dict[bytes, int]:
+    """Bytes -> lowest usable id over ordinary and byte-fallback tokens, ordinary first."""
     by_kind: dict[TokenKind, dict[bytes, int]] = {TokenKind.TEXT: {}, TokenKind.BYTE: {}}
     for token_id in sorted(vocab.forms):
         kind, data = vocab.forms[token_id]
@@ -105,7 +105,7 @@ def match_vocabularies(
     if well_trained is not None:
         usable_base &= well_trained[1]
     by_form = _first_id_by_form(base, usable_base)
-    by_bytes = _first_id_by_bytes(base, usable_base)
+    by_bytes = first_id_by_bytes(base, usable_base)
     role_of_donor: dict[int, str] = {}
     for role in ROLE_PRIORITY:  # a token with several roles keeps the first
         if role in donor.special_ids:

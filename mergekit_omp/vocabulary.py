@@ -67,6 +67,15 @@ class Vocabulary:
     def max_id(self) -> int:
         return max(self.forms)
 
+    def spelling(self, text: str) -> str:
+        """``text`` as this vocabulary writes it (``Ġ``/``Ċ`` or ``▁`` for space)."""
+        if self.encoding == Encoding.BYTE_LEVEL:
+            char_of = byte_level_encoder()
+            return "".join(char_of[b] for b in text.encode("utf-8"))
+        if self.encoding == Encoding.METASPACE:
+            return text.replace(" ", METASPACE)
+        return text
+
 
 @lru_cache(maxsize=1)
 def byte_level_decoder() -> dict[str, int]:
@@ -84,6 +93,12 @@ def byte_level_decoder() -> dict[str, int]:
             codepoints.append(256 + extra)
             extra += 1
     return {chr(cp): byte for byte, cp in zip(printable, codepoints, strict=True)}
+
+
+@lru_cache(maxsize=1)
+def byte_level_encoder() -> dict[int, str]:
+    """GPT-2's printable alphabet: byte -> the character that stands for it."""
+    return {byte: char for char, byte in byte_level_decoder().items()}
 
 
 @lru_cache(maxsize=1)

@@ -131,7 +131,7 @@ def donor_token_ids(donor: LoadedModel) -> dict[str, object]:
 
 
 def output_config(
-    base: LoadedModel, donor: LoadedModel, vocab_size: int, token_ids: dict[str, object]
+    base: LoadedModel, vocab_size: int, token_ids: dict[str, object]
 ) -> PretrainedConfig:
     config = copy.deepcopy(base.config)
     set_config_value(config, base.arch.info.vocab_size_config_key or "vocab_size", vocab_size)
@@ -152,7 +152,7 @@ def write_config_and_tokenizer(
     tokenizer: PreTrainedTokenizerBase | None = None,
 ) -> None:
     """Save the config and generation config with the donor's ids, and the output tokenizer."""
-    output_config(base, donor, vocab_size, token_ids).save_pretrained(directory)
+    output_config(base, vocab_size, token_ids).save_pretrained(directory)
     with contextlib.suppress(OSError):
         generation = GenerationConfig.from_pretrained(base.path)
         for key in ("bos_token_id", "eos_token_id", "pad_token_id"):

@@ -23,14 +23,14 @@ most for input embeddings and the first most for the LM head, as mergekit's comm
 ``first_last`` method intend (its code does the reverse).
 """
 
-from functools import cached_property, lru_cache
+from functools import cached_property
 from typing import Literal
 
 import torch
 
 from mergekit_omp.approximators.base import Approximation, ApproximationProblem, approximator
 from mergekit_omp.approximators.similarity import target_batches
-from mergekit_omp.vocabulary import METASPACE, Encoding, TokenKind, byte_level_decoder
+from mergekit_omp.match import first_id_by_bytes
 
 SubwordMethod = Literal["mean", "sum", "weighted_mean", "first_last"]
 
@@ -54,12 +54,6 @@ def utf8_segments(data: bytes) -> list[str | bytes]:
     return segments
 
 
-@lru_cache(maxsize=1)
-def byte_level_encoder() -> dict[int, str]:
-    """GPT-2's printable alphabet: byte -> the character that stands for it."""
-    return {byte: char for char, byte in byte_level_decoder().items()}
-
-
 class BasePieces:
     """Splits bytes into base tokens whose bytes concatenate to exactly those bytes."""
 
@@ -73,13 +67,7 @@ class BasePieces:
     @cached_property
     def by_bytes(self) -> dict[bytes, int]:
         """Bytes -> lowest allowed id over ordinary and byte-fallback tokens."""
-        index: dict[bytes, int] = {}
-        for kind in (TokenKind.TEXT, TokenKind.BYTE):
-            for token_id in sorted(self.allowed):
-                form = self.vocab.forms[token_id]
-                if form.kind == kind and form.data:
-                    index.setdefault(form.data, token_id)
-        return index
+        return first_id_by_bytes(self.vocab, self.allowed)
 
     @cached_property
     def longest_piece(self) -> int:
@@ -103,21 +91,12 @@ class BasePieces:
                 return None
         return ids
 
-    def vocabulary_spelling(self, text: str) -> str:
-        """``text`` as the base vocabulary writes it (``Ġ``/``Ċ`` or ``▁`` for space)."""
-        if self.vocab.encoding == Encoding.BYTE_LEVEL:
-            char_of = byte_level_encoder()
-            return "".join(char_of[b] for b in text.encode("utf-8"))
-        if self.vocab.encoding == Encoding.METASPACE:
-            return text.replace(" ", METASPACE)
-        return text
-
     def model_split(self, text: str) -> list[int] | None:
         """The tokenizer model alone on the vocabulary spelling: no normaliser, no prefix."""
         backend = getattr(self.tokenizer, "backend_tokenizer", None)
         if backend is None:
             return None
-        return [token.id for token in backend.model.tokenize(self.vocabulary_spelling(text))]
+        return [token.id for token in backend.model.tokenize(self.vocab.spelling(text))]
 
     def encode(self, texts: list[str]) -> list[list[int]]:
         if self.tokenizer is None or not texts:
