@@ -3,10 +3,10 @@
 An approximator is one typed function registered by name::
 
     @approximator("omp", reference_url="https://arxiv.org/abs/2506.06607")
-    def omp(problem: ApproximationProblem, *, k: int = 64) -> Approximation: ...
+    def omp(problem: ApproximationProblem, *, k: Annotated[int, Field(ge=1)] = 64) -> Approximation:
 
-Its keyword-only arguments are its parameters (validated by a pydantic model derived from
-the signature). Built-ins and third-party methods alike are found through the Python
+Its keyword-only arguments are its parameters, each annotated (ranges in ``Annotated``),
+validated by a pydantic model derived from the type hints when ``TransplantOptions`` is made. Built-ins and third-party methods alike are found through the Python
 entry-point group ``mergekit_omp.approximators``; each entry point names an object made by
 the ``@approximator`` decorator.
 """
