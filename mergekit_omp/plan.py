@@ -33,8 +33,8 @@ from mergekit_omp.vocabulary import Vocabulary
 class ForcedPair:
     """A donor token that takes a given base row, before (and instead of) matching.
 
-    ``reason`` says why, for the report: ``bos`` (the output inserts the donor's BOS where
-    the base expects its own)."""
+    ``reason`` says why: ``bos`` (the output inserts the donor's BOS where the base expects
+    its own). A pair whose base id has no base row is ignored by matching."""
 
     donor_id: int
     base_id: int
@@ -96,7 +96,8 @@ class TransplantPlan:
         return next(m for m in self.matrices if m.name == name)
 
     def pairs_for(self, matrix: MatrixPlan) -> dict[int, int]:
-        """donor id -> base id forced for ``matrix`` (matrix-specific pairs win)."""
+        """donor id -> base id forced for ``matrix``: the plan's pairs, then the matrix's;
+        for a donor id listed twice the later pair wins."""
         return {p.donor_id: p.base_id for p in (*self.forced_pairs, *matrix.forced_pairs)}
 
     def match(self, matrix: MatrixPlan, base: LoadedModel, donor: LoadedModel) -> VocabularyMatch:
@@ -166,9 +167,15 @@ def well_trained_ids(
 
 
 def plan_matrix(
-    options: TransplantOptions, name: Matrix, tensor_name: str, base: LoadedModel
+    options: TransplantOptions,
+    name: Matrix,
+    tensor_name: str,
+    base: LoadedModel,
+    donor: LoadedModel,
 ) -> MatrixPlan:
-    """Policy, method and parameters of one matrix (options validated them already)."""
+    """Policy, method and parameters of one matrix (options validated them already).
+
+    ``donor`` is unused today: it is here for choices that look at the models."""
     method, parameters = options.method_and_parameters(name)
     return MatrixPlan(
         name=name,
@@ -185,6 +192,7 @@ def plan_transplant(
 ) -> TransplantPlan:
     """Every decision of giving ``base`` the tokenizer of ``donor`` as ``options`` say."""
     bos, tokenizer, pairs, warnings = plan_bos_outcome(base, donor, options)
+    vocabulary = donor.vocabulary  # the output tokenizer's: BOS insertion adds no token
     well_trained = None
     if options.magikarp:
         well_trained = (
@@ -195,13 +203,14 @@ def plan_transplant(
         options=options,
         bos=bos,
         tokenizer=tokenizer,
-        vocabulary=donor.vocabulary,
+        vocabulary=vocabulary,
         forced_pairs=pairs,
         matrices=tuple(
-            plan_matrix(options, name, tensor, base) for name, tensor in output_matrices(base)
+            plan_matrix(options, name, tensor, base, donor)
+            for name, tensor in output_matrices(base)
         ),
         out_rows=output_vocab_size(
-            donor.embed.shape[0], donor.vocabulary.max_id, options.pad_vocab_to_multiple_of
+            donor.embed.shape[0], vocabulary.max_id, options.pad_vocab_to_multiple_of
         ),
         well_trained=well_trained,
         warnings=warnings,
