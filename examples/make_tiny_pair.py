@@ -20,15 +20,11 @@ from __future__ import annotations
 
 import argparse
 import copy
-import sys
 from pathlib import Path
 
 import torch
 import transformers
-
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-
-from tiny_models import (  # noqa: E402
+from tiny_models import (
     byte_level_tokenizer,
     metaspace_tokenizer,
     save,

@@ -8,7 +8,7 @@ import pytest
 import tiny
 import torch
 import transformers
-from test_transplant import load_tensors
+from tiny import load_tensors
 
 from mergekit_omp import TransplantOptions, transplant
 from mergekit_omp.bos import adds_bos

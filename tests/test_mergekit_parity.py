@@ -6,7 +6,7 @@ import pytest
 import torch
 from click.testing import CliRunner
 from mergekit.scripts.tokensurgeon import main as tokensurgeon_main
-from test_transplant import load_tensors
+from tiny import load_tensors
 
 from mergekit_omp.cli import main as mergekit_omp_main
 

@@ -1,25 +1,16 @@
 from __future__ import annotations
 
 import json
-from pathlib import Path
 
 import pytest
 import tiny
 import torch
 import transformers
-from conftest import linear_pair
-from safetensors.torch import load_file
+from tiny import linear_pair, load_tensors
 
 from mergekit_omp import TransplantOptions, transplant
 from mergekit_omp.omp import batch_omp
 from mergekit_omp.vocabulary import vocabulary_of
-
-
-def load_tensors(directory: Path) -> dict[str, torch.Tensor]:
-    tensors = {}
-    for shard in sorted(directory.glob("*.safetensors")):
-        tensors.update(load_file(shard))
-    return tensors
 
 
 @pytest.fixture(scope="module")
