@@ -128,8 +128,8 @@ def match_vocabularies(
             base_id = None
         if base_id is not None:
             matched[donor_id] = (base_id, MatchKind.EXACT)
-        elif (role := role_of_donor.get(donor_id)) and (
-            (base_id := base.special_ids.get(role)) is not None and base_id in usable_base
+        elif (donor_role := role_of_donor.get(donor_id)) and (
+            (base_id := base.special_ids.get(donor_role)) is not None and base_id in usable_base
         ):
             matched[donor_id] = (base_id, MatchKind.SPECIAL)
         elif (

@@ -35,7 +35,7 @@ import mmap
 import sys
 import time
 from dataclasses import dataclass
-from typing import Literal
+from typing import Any, Literal
 
 import torch
 from tqdm import tqdm
@@ -140,7 +140,7 @@ def batch_omp(
     strategy: Strategy | None = None,
     screen: bool | None = None,
     progress: bool = False,
-) -> tuple[torch.LongTensor, torch.Tensor]:
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Select ``k`` of ``candidate_points`` (N, D) that best approximate each row of ``targets``.
 
     A drop-in replacement for ``mergekit.tokensurgeon.batch_omp``: returns the selected
@@ -399,7 +399,7 @@ class _ChunkState:
 
     def __init__(self, plan: OmpPlan, num_points: int, dim: int, k: int, like: torch.Tensor):
         chunk = plan.chunk_tokens
-        options = {"dtype": like.dtype, "device": like.device}
+        options: dict[str, Any] = {"dtype": like.dtype, "device": like.device}
         if plan.screened:
             self.screen_scores = torch.empty(
                 (aligned_rows(chunk), padded_anchor_count(num_points)),

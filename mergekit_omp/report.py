@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -47,7 +48,7 @@ class TransplantReport(BaseModel):
                 self.seconds.get(stage, 0.0) + time.perf_counter() - start, 3
             )
 
-    def write_json(self, path: str | Path) -> None:
+    def write_json(self, path: str | os.PathLike[str]) -> None:
         Path(path).write_text(json.dumps(self.model_dump(mode="json"), indent=2) + "\n")
 
     def summary(self) -> str:

@@ -13,7 +13,7 @@ import json
 import re
 from dataclasses import dataclass
 from functools import lru_cache
-from typing import NamedTuple
+from typing import Any, NamedTuple
 
 from transformers import PreTrainedTokenizerBase
 
@@ -113,7 +113,7 @@ def byte_level_translation() -> dict[int, int]:
     return table
 
 
-def _component_spec(component: object | None) -> dict | None:
+def _component_spec(component: Any) -> dict | None:
     """The JSON form of one ``tokenizers`` component (pre-tokenizer, decoder, normalizer,
     model)."""
     if component is None:
@@ -125,7 +125,7 @@ def _has_byte_fallback(model: object) -> bool:
     """BPE exposes ``byte_fallback``; Unigram only has it in its JSON form."""
     flag = getattr(model, "byte_fallback", None)
     if flag is None:
-        flag = _component_spec(model).get("byte_fallback", False)
+        flag = (_component_spec(model) or {}).get("byte_fallback", False)
     return bool(flag)
 
 

@@ -162,8 +162,7 @@ def apply_guard(
         return unchanged
     rows = approximation.rows.clone()
     positions = flagged.nonzero().flatten().to(rows.device)
-    has_coefficients = approximation.indices is not None and approximation.coeffs is not None
-    if mode == "shrink" and has_coefficients:
+    if mode == "shrink" and approximation.indices is not None and approximation.coeffs is not None:
         sub_problem = _restricted(problem, positions)
         new_rows, new_coeffs, penalty = shrink_rows(
             sub_problem, approximation.indices[positions], targets[flagged]

@@ -10,6 +10,7 @@ to 12 digits, bare and after a space, and name the scheme its splits follow.
 from __future__ import annotations
 
 from collections.abc import Iterable, Sequence
+from typing import Any, cast
 
 from pydantic import BaseModel, ConfigDict, Field
 from transformers import PreTrainedTokenizerBase
@@ -44,7 +45,7 @@ def token_digits(vocabulary: Vocabulary, token_id: int, tokenizer: PreTrainedTok
     if form is not None and form.kind != TokenKind.ADDED:
         text = form.data.decode("latin-1")
     else:
-        text = tokenizer.decode([token_id])
+        text = cast(str, tokenizer.decode([token_id]))
     return "".join(ch for ch in text if "0" <= ch <= "9")
 
 
@@ -184,7 +185,7 @@ def compare_schemes(
     differing = [p for p in shared if base.segmentations[p] != donor.segmentations[p]]
     agreement = 1.0 - len(differing) / len(shared) if shared else 0.0
     aligned = base.scheme == donor.scheme and not differing and bool(shared)
-    differences = [
+    differences: list[dict[str, list[str] | str]] = [
         {
             "number": p,
             "base": list(base.segmentations[p]),
@@ -217,7 +218,7 @@ def compare_numbers(
     base = number_scheme(base_tokenizer, base_vocab)
     donor = number_scheme(donor_tokenizer, donor_vocab)
     aligned, agreement, differences = compare_schemes(base, donor)
-    fates: dict[str, int | list[str]] = {}
+    fates: dict[str, Any] = {}
     if match is not None:
         total, matched, approximated = numeric_token_fates(donor_vocab, match)
         fates = {

@@ -82,7 +82,9 @@ def resolve_bos(tokenizer: PreTrainedTokenizerBase, bos: str | int) -> int | Non
     if bos.lstrip("-").isdigit():
         return int(bos)
     token_id = tokenizer.convert_tokens_to_ids(bos)
-    if token_id is None or (token_id == tokenizer.unk_token_id and bos != tokenizer.unk_token):
+    if not isinstance(token_id, int) or (
+        token_id == tokenizer.unk_token_id and bos != tokenizer.unk_token
+    ):
         raise TransplantError(f"BOS token {bos!r} is not in the tokenizer's vocabulary")
     return token_id
 

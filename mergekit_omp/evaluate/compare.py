@@ -112,7 +112,7 @@ def rank_results(results: list[MethodResult], by_bpb: bool) -> str:
 
     def key(result: MethodResult) -> tuple:
         failed = result.error is not None or (by_bpb and result.bpb is None)
-        if by_bpb and not failed:
+        if by_bpb and not failed and result.bpb is not None:
             bpb = result.bpb.bpb if math.isfinite(result.bpb.bpb) else math.inf
             return (0, bpb, -result.quality)
         return (int(failed), -result.quality, result.error_l2)
@@ -315,7 +315,7 @@ def format_table(report: EvaluationReport) -> str:
             row.append(f"{result.bpb.bpb:.4f}" if result.bpb else "-")
         lines.append(row)
         notes.append(f"  failed: {result.error}" if result.error else "")
-    if with_bpb:
+    if report.base_bpb is not None:
         lines.append(
             ["", "(base model)"] + [""] * (2 * len(matrices) + 1) + [f"{report.base_bpb.bpb:.4f}"]
         )

@@ -8,6 +8,8 @@ tensors ``mergekit-omp`` would write. Nothing touches the disk.
 
 from __future__ import annotations
 
+from typing import cast
+
 import torch
 from transformers import AutoModelForCausalLM, PreTrainedModel
 
@@ -29,7 +31,9 @@ class InMemoryTransplant:
             )
         except Exception as exc:
             raise TransplantError(f"cannot load {base.path} as a causal LM: {exc}") from exc
-        self.model: PreTrainedModel = model.to(device).eval()
+        # transformers wraps PreTrainedModel.to in functools.wraps(nn.Module.to), whose
+        # typeshed stub takes the instance for an argument.
+        self.model: PreTrainedModel = model.to(device).eval()  # type: ignore[arg-type]
         output = self.model.get_output_embeddings()
         bias = getattr(output, "bias", None) if output is not None else None
         self.base_bias = None if bias is None else bias.detach().clone()
@@ -40,7 +44,7 @@ class InMemoryTransplant:
         embed = matrices["embed"]
         rows = embed.matrix.shape[0]
         self.model.resize_token_embeddings(rows, mean_resizing=False)
-        inputs = self.model.get_input_embeddings()
+        inputs = cast(torch.nn.Embedding, self.model.get_input_embeddings())
         inputs.weight.copy_(embed.matrix.to(inputs.weight))
         output = self.model.get_output_embeddings()
         if output is not None:
