@@ -2,6 +2,7 @@
 
     python benchmarks/omp_speed.py [--quick] [--tokens B] [--mergekit-tokens M]
                                    [--anchors N ...] [--dims D ...] [--k K]
+                                   [--strategy full_gram|residual] [--screen on|off]
 
 Both run in this process on Gaussian anchors (N x D) and targets (B x D), k atoms, float32.
 Ours runs on all B targets, so its tokens/s includes building the N x N Gram matrix once,
@@ -18,6 +19,10 @@ differing pick were within 1e-5, so float32 rounding decided it. "peak" is the g
 this process's peak resident set during the call (Linux VmHWM, reset before each call);
 "planned" is the working set batch_omp sizes from its budget (Gram plus one chunk's state)
 and "analytic" mergekit's main tensors.
+
+``--strategy`` and ``--screen`` force what batch_omp would otherwise plan: timing both
+strategies on the same shapes is how the cost model's constants in ``mergekit_omp/omp.py``
+are refitted (docs/performance.md, "Refitting the cost model").
 """
 
 from __future__ import annotations
@@ -119,10 +124,31 @@ def warm_up(k: int) -> None:
     mergekit_batch_omp(targets, points, k)
 
 
-def planned(tokens: int, anchors: int, dim: int, k: int, budget: int | None) -> tuple[str, int]:
+@dataclass(frozen=True)
+class Forced:
+    """What the command line forces instead of batch_omp's plan (None: planned)."""
+
+    strategy: omp.Strategy | None = None
+    screen: bool | None = None
+
+
+PLANNED = Forced()
+
+
+def planned(
+    tokens: int, anchors: int, dim: int, k: int, budget: int | None, forced: Forced
+) -> tuple[str, int]:
     """batch_omp's strategy for these shapes and its planned working set in bytes."""
     plan = omp.plan_call(
-        tokens, anchors, dim, k, torch.float32, torch.device("cpu"), memory_budget_bytes=budget
+        tokens,
+        anchors,
+        dim,
+        k,
+        torch.float32,
+        torch.device("cpu"),
+        memory_budget_bytes=budget,
+        strategy=forced.strategy,
+        screen=forced.screen,
     )
     return plan.strategy + (" (screened)" if plan.screened else ""), plan.working_bytes
 
@@ -154,6 +180,7 @@ def measure(
     mergekit_tokens: int,
     seed: int,
     budget: int | None = None,
+    forced: Forced = PLANNED,
 ) -> Row:
     generator = torch.Generator().manual_seed(seed)
     points = torch.randn(anchors, dim, generator=generator)
@@ -161,13 +188,20 @@ def measure(
     # mergekit first: its small allocations would otherwise reuse pages freed by ours.
     subset = targets[:mergekit_tokens]
     (ref_idx, _), theirs = timed(lambda: mergekit_batch_omp(subset, points, k))
-    strategy, planned_bytes = planned(tokens, anchors, dim, k, budget)
+    strategy, planned_bytes = planned(tokens, anchors, dim, k, budget, forced)
     gram_timer = GramTimer()
     omp.LOG.addHandler(gram_timer)
     omp.LOG.setLevel(logging.DEBUG)
     try:
         (ours_idx, _), ours = timed(
-            lambda: omp.batch_omp(targets, points, k, memory_budget_bytes=budget)
+            lambda: omp.batch_omp(
+                targets,
+                points,
+                k,
+                memory_budget_bytes=budget,
+                strategy=forced.strategy,
+                screen=forced.screen,
+            )
         )
     finally:
         omp.LOG.removeHandler(gram_timer)
@@ -239,6 +273,12 @@ def main() -> None:
     parser.add_argument(
         "--memory-budget-gib", type=float, default=None, help="batch_omp's memory budget"
     )
+    parser.add_argument(
+        "--strategy", choices=["full_gram", "residual"], default=None, help="force a strategy"
+    )
+    parser.add_argument(
+        "--screen", choices=["on", "off"], default=None, help="force bfloat16 screening"
+    )
     parser.add_argument("--k", type=int, default=64)
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args()
@@ -248,12 +288,15 @@ def main() -> None:
     tokens = args.tokens or (512 if args.quick else 8192)
     mergekit_tokens = min(tokens, args.mergekit_tokens or (64 if args.quick else 512))
     budget = None if args.memory_budget_gib is None else int(args.memory_budget_gib * 1024**3)
+    forced = Forced(args.strategy, None if args.screen is None else args.screen == "on")
     print_header(args.k)
     started = time.perf_counter()
     warm_up(args.k)
     for num_anchors in anchors:
         for dim in dims:
-            row = measure(num_anchors, dim, args.k, tokens, mergekit_tokens, args.seed, budget)
+            row = measure(
+                num_anchors, dim, args.k, tokens, mergekit_tokens, args.seed, budget, forced
+            )
             print_row(row)
     print(f"total wall time {time.perf_counter() - started:.0f} s")
 
