@@ -53,11 +53,11 @@ def one_shot_entry_point(command: click.Command) -> Callable[[], NoReturn]:
     """A console-script entry point for a command that is the whole life of its process.
 
     * Python's cyclic garbage collector is off while ``command`` runs: its full collections
-      walked the millions of objects of the imported modules, the tokenizers and the
-      vocabularies again and again (about 2 s of a 30 s Gemma-3 <- SmolLM2 transplant, with
-      the same peak memory).
+      walk the millions of objects of the imported modules, the tokenizers and the
+      vocabularies again and again (about 2 s of a 30 s Gemma-3 <- SmolLM2 transplant; the
+      peak memory is the same without them).
     * The process then leaves without the interpreter's teardown: freeing those objects
-      took another 1.6 to 2 s once everything that matters was on disk. Standard streams
+      would take another 1.6 to 2 s once everything that matters is on disk. Standard streams
       and logging are flushed first.
     """
 

@@ -24,6 +24,26 @@ Notation, per target x (D) and anchors C (N x D):
     L                    lower-triangular with L[t, s] = w_s and L[t, t] = d_t, i.e. the
                          transpose of mergekit's R (the Cholesky factor of G[I, I])
 The coefficients are then L^T c = z, exactly what mergekit solves as R c = Q^T x.
+
+The plan (``plan_omp``) compares the strategies' estimated costs in float32 GEMM
+multiply-adds. Its constants (``MEMORY_BOUND_COST``, ``MEMORY_BOUND_CACHED_POINTS``,
+``GRAM_PASSES_PER_ITERATION``, ``SCREEN_SPEEDUPS``, ``GRAM_TOUCH_COST``) were fitted on a
+2-core AMD EPYC VM (AVX-512 with AVX-512 BF16, torch 2.13.0+cpu with 2 threads). They only
+decide which strategy runs, never the answers. To refit them on another machine, time both
+strategies on the same shapes with
+``python benchmarks/omp_speed.py --anchors 16000 32000 --mergekit-tokens 64`` and
+
+    --dims 1024 --strategy residual --screen off          R = "ours tok/s"
+    --dims 1024 --strategy full_gram                      F = "ours tok/s", "of which Gram s"
+    --dims 576 1024 1536 --strategy residual --screen on  S = "ours tok/s"
+
+With B = 8192 targets and k = 64: the GEMM rate is R N D k multiply-adds per second;
+``MEMORY_BOUND_COST`` is (B / F - Gram s) / B * R D k / (k^2 / 2 + 5 k) at N = 16,000 (at
+32,000 it checks the sqrt growth of ``memory_bound_cost``); ``SCREEN_SPEEDUPS`` is S / R
+(R at the same D), the lowest in each range; ``GRAM_TOUCH_COST`` is
+(Gram s * R N D k - N^2 D / 2) / N^2 at N = 46,000, D = 576. docs/performance.md
+("Refitting the cost model") explains each; the plan test in tests/test_omp.py pins the
+plans of the measured shapes.
 """
 
 from __future__ import annotations
@@ -57,11 +77,10 @@ FALLBACK_MEMORY_BUDGET_BYTES = 4 * 1024**3
 """Budget used when the available memory cannot be queried."""
 
 MAX_CHUNK_TOKENS = {"full_gram": 128, "residual": 1024}
-"""Upper bound on targets processed together. full_gram's loop ran 100, 123, 132 and 147
-tok/s with chunks of 16, 32, 64 and 128 at N = 16,000, D = 2048 (its per-iteration Python
-work is shared by the chunk). residual's GEMM runs at 125 GFLOP/s with 256 rows and 150
-with 1024 (N = 46,000, D = 576); a Gemma-3 <- SmolLM2 transplant's OMP stage took 94 s
-with chunks of 256, 83 s with 512."""
+"""Upper bound on targets processed together. full_gram's per-iteration Python work is
+shared by the chunk (100, 123, 132 and 147 tok/s with chunks of 16, 32, 64 and 128 at
+N = 16,000, D = 2048); residual's GEMM is more efficient on more rows (125 GFLOP/s with 256
+rows, 150 with 1024, at N = 46,000, D = 576)."""
 
 MIN_GRAM_CHUNK_TOKENS = 8
 """full_gram is only planned if the budget leaves room for this many targets' state next
@@ -72,9 +91,9 @@ MEMORY_BOUND_COST = 12.0
 """Cost of one multiply-add of full_gram's update loop (per target N k^2 / 2 of them over
 the stored v rows, plus ``GRAM_PASSES_PER_ITERATION`` elementwise passes over N per
 iteration) relative to one float32 GEMM multiply-add, up to ``MEMORY_BOUND_CACHED_POINTS``
-anchors. Measured on the 2-core CPU against float32 residual's 75 GMAC/s: 12.8 at
-N = 16,000 and 12.7 at N = 32,000 (k = 64, D = 1024), 14.1 at N = 46,018 (k = 16, D = 640),
-22.6 at N = 46,018 (k = 64, D = 576) as a chunk's rows fall out of cache; see
+anchors. On the calibration VM (module docstring), against float32 residual's 75 GMAC/s:
+12.8 at N = 16,000 and 12.7 at N = 32,000 (k = 64, D = 1024), 14.1 at N = 46,018 (k = 16,
+D = 640), 22.6 at N = 46,018 (k = 64, D = 576) as a chunk's rows fall out of cache; see
 ``memory_bound_cost``."""
 
 GRAM_PASSES_PER_ITERATION = 5
@@ -83,7 +102,8 @@ t passes over v (the alpha update, |alpha|, the selected atoms' -inf, two argmax
 with them one cost per multiply-add fits both k = 16 and k = 64."""
 
 MEMORY_BOUND_CACHED_POINTS = 16000
-"""Anchors up to which a chunk's update rows stay in the CPU's cache (32 MB here)."""
+"""Anchors up to which a chunk's update rows stay in the CPU's cache (32 MB on the
+calibration VM)."""
 
 SCREEN_MAX_DIM = 1024
 """residual screens its correlations in bfloat16 by default up to this dimension. The
@@ -92,14 +112,14 @@ grow with D; see ``SCREEN_SPEEDUPS``."""
 
 SCREEN_SPEEDUPS = ((640, 3.0), (1024, 2.3), (1536, 1.6))
 """Speed of screened residual relative to float32 residual in the cost model, for D up to
-each bound (1 above the last): the lowest measured in each range on the 2-core CPU. Real
+each bound (1 above the last): the lowest measured in each range on the calibration VM. Real
 SmolLM2 rows: 3.0x (N = 46,018, D = 576, k = 64), Gemma-3 rows: 3.8x (N = 46,018, D = 640,
 k = 16); Gaussian: 2.33x (N = 16,000) and 3.52x (N = 32,000) at D = 1024, 1.68x at
 D = 1536 (N = 16,000, k = 64)."""
 
 GRAM_TOUCH_COST = 400.0
-"""Extra cost per entry of G, in GEMM multiply-adds, of mapping fresh memory for it (the
-first write to 8.5 GB took 9 to 15 s on the 2-core VM, as long as a 400-deep GEMM)."""
+"""Extra cost per entry of G, in GEMM multiply-adds, of mapping fresh memory for it (on the
+calibration VM the first write to 8.5 GB costs 9 to 15 s, as long as a 400-deep GEMM)."""
 
 ARGMAX_BLOCK = 64
 """Columns per block in the two-level argmax over the anchors."""
@@ -262,7 +282,7 @@ def release_freed_memory(device: torch.device) -> None:
 
     Its many medium-sized temporaries come from the heap, which glibc does not shrink by
     itself; without this the freed pages count in the process's peak memory until exit
-    (0.08 GiB of a Gemma-3 <- SmolLM2 transplant's 2.27 GiB peak).
+    (about 0.08 GiB on a Gemma-3 <- SmolLM2 transplant).
     """
     if device.type != "cpu" or not sys.platform.startswith("linux"):
         return
@@ -364,9 +384,8 @@ def gram_matrix(points: torch.Tensor, block_rows: int = GRAM_BLOCK_ROWS) -> torc
     """G = points @ points.T, symmetric by construction.
 
     Each block of rows is computed from the diagonal rightwards straight into G's memory and
-    mirrored below the diagonal: half the multiply-adds, for a transposed copy (on the
-    2-core CPU 4.8 s instead of 7.7 for N = 16,000, D = 2048; 14 s instead of 25 for
-    N = 46,018, D = 576).
+    mirrored below the diagonal: half the multiply-adds, for a transposed copy (4.8 s against
+    7.7 s for the full product at N = 16,000, D = 2048 on the calibration VM).
     """
     num_points = points.shape[0]
     gram = allocate((num_points, num_points), points)
@@ -381,7 +400,7 @@ def allocate(shape: tuple[int, ...], like: torch.Tensor) -> torch.Tensor:
     """An uninitialised tensor; large CPU ones on transparent huge pages where Linux allows.
 
     The first write to freshly mapped memory costs a page fault per 4 KiB page, which for a
-    multi-GB Gram matrix takes as long as computing it (measured 15 s for 8.5 GB on a 2-core
+    multi-GB Gram matrix takes as long as computing it (15 s for 8.5 GB on the calibration
     VM, 9 s with huge pages). ``madvise(MADV_HUGEPAGE)`` asks for 2 MiB pages instead.
     """
     numel = math.prod(shape)

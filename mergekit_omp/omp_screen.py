@@ -64,8 +64,8 @@ def bf16_matmul_is_fast(device_type: str) -> bool:
 
 GEMM_ROW_ALIGN = 16
 """The screening GEMM runs on a multiple of this many rows (zero rows added): oneDNN's
-bfloat16 GEMM ran at 220 to 300 GMAC/s with 779, 782 or 783 rows, 370 to 410 with 780,
-784 or 800 (46,080 x 576 anchors)."""
+bfloat16 GEMM runs at 220 to 300 GMAC/s with 779, 782 or 783 rows, 370 to 410 with 780,
+784 or 800 (46,080 x 576 anchors, AVX-512 BF16)."""
 
 
 def padded_anchor_count(num_points: int) -> int:

@@ -35,7 +35,7 @@ class TokenKind(str, enum.Enum):
 
 class TokenForm(NamedTuple):
     """A NamedTuple rather than a frozen dataclass: a vocabulary makes one per token, and
-    262k frozen-dataclass constructions took 0.9 s."""
+    262k frozen-dataclass constructions take 0.9 s."""
 
     kind: TokenKind
     data: bytes
