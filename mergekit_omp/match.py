@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import enum
 from collections.abc import Collection
+from collections.abc import Set as AbstractSet
 from dataclasses import dataclass, field
 
 from mergekit_omp.vocabulary import TokenForm, TokenKind, Vocabulary
@@ -89,7 +90,7 @@ def match_vocabularies(
     policy: MatchPolicy,
     donor_rows: int,
     base_rows: int,
-    well_trained: tuple[set[int], set[int]] | None = None,
+    well_trained: tuple[AbstractSet[int], AbstractSet[int]] | None = None,
     forced_pairs: dict[int, int] | None = None,
 ) -> VocabularyMatch:
     """Pair every donor token with a base token (id below ``base_rows``), or not.

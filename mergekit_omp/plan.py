@@ -65,6 +65,7 @@ class MatrixPlan:
     def donor_rows(self, donor: LoadedModel) -> torch.Tensor:
         if self.name == "lm_head" and donor.lm_head is not None:
             return donor.lm_head
+        assert donor.embed is not None, "the donor's embedding was released"
         return donor.embed
 
 
@@ -193,6 +194,8 @@ def plan_transplant(
     """Every decision of giving ``base`` the tokenizer of ``donor`` as ``options`` say."""
     bos, tokenizer, pairs, warnings = plan_bos_outcome(base, donor, options)
     vocabulary = donor.vocabulary  # the output tokenizer's: BOS insertion adds no token
+    if base.embed is None or donor.embed is None:
+        raise ValueError("the models' vocabulary matrices were released (without_matrices)")
     well_trained = None
     if options.magikarp:
         well_trained = (

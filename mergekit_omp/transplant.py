@@ -137,7 +137,7 @@ def build_matrices(
 ) -> dict[str, MatrixResult]:
     """Every matrix of ``plan`` (``build_matrix``), then the number-scheme check."""
     record_plan(plan, report)
-    results = {
+    results: dict[str, MatrixResult] = {
         matrix.name: build_matrix(plan, matrix, base, donor, report, progress=progress)
         for matrix in plan.matrices
     }
