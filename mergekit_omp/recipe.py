@@ -27,7 +27,7 @@ import yaml
 from mergekit.options import MergeOptions, PrettyPrintHelp, add_merge_options
 from pydantic import ValidationError
 
-from mergekit_omp.cli_support import (
+from mergekit_omp.cli.common import (
     one_shot_entry_point,
     overwrite_option,
     report_option,

@@ -22,7 +22,8 @@ from safetensors.torch import load_file
 
 from mergekit_omp import TransplantOptions, transplant
 from mergekit_omp.approximators import Approximation, ApproximationProblem
-from mergekit_omp.cli import main as mergekit_omp_main
+from mergekit_omp.cli.report import main as report_main
+from mergekit_omp.cli.transplant import main as mergekit_omp_main
 from mergekit_omp.diagnostics.audit import (
     MAD_TO_SD,
     AuditSettings,
@@ -31,7 +32,6 @@ from mergekit_omp.diagnostics.audit import (
     robust_scale,
     selection_condition,
 )
-from mergekit_omp.diagnostics.cli import main as report_main
 from mergekit_omp.diagnostics.guard import TARGET_MARGIN, apply_guard
 from mergekit_omp.omp import batch_omp
 from mergekit_omp.vocabulary import vocabulary_of

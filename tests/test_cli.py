@@ -15,7 +15,7 @@ from safetensors.torch import load_file, save_file
 from tokenizers import Tokenizer, models, pre_tokenizers
 
 from mergekit_omp import write
-from mergekit_omp.cli import main
+from mergekit_omp.cli.transplant import main
 
 
 def invoke(*args: str):

@@ -23,8 +23,8 @@ from mergekit.options import MergeOptions
 from mergekit.tokenizer import PermutedVocabulary
 from safetensors.torch import load_file
 
+from mergekit_omp.cli import merge as merge_cli
 from mergekit_omp.errors import TransplantError
-from mergekit_omp.merge import cli as merge_cli
 from mergekit_omp.merge import parse_merge_config, run_omp_merge
 from mergekit_omp.omp import batch_omp
 

@@ -8,7 +8,7 @@ from click.testing import CliRunner
 from mergekit.scripts.tokensurgeon import main as tokensurgeon_main
 from tiny import load_tensors
 
-from mergekit_omp.cli import main as mergekit_omp_main
+from mergekit_omp.cli.transplant import main as mergekit_omp_main
 
 MATRICES = ("model.embed_tokens.weight", "lm_head.weight")
 

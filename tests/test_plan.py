@@ -18,11 +18,11 @@ from pydantic import ValidationError
 from safetensors.torch import load_file
 
 from mergekit_omp import TransplantOptions, transplant
-from mergekit_omp import cli as transplant_cli
 from mergekit_omp.approximators import approximator, registry
 from mergekit_omp.bos import adds_bos
+from mergekit_omp.cli import evaluate as eval_cli
+from mergekit_omp.cli import transplant as transplant_cli
 from mergekit_omp.errors import TransplantError
-from mergekit_omp.evaluate import cli as eval_cli
 from mergekit_omp.evaluate import compare
 from mergekit_omp.match import MatchKind, MatchPolicy
 from mergekit_omp.plan import ForcedPair, load_pair, plan_transplant, with_matrix

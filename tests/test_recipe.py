@@ -10,7 +10,8 @@ import yaml
 from click.testing import CliRunner
 from safetensors.torch import load_file
 
-from mergekit_omp import cli, recipe
+from mergekit_omp import recipe
+from mergekit_omp.cli import transplant as cli
 from mergekit_omp.errors import TransplantError
 from mergekit_omp.options import MatchScope, MatrixOverride, TransplantOptions
 from mergekit_omp.recipe import load_recipe, recipe_dict, recipe_yaml, resolve_model_path

@@ -12,8 +12,8 @@ from typing import Any
 import click
 from mergekit.options import MergeOptions, PrettyPrintHelp, add_merge_options
 
-from mergekit_omp.cli import transplant_options, transplant_options_from_cli
-from mergekit_omp.cli_support import run_cli_action
+from mergekit_omp.cli.common import run_cli_action
+from mergekit_omp.cli.transplant import transplant_options, transplant_options_from_cli
 from mergekit_omp.diagnostics.plot import plot_audits, require_matplotlib
 from mergekit_omp.transplant import transplant
 

@@ -10,7 +10,7 @@ import click
 from mergekit.options import MergeOptions, PrettyPrintHelp, add_merge_options
 
 from mergekit_omp.approximators.base import DEFAULT_BATCH_SIZE
-from mergekit_omp.cli_support import run_cli_action
+from mergekit_omp.cli.common import run_cli_action
 from mergekit_omp.errors import TransplantError
 from mergekit_omp.evaluate.compare import compare_methods, parse_method_spec
 from mergekit_omp.match import MatchPolicy

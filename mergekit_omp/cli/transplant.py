@@ -21,7 +21,7 @@ from mergekit_omp.approximators import approximator_names, get_approximator
 from mergekit_omp.approximators.base import DEFAULT_BATCH_SIZE
 from mergekit_omp.approximators.omp import DEFAULT_K
 from mergekit_omp.bos import BosPolicy
-from mergekit_omp.cli_support import (
+from mergekit_omp.cli.common import (
     one_shot_entry_point,
     overwrite_option,
     report_option,
