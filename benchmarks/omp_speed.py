@@ -1,4 +1,4 @@
-"""Time mergekit_omp.omp.batch_omp against mergekit.tokensurgeon.batch_omp on the same inputs.
+"""Time mergekit_omp.kernels.omp.batch_omp against mergekit.tokensurgeon.batch_omp on the same inputs.
 
     python benchmarks/omp_speed.py [--quick] [--tokens B] [--mergekit-tokens M]
                                    [--anchors N ...] [--dims D ...] [--k K]
@@ -39,7 +39,7 @@ from pathlib import Path
 import torch
 from mergekit.tokensurgeon import batch_omp as mergekit_batch_omp
 
-from mergekit_omp import omp
+from mergekit_omp.kernels import omp
 
 FULL_GRID = [
     (16000, 1024),

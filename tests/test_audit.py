@@ -33,7 +33,7 @@ from mergekit_omp.diagnostics.audit import (
     selection_condition,
 )
 from mergekit_omp.diagnostics.guard import TARGET_MARGIN, apply_guard
-from mergekit_omp.omp import batch_omp
+from mergekit_omp.kernels.omp import batch_omp
 from mergekit_omp.vocabulary import vocabulary_of
 
 DIM = 16

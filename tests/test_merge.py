@@ -25,8 +25,8 @@ from safetensors.torch import load_file
 
 from mergekit_omp.cli import merge as merge_cli
 from mergekit_omp.errors import TransplantError
+from mergekit_omp.kernels.omp import batch_omp
 from mergekit_omp.merge import parse_merge_config, run_omp_merge
-from mergekit_omp.omp import batch_omp
 
 HIDDEN = 16
 WEIGHT_A, WEIGHT_B = 0.3, 0.7

@@ -1,4 +1,4 @@
-"""mergekit_omp.omp.batch_omp must give mergekit's answers, faster, in bounded memory."""
+"""mergekit_omp.kernels.omp.batch_omp must give mergekit's answers, faster, in bounded memory."""
 
 from __future__ import annotations
 
@@ -8,8 +8,8 @@ import pytest
 import torch
 from mergekit.tokensurgeon import batch_omp as mergekit_batch_omp
 
-from mergekit_omp import omp
-from mergekit_omp.omp import (
+from mergekit_omp.kernels import omp
+from mergekit_omp.kernels.omp import (
     OmpPlan,
     batch_omp,
     even_chunks,
@@ -18,7 +18,7 @@ from mergekit_omp.omp import (
     plan_omp,
     screens_by_default,
 )
-from mergekit_omp.omp_screen import Bf16Screen
+from mergekit_omp.kernels.omp_screen import Bf16Screen
 
 # Budget small enough that an N = 600 Gram (1.4 MB in float32) cannot be held.
 TINY_BUDGET = 400_000
@@ -411,7 +411,7 @@ def test_cuda_gives_the_cpu_answers() -> None:
 
 
 def test_large_buffers_are_ordinary_writable_tensors(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr("mergekit_omp.omp.HUGEPAGE_MIN_BYTES", 0)
+    monkeypatch.setattr("mergekit_omp.kernels.omp.HUGEPAGE_MIN_BYTES", 0)
     points = gaussian(30, 8, seed=37)
     gram = gram_matrix(points, block_rows=4)
     assert gram.shape == (30, 30) and gram.is_contiguous()

@@ -9,7 +9,7 @@ import transformers
 from tiny import linear_pair, load_tensors
 
 from mergekit_omp import TransplantOptions, transplant
-from mergekit_omp.omp import batch_omp
+from mergekit_omp.kernels.omp import batch_omp
 from mergekit_omp.vocabulary import vocabulary_of
 
 

@@ -11,7 +11,7 @@ from pydantic import Field
 
 from mergekit_omp.approximators.base import Approximation, ApproximationProblem, approximator
 from mergekit_omp.errors import TransplantError
-from mergekit_omp.omp import batch_omp
+from mergekit_omp.kernels.omp import batch_omp
 
 DEFAULT_K = 64
 """Anchors per new token (mergekit-tokensurgeon's ``-k`` default)."""

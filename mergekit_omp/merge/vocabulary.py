@@ -33,8 +33,8 @@ from mergekit.vocabulary import vocabulary_views
 from mergekit_omp.approximate import work_dtype
 from mergekit_omp.approximators.base import combine_anchor_rows
 from mergekit_omp.errors import TransplantError
+from mergekit_omp.kernels.omp import batch_omp
 from mergekit_omp.merge.config import OmpMergeSettings, OmpTokenSource
-from mergekit_omp.omp import batch_omp
 
 LOG = logging.getLogger(__name__)
 

@@ -60,7 +60,7 @@ from typing import Any, Literal
 import torch
 from tqdm import tqdm
 
-from mergekit_omp.omp_screen import (
+from mergekit_omp.kernels.omp_screen import (
     GEMM_ROW_ALIGN,
     Bf16Screen,
     aligned_rows,
