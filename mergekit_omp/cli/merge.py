@@ -7,8 +7,8 @@ from mergekit.options import MergeOptions, PrettyPrintHelp, add_merge_options
 
 from mergekit_omp.cli.common import overwrite_option, run_cli_action
 from mergekit_omp.merge.config import load_merge_config
+from mergekit_omp.merge.omp_vocabulary_task import OmpFill
 from mergekit_omp.merge.run import run_omp_merge
-from mergekit_omp.merge.vocabulary import OmpFill
 
 
 def summary(fills: list[OmpFill]) -> str:

@@ -11,8 +11,8 @@ from mergekit_omp.merge.config import (
     load_merge_config,
     parse_merge_config,
 )
+from mergekit_omp.merge.omp_vocabulary_task import OmpFill, OmpPermutedVocabulary, omp_token_rows
 from mergekit_omp.merge.run import run_omp_merge
-from mergekit_omp.merge.vocabulary import OmpFill, OmpPermutedVocabulary, omp_token_rows
 
 __all__ = [
     "OmpFill",

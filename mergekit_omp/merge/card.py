@@ -7,7 +7,7 @@ from mergekit.card import CARD_TEMPLATE, method_md
 
 from mergekit_omp.card import PAPER, is_hub_id
 from mergekit_omp.merge.config import OmpMergeConfig
-from mergekit_omp.merge.vocabulary import OmpFill
+from mergekit_omp.merge.omp_vocabulary_task import OmpFill
 
 TAGS = ["mergekit", "merge", "mergekit-omp"]
 

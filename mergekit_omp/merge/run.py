@@ -10,7 +10,7 @@ from mergekit.options import MergeOptions
 
 from mergekit_omp.merge.card import merge_card
 from mergekit_omp.merge.config import OmpMergeConfig
-from mergekit_omp.merge.vocabulary import OmpFill, omp_token_rows
+from mergekit_omp.merge.omp_vocabulary_task import OmpFill, omp_token_rows
 from mergekit_omp.write import staged_output
 
 
