@@ -25,9 +25,8 @@ from mergekit_omp.card import model_card
 from mergekit_omp.diagnostics.stage import MatrixDiagnosis, audit_matrix, check_numbers
 from mergekit_omp.load import LoadedModel
 from mergekit_omp.match import VocabularyMatch
-from mergekit_omp.options import Matrix, TransplantOptions
+from mergekit_omp.options import Matrix, TransplantOptions, recipe_yaml
 from mergekit_omp.plan import MatrixPlan, TransplantPlan, load_pair, plan_transplant
-from mergekit_omp.recipe import recipe_yaml
 from mergekit_omp.report import MatrixReport, TransplantReport
 from mergekit_omp.write import (
     check_output_path,

@@ -7,7 +7,7 @@ import yaml
 
 from mergekit_omp import TransplantOptions, transplant
 from mergekit_omp.card import model_card
-from mergekit_omp.recipe import recipe_yaml
+from mergekit_omp.options import recipe_yaml
 from mergekit_omp.report import MatrixReport, TransplantReport
 
 

@@ -12,8 +12,8 @@ import transformers
 import yaml
 from click.testing import CliRunner
 
-from mergekit_omp import recipe
 from mergekit_omp.cli import merge as merge_cli
+from mergekit_omp.cli import recipe
 from mergekit_omp.cli import transplant as cli
 
 EXAMPLES = Path(__file__).resolve().parents[1] / "examples"

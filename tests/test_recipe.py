@@ -10,11 +10,18 @@ import yaml
 from click.testing import CliRunner
 from safetensors.torch import load_file
 
-from mergekit_omp import recipe
+from mergekit_omp.cli import recipe
 from mergekit_omp.cli import transplant as cli
 from mergekit_omp.errors import TransplantError
-from mergekit_omp.options import MatchScope, MatrixOverride, TransplantOptions
-from mergekit_omp.recipe import load_recipe, recipe_dict, recipe_yaml, resolve_model_path
+from mergekit_omp.options import (
+    MatchScope,
+    MatrixOverride,
+    TransplantOptions,
+    load_recipe,
+    recipe_dict,
+    recipe_yaml,
+)
+from mergekit_omp.paths import resolve_model_path
 
 
 def write_recipe(directory: Path, text: str, name: str = "recipe.yml") -> Path:

@@ -28,8 +28,12 @@ from mergekit_omp.cli.common import (
     run_cli_action,
 )
 from mergekit_omp.errors import TransplantError
-from mergekit_omp.options import MatchScope, TransplantOptions, describe_options_error
-from mergekit_omp.recipe import recipe_yaml
+from mergekit_omp.options import (
+    MatchScope,
+    TransplantOptions,
+    describe_validation_error,
+    recipe_yaml,
+)
 from mergekit_omp.transplant import transplant
 
 LOG = logging.getLogger("mergekit_omp")
@@ -77,7 +81,7 @@ def transplant_options_from_cli(
     try:
         return _options(ctx, base, donor, method, values, merge_options)
     except ValidationError as exc:
-        raise TransplantError(describe_options_error(exc)) from None
+        raise TransplantError(describe_validation_error(exc)) from None
 
 
 def _options(

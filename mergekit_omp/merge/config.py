@@ -22,7 +22,8 @@ from mergekit.config import MergeConfiguration
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from mergekit_omp.errors import TransplantError
-from mergekit_omp.recipe import describe_validation_error, parse_yaml_mapping, resolve_model_path
+from mergekit_omp.options import describe_validation_error, parse_yaml_mapping
+from mergekit_omp.paths import resolve_model_path
 
 LOG = logging.getLogger(__name__)
 
