@@ -6,9 +6,10 @@ It accepts every argument of mergekit-tokensurgeon 0.1.5 with the same meaning, 
 
 from __future__ import annotations
 
+import enum
 import logging
 from collections.abc import Callable
-from typing import Any
+from typing import Any, Literal, get_args, get_origin
 
 import click
 import yaml
@@ -18,9 +19,7 @@ from mergekit.tokensurgeon import SubwordMethod, WeightingScheme
 from pydantic import ValidationError
 
 from mergekit_omp.approximators import approximator_names, get_approximator
-from mergekit_omp.approximators.base import DEFAULT_BATCH_SIZE
 from mergekit_omp.approximators.omp import DEFAULT_K
-from mergekit_omp.bos import BosPolicy
 from mergekit_omp.cli.common import (
     one_shot_entry_point,
     overwrite_option,
@@ -113,7 +112,27 @@ def _options(
     )
 
 
-SCOPES = [s.value for s in MatchScope]
+OPTION_FIELDS = TransplantOptions.model_fields
+
+
+def option_default(name: str) -> Any:
+    """The default of a ``TransplantOptions`` field, as click shows and passes it."""
+    default = OPTION_FIELDS[name].default
+    return default.value if isinstance(default, enum.Enum) else default
+
+
+def option_choices(name: str) -> list[str]:
+    """The values an enum or ``Literal`` field of ``TransplantOptions`` allows (``None``
+    aside)."""
+    annotation = OPTION_FIELDS[name].annotation
+    for kind in (annotation, *get_args(annotation)):
+        if isinstance(kind, type) and issubclass(kind, enum.Enum):
+            return [member.value for member in kind]
+        if get_origin(kind) is Literal:
+            return list(get_args(kind))
+    raise TypeError(f"TransplantOptions.{name} is not an enum or a Literal")
+
+
 RECIPE_HEADER = "# mergekit-omp-yaml THIS_FILE OUT (model paths as given on the command line)"
 
 
@@ -140,7 +159,7 @@ def transplant_options(f: Callable[..., Any]) -> Callable[..., Any]:
             "--approximation-method",
             "-a",
             type=click.Choice(approximator_names()),
-            default="omp",
+            default=option_default("method"),
             show_default=True,
             help="Method for approximating the rows of donor tokens the base lacks "
             "(built-ins and installed plugins).",
@@ -164,7 +183,7 @@ def transplant_options(f: Callable[..., Any]) -> Callable[..., Any]:
         click.option(
             "--batch-size",
             type=int,
-            default=DEFAULT_BATCH_SIZE,
+            default=option_default("batch_size"),
             show_default=True,
             help="Tokens approximated per batch. -1 for one batch. For omp an upper bound: "
             "it sizes its chunks from its memory budget (-p memory_gb=GB).",
@@ -172,8 +191,8 @@ def transplant_options(f: Callable[..., Any]) -> Callable[..., Any]:
         click.option(
             "--prefix-match",
             "-pm",
-            type=click.Choice(SCOPES),
-            default="no",
+            type=click.Choice(option_choices("prefix_match")),
+            default=option_default("prefix_match"),
             show_default=True,
             help="Give a new token the row of its longest base-vocabulary prefix, in "
             "the named matrices (embed, lm_head, yes = both, no).",
@@ -181,15 +200,15 @@ def transplant_options(f: Callable[..., Any]) -> Callable[..., Any]:
         click.option(
             "--byte-match",
             "-bm",
-            type=click.Choice(SCOPES),
-            default="no",
+            type=click.Choice(option_choices("byte_match")),
+            default=option_default("byte_match"),
             show_default=True,
             help="Match single-byte tokens across encodings (<0x0A> with a byte-level "
             "newline), in the named matrices.",
         ),
         click.option(
             "--magikarp/--no-magikarp",
-            default=False,
+            default=option_default("magikarp"),
             show_default=True,
             help="Ignore under-trained tokens when matching (arXiv 2405.05417).",
         ),
@@ -197,14 +216,14 @@ def transplant_options(f: Callable[..., Any]) -> Callable[..., Any]:
             "--new-vocab-noise",
             "-nvn",
             type=float,
-            default=None,
+            default=option_default("new_vocab_noise"),
             help="Add Gaussian noise of this std to approximated rows.",
         ),
         click.option(
             "--new-vocab-scale",
             "-nvs",
             type=float,
-            default=None,
+            default=option_default("new_vocab_scale"),
             help="Scale approximated rows by this factor.",
         ),
         click.option(
@@ -217,13 +236,13 @@ def transplant_options(f: Callable[..., Any]) -> Callable[..., Any]:
         click.option(
             "--pad-vocab-to-multiple-of",
             type=click.IntRange(min=1),
-            default=None,
+            default=option_default("pad_vocab_to_multiple_of"),
             help="Pad the new vocabulary with zero rows to a multiple of N (64, 128).",
         ),
         click.option(
             "--bos",
-            type=click.Choice([p.value for p in BosPolicy]),
-            default=BosPolicy.MATCH_BASE.value,
+            type=click.Choice(option_choices("bos")),
+            default=option_default("bos"),
             show_default=True,
             help="match_base: the output tokenizer inserts a BOS token exactly when the "
             "base's tokenizer does (the donor's BOS gets the base's BOS row); "
@@ -231,14 +250,14 @@ def transplant_options(f: Callable[..., Any]) -> Callable[..., Any]:
         ),
         click.option(
             "--dtype",
-            type=click.Choice(["float32", "float16", "bfloat16"]),
-            default=None,
+            type=click.Choice(option_choices("dtype")),
+            default=option_default("dtype"),
             help="Dtype of the new matrices (default: the base model's).",
         ),
         click.option(
             "--guard",
-            type=click.Choice(["off", "clip", "shrink"]),
-            default=TransplantOptions.model_fields["guard"].default,
+            type=click.Choice(option_choices("guard")),
+            default=option_default("guard"),
             show_default=True,
             help="What to do with approximated rows the audit flags as outliers "
             "(breaker tokens, arXiv 2601.00065): clip them to the base norm bound, "
