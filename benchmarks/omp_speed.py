@@ -21,7 +21,7 @@ this process's peak resident set during the call (Linux VmHWM, reset before each
 and "analytic" mergekit's main tensors.
 
 ``--strategy`` and ``--screen`` force what batch_omp would otherwise plan: timing both
-strategies on the same shapes is how the cost model's constants in ``mergekit_omp/omp.py``
+strategies on the same shapes is how the cost model's constants in ``mergekit_omp/kernels/omp.py``
 are refitted (docs/performance.md, "Refitting the cost model").
 """
 
