@@ -16,7 +16,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from transformers import PreTrainedTokenizerBase
 
 from mergekit_omp.match import VocabularyMatch
-from mergekit_omp.vocabulary import TokenKind, Vocabulary
+from mergekit_omp.vocabulary import TokenKind, Vocabulary, vocabulary_of
 
 DIGIT_SOURCES = ("31415926535897932384", "27182818284590452353", "10000000000000000000")
 PROBE_LENGTHS = range(1, 13)
@@ -128,8 +128,6 @@ def number_scheme(
 ) -> NumberScheme:
     """Probe ``tokenizer`` with numbers and name the scheme its splits follow."""
     if vocabulary is None:
-        from mergekit_omp.vocabulary import vocabulary_of
-
         vocabulary = vocabulary_of(tokenizer)
     segmentations = {
         number: seg
