@@ -13,7 +13,7 @@ from typing import Any
 import click
 import yaml
 from click.core import ParameterSource
-from mergekit.options import MergeOptions, PrettyPrintHelp, add_merge_options
+from mergekit.options import MergeOptions, add_merge_options
 from mergekit.tokensurgeon import SubwordMethod, WeightingScheme
 from pydantic import ValidationError
 
@@ -22,6 +22,8 @@ from mergekit_omp.approximators.base import DEFAULT_BATCH_SIZE
 from mergekit_omp.approximators.omp import DEFAULT_K
 from mergekit_omp.bos import BosPolicy
 from mergekit_omp.cli_support import (
+    check_outputs,
+    command_class,
     one_shot_entry_point,
     overwrite_option,
     report_option,
@@ -247,7 +249,7 @@ def transplant_options(f: Callable[..., Any]) -> Callable[..., Any]:
     return f
 
 
-@click.command("mergekit-omp", cls=PrettyPrintHelp)
+@click.command("mergekit-omp", cls=command_class())
 @click.argument("base_model", type=str)
 @click.argument("donor", type=str)
 @click.argument("out_path", type=str)
@@ -285,6 +287,7 @@ def main(
     if print_recipe:
         click.echo(recipe_yaml(options, header=RECIPE_HEADER), nl=False)
         return
+    check_outputs(out_path, overwrite, {"--report": report_path}, inputs=(base_model, donor))
     result = transplant(
         options,
         out_path,

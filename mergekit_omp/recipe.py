@@ -24,10 +24,12 @@ from typing import Any
 
 import click
 import yaml
-from mergekit.options import MergeOptions, PrettyPrintHelp, add_merge_options
+from mergekit.options import MergeOptions, add_merge_options
 from pydantic import ValidationError
 
 from mergekit_omp.cli_support import (
+    check_outputs,
+    command_class,
     one_shot_entry_point,
     overwrite_option,
     report_option,
@@ -195,6 +197,8 @@ def run_recipe(
 
     merge_options.apply_global_options()
     recipe = with_seed(load_recipe(recipe_file), merge_options.random_seed)
+    inputs = (recipe_file, *(getattr(recipe.options, key) for key in MODEL_KEYS))
+    check_outputs(out_path, overwrite, {"--report": report_path}, inputs=inputs)
     result = transplant(
         recipe.options,
         out_path,
@@ -207,7 +211,7 @@ def run_recipe(
         click.echo(result.report.summary(), err=True)
 
 
-@click.command("mergekit-omp-yaml", cls=PrettyPrintHelp)
+@click.command("mergekit-omp-yaml", cls=command_class())
 @click.argument("recipe_file", type=str)
 @click.argument("out_path", type=str)
 @overwrite_option
