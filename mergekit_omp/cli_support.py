@@ -73,7 +73,8 @@ def run_cli_action(action: Callable[..., Any]) -> Callable[..., Any]:
         verbose = merge_options is not None and merge_options.verbosity > 0
         out_path: str | None = kwargs.get("out_path")
         try:
-            result = action(*args, **kwargs)
+            with publish.signals_held_once_published():
+                result = action(*args, **kwargs)
         except click.ClickException:
             raise
         except TransplantError as exc:

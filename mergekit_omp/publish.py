@@ -42,6 +42,7 @@ _AT_FDCWD = -100
 _HELD_SIGNALS = (signal.SIGINT, signal.SIGTERM)
 
 _published: list[Path] = []
+_held_until: list[contextlib.ExitStack] = []
 
 
 def published_outputs() -> tuple[Path, ...]:
@@ -123,6 +124,19 @@ def signals_held() -> Iterator[None]:
             signal.signal(signum, handler)
         if received:
             signal.raise_signal(received[0])
+
+
+@contextlib.contextmanager
+def signals_held_once_published() -> Iterator[None]:
+    """Once an output is published inside this block, SIGINT and SIGTERM wait for the end of
+    the block (the rest of the command: its report file and summary) instead of the end of
+    the rename."""
+    with contextlib.ExitStack() as stack:
+        _held_until.append(stack)
+        try:
+            yield
+        finally:
+            _held_until.pop()
 
 
 def _display(path: str | os.PathLike) -> str:
@@ -291,7 +305,8 @@ def _publish(staging: Path, out: Path, shown: str, overwrite: bool) -> None:
     """Rename ``staging`` to ``out``; afterwards ``staging`` holds what ``out`` held, if
     anything. Raises :class:`TransplantError` with OUT as it was."""
     _apply_umask(staging)
-    with signals_held():
+    with contextlib.ExitStack() as hold:
+        (_held_until[-1] if _held_until else hold).enter_context(signals_held())
         try:
             if overwrite and os.path.lexists(out):
                 _replace(staging, out)
@@ -300,12 +315,10 @@ def _publish(staging: Path, out: Path, shown: str, overwrite: bool) -> None:
         except OSError as exc:
             if exc.errno in (errno.EEXIST, errno.ENOTEMPTY, errno.ENOTDIR) and not overwrite:
                 raise TransplantError(
-                    f"{shown} appeared while this run was working (another run?): it was "
-                    "left as it is and nothing was written (use --overwrite to replace it)"
+                    f"{shown} appeared while this run was working (another run?) and was not "
+                    "replaced (use --overwrite to replace it)"
                 ) from None
-            raise TransplantError(
-                f"cannot publish {shown}: {exc.strerror or exc}; {shown} was left as it was"
-            ) from None
+            raise TransplantError(f"cannot publish {shown}: {exc.strerror or exc}") from None
         _published.append(out)
         _remove(staging)  # after an exchange, the old OUT
 

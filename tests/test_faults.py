@@ -297,6 +297,7 @@ def test_sigint_right_after_publishing(m, tmp_path, monkeypatch, existing):
     assert "no output was written" not in result.stderr
     assert f"{out} holds the complete new model" in result.stderr
     assert a_model_was_written(out) and leftovers(tmp_path) == []
+    assert json.loads(report.read_text())["vocab_size"] == 400  # the rest of the command ran
 
 
 def test_sigterm_right_after_a_merge_is_published(m, tmp_path, monkeypatch):
@@ -362,7 +363,7 @@ def test_out_published_meanwhile_is_not_replaced(m, tmp_path, monkeypatch):
 
     monkeypatch.setattr(publish, "_apply_umask", another_run_publishes_first)
     result = run(m / "base", m / "donor", out)
-    error_line(result, "appeared", "left as it is")
+    error_line(result, "appeared", "not replaced", "left as it was")
     assert [p.name for p in out.iterdir()] == ["keep.txt"]
     assert leftovers(tmp_path) == []
 
