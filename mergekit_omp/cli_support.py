@@ -98,7 +98,7 @@ class OneLineErrors(click.Command):
     """click's usage errors as one line on stderr ("Error: ... (see CMD --help)"), exit 2,
     instead of the usage, a hint and the error over four lines."""
 
-    def main(  # type: ignore[override]
+    def main(
         self,
         args: Any = None,
         prog_name: str | None = None,

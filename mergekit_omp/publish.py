@@ -33,6 +33,7 @@ import tempfile
 import threading
 from collections.abc import Iterable, Iterator
 from pathlib import Path
+from typing import Any
 
 from mergekit_omp.errors import TransplantError
 
@@ -58,7 +59,7 @@ class RenameUnsupported(OSError):
     """``renameat2`` or the flag asked for is not available here."""
 
 
-def _load_renameat2():  # type: ignore[no-untyped-def]
+def _load_renameat2() -> Any:
     try:
         function = ctypes.CDLL(None, use_errno=True).renameat2
     except (OSError, AttributeError):
