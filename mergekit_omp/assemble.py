@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import torch
 
+from mergekit_omp.errors import TransplantError
 from mergekit_omp.match import VocabularyMatch
 
 
@@ -32,6 +33,23 @@ def assemble_matrix(
         new_ids = torch.tensor(match.new_tokens, device=base_matrix.device)
         result[new_ids] = new_rows.to(dtype)
     return result
+
+
+def require_finite(matrix: torch.Tensor, name: str) -> None:
+    """Refuse a new vocabulary matrix with NaN or Inf, as it would be written (in its output
+    dtype: float16 overflows beyond 65,504). The sum is finite only if every entry is, so the
+    elementwise check runs only when it is not."""
+    if torch.isfinite(matrix.sum(dtype=torch.float32)):
+        return
+    bad = (~torch.isfinite(matrix)).any(dim=1).nonzero().flatten().tolist()
+    if not bad:
+        return
+    shown = ", ".join(str(i) for i in bad[:5]) + (", ..." if len(bad) > 5 else "")
+    raise TransplantError(
+        f"the new {name} matrix has {len(bad)} rows that are not finite in "
+        f"{str(matrix.dtype).removeprefix('torch.')} (token ids {shown}): their values exceed "
+        "what the dtype holds (a smaller --new-vocab-scale, or --dtype float32)"
+    )
 
 
 def remap_vocabulary_rows(

@@ -158,6 +158,22 @@ def garbage_collection_paused() -> Iterator[None]:
             gc.enable()
 
 
+WIDTH_KEYS = ("hidden_size", "embedding_size", "word_embed_proj_dim")
+"""Config keys a vocabulary matrix's width may follow (ALBERT and OPT-350m project)."""
+
+
+def check_width(config: PretrainedConfig, matrix: torch.Tensor, name: str, path: str) -> None:
+    """The matrix must be as wide as the config says, or the output would not load."""
+    text_config = config.get_text_config() if hasattr(config, "get_text_config") else config
+    widths = {key: getattr(text_config, key, None) for key in WIDTH_KEYS}
+    stated = [width for width in widths.values() if isinstance(width, int)]
+    if stated and matrix.shape[1] not in stated:
+        raise TransplantError(
+            f"{path}: {name} is {matrix.shape[1]} wide but its config says hidden_size "
+            f"{widths['hidden_size']}"
+        )
+
+
 def ties_embeddings(config: PretrainedConfig) -> bool:
     text_config = config.get_text_config() if hasattr(config, "get_text_config") else config
     return bool(
@@ -181,11 +197,13 @@ def load_model(
     embed = _read_matrix(reference, embed_info, device, tuple(embed_info.aliases or ()))
     if embed is None:
         raise TransplantError(f"{path} has no input embedding tensor ({embed_info.name})")
+    check_width(config, embed, embed_info.name, path)
     lm_head = None
     if lm_head_info is not None and not ties_embeddings(config):
         lm_head = _read_matrix(reference, lm_head_info, device, tuple(lm_head_info.aliases or ()))
         if lm_head is None:
             raise TransplantError(f"{path} has untied embeddings but no {lm_head_info.name}")
+        check_width(config, lm_head, lm_head_info.name, path)
     elif lm_head_info is not None and lm_head_falls_back_to_embed:
         lm_head = embed
     with garbage_collection_paused():

@@ -40,13 +40,16 @@ class VocabularyMatch:
     matched: dict[int, tuple[int, MatchKind]]
     new_tokens: list[int]
     junk_tokens: list[int] = field(default_factory=list)
+    donor_rows: int | None = None
+    """The donor matrix's rows: a token past them (a tokenizer longer than the matrix) can be
+    matched, but it has no donor row to anchor on."""
 
     def anchors(self) -> tuple[list[int], list[int]]:
-        """Donor and base ids of the shared tokens, in donor id order."""
+        """Donor and base ids of the shared tokens that have a donor row, in donor id order."""
         pairs = sorted(
             (donor_id, base_id)
             for donor_id, (base_id, kind) in self.matched.items()
-            if kind in ANCHOR_KINDS
+            if kind in ANCHOR_KINDS and (self.donor_rows is None or donor_id < self.donor_rows)
         )
         return [d for d, _ in pairs], [b for _, b in pairs]
 
@@ -149,4 +152,6 @@ def match_vocabularies(
             junk.append(donor_id)  # no donor row to approximate from
         else:
             new_tokens.append(donor_id)
-    return VocabularyMatch(matched=matched, new_tokens=new_tokens, junk_tokens=junk)
+    return VocabularyMatch(
+        matched=matched, new_tokens=new_tokens, junk_tokens=junk, donor_rows=donor_rows
+    )

@@ -95,7 +95,9 @@ class TransplantOptions(BaseModel):
     dtype: Literal["float32", "float16", "bfloat16"] | None = Field(
         None, description="Output dtype of the new matrices (default: the base's)"
     )
-    seed: int = Field(0, description="Seed for methods and noise that draw random numbers")
+    seed: int = Field(
+        0, ge=0, lt=2**63, description="Seed for methods and noise that draw random numbers"
+    )
     guard: GuardMode = Field(
         "off",
         description="Flagged outlier rows (breaker tokens): clip to the base norm bound, "

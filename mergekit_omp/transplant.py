@@ -20,21 +20,16 @@ from transformers import PreTrainedTokenizerBase
 
 from mergekit_omp.approximate import approximate_new_rows, build_problem
 from mergekit_omp.approximators import Approximation
-from mergekit_omp.assemble import assemble_matrix
+from mergekit_omp.assemble import assemble_matrix, require_finite
 from mergekit_omp.card import model_card
 from mergekit_omp.diagnostics.stage import MatrixDiagnosis, audit_matrix, check_numbers
 from mergekit_omp.load import LoadedModel
 from mergekit_omp.match import VocabularyMatch
 from mergekit_omp.options import Matrix, TransplantOptions, recipe_yaml
 from mergekit_omp.plan import MatrixPlan, TransplantPlan, load_pair, plan_transplant
+from mergekit_omp.publish import check_output_path, staged_output
 from mergekit_omp.report import MatrixReport, TransplantReport
-from mergekit_omp.write import (
-    check_output_path,
-    donor_token_ids,
-    staged_output,
-    write_config_and_tokenizer,
-    write_weights,
-)
+from mergekit_omp.write import donor_token_ids, write_config_and_tokenizer, write_weights
 
 LOG = logging.getLogger(__name__)
 
@@ -108,6 +103,7 @@ def build_matrix(
     with report.timed("assemble"):
         dtype = plan.dtype or base_rows.dtype
         new_matrix = assemble_matrix(base_rows, match, approximation.rows, plan.out_rows, dtype)
+        require_finite(new_matrix, matrix.name)
     report.matrices.append(
         MatrixReport(
             matrix=matrix.name,
@@ -171,7 +167,7 @@ def transplant(
     """
     merge_options = merge_options or MergeOptions()
     if out_path is not None:
-        check_output_path(out_path, overwrite)
+        check_output_path(out_path, overwrite, inputs=(options.base_model, options.donor))
     report = TransplantReport(
         base_model=options.base_model,
         donor=options.donor,

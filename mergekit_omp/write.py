@@ -1,18 +1,13 @@
-"""Write stage: the output model directory, all or nothing.
+"""Write stage: the output model's files, written into the staging directory that
+``publish.staged_output`` renames into place once complete.
 
-Everything is written into a temporary directory beside the target through mergekit's
-``TensorWriter`` and renamed into place only when complete, so an error or Ctrl-C never
-leaves a half-written model where the user asked for one.
+Weights go through mergekit's ``TensorWriter``.
 """
 
 from __future__ import annotations
 
 import contextlib
 import copy
-import os
-import shutil
-import tempfile
-from collections.abc import Iterator
 from pathlib import Path
 
 import torch
@@ -29,51 +24,6 @@ from mergekit_omp.load import LoadedModel
 from mergekit_omp.match import VocabularyMatch
 
 TOKEN_ID_KEYS = ("bos_token_id", "eos_token_id", "pad_token_id", "unk_token_id")
-
-
-def check_output_path(out_path: str | os.PathLike, overwrite: bool) -> Path:
-    out = Path(out_path)
-    if out.exists() and not out.is_dir():
-        raise TransplantError(f"output path {out} is a file")
-    if out.is_dir() and any(out.iterdir()) and not overwrite:
-        raise TransplantError(
-            f"output directory {out} is not empty (use --overwrite to replace it)"
-        )
-    return out
-
-
-@contextlib.contextmanager
-def staged_output(out_path: str | os.PathLike, overwrite: bool) -> Iterator[Path]:
-    """Yield a temporary directory that replaces ``out_path`` only if the block succeeds."""
-    out = check_output_path(out_path, overwrite).absolute()
-    out.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{out.name}.partial-", dir=out.parent))
-    try:
-        yield staging
-    except BaseException:
-        shutil.rmtree(staging, ignore_errors=True)
-        raise
-    _publish(staging, out)
-
-
-def _apply_umask(staging: Path) -> None:
-    """mkdtemp makes a private directory; give the output the user's usual permissions."""
-    umask = os.umask(0)
-    os.umask(umask)
-    staging.chmod(0o777 & ~umask)
-    for path in staging.rglob("*"):
-        path.chmod((0o777 if path.is_dir() else 0o666) & ~umask)
-
-
-def _publish(staging: Path, out: Path) -> None:
-    _apply_umask(staging)
-    if not out.exists():
-        staging.rename(out)
-        return
-    retired = Path(tempfile.mkdtemp(prefix=f".{out.name}.old-", dir=out.parent))
-    out.rename(retired / "previous")
-    staging.rename(out)
-    shutil.rmtree(retired, ignore_errors=True)
 
 
 def write_weights(

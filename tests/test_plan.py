@@ -146,7 +146,7 @@ def test_bad_values_are_refused_in_one_line_before_loading(tmp_path, flags, expe
     args = ["/no/such/base", "/no/such/donor", str(tmp_path / "out"), *flags]
     result = CliRunner().invoke(transplant_cli.main, args)
     assert result.exit_code == 1
-    assert result.stderr.strip() == f"Error: {expected}"
+    assert result.stderr.strip() == f"Error: {expected}; {tmp_path / 'out'} was left as it was"
     assert not (tmp_path / "out").exists()
 
 

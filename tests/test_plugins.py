@@ -67,7 +67,12 @@ def run_cli(site: Path, *args: str) -> subprocess.CompletedProcess:
         os.environ, PYTHONPATH=os.pathsep.join([str(site), os.environ.get("PYTHONPATH", "")])
     )
     return subprocess.run(
-        [sys.executable, "-c", "from mergekit_omp.cli.transplant import run; run()", *args],
+        [
+            sys.executable,
+            "-c",
+            "from mergekit_omp.cli.common import mergekit_omp; mergekit_omp()",
+            *args,
+        ],
         env=env,
         capture_output=True,
         text=True,

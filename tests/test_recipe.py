@@ -151,7 +151,10 @@ def test_recipe_command_reports_bad_recipe_on_one_line(tmp_path):
     path = write_recipe(tmp_path, "base_model: a\ndonor: b\nmetod: omp\n")
     result = CliRunner().invoke(recipe.main, [str(path), str(tmp_path / "out")])
     assert result.exit_code == 1
-    assert result.stderr.strip() == f"Error: {path}: unknown key 'metod' (did you mean 'method'?)"
+    assert result.stderr.strip() == (
+        f"Error: {path}: unknown key 'metod' (did you mean 'method'?); "
+        f"{tmp_path / 'out'} was left as it was"
+    )
     assert not (tmp_path / "out").exists()
 
 

@@ -1,4 +1,5 @@
 """The click commands, one module per console script; ``common`` holds what they share.
 
-Each module's ``run`` is its console script (see ``[project.scripts]`` in pyproject.toml).
+The console scripts are ``common``'s entry points (see ``[project.scripts]`` in
+pyproject.toml), which import their command only when run.
 """

@@ -1,73 +1,167 @@
-"""What every mergekit-omp command shares: error handling and the output options."""
+"""What every mergekit-omp command shares: one-line errors, the state of OUT in every message,
+the console-script entry points and the output options.
+
+The promise each command keeps (docs/cli.md): a bad input gets one line on stderr naming what
+is wrong and a non-zero exit before any heavy work; inputs are never modified; OUT is either
+the complete new model or exactly what it was before, and the message says which.
+
+This module is imported by the console scripts before anything else, so it imports no heavy
+library (torch, transformers, mergekit): Ctrl-C during those imports is one line too.
+"""
 
 from __future__ import annotations
 
 import functools
 import gc
+import importlib
 import logging
 import os
 import signal
 import sys
 from collections.abc import Callable
-from typing import Any, NoReturn
+from typing import TYPE_CHECKING, Any, NoReturn
 
 import click
-from mergekit.options import MergeOptions
 
-from mergekit_omp.errors import TransplantError
+from mergekit_omp import publish
+from mergekit_omp.errors import TransplantError, one_line
+
+if TYPE_CHECKING:
+    from mergekit.options import MergeOptions
+
+USAGE_ERROR_EXIT = 2
+INTERRUPTED_EXIT = 130
+_process = {"one_shot": False}
 
 
 def _raise_keyboard_interrupt(signum: int, frame: Any) -> None:
     raise KeyboardInterrupt
 
 
+def output_state(out_path: str | None) -> str:
+    """What OUT holds now, as the end of a message."""
+    if out_path is None:
+        return "nothing was written"
+    if publish.published_outputs():
+        return f"{out_path} holds the complete new model"
+    return f"{out_path} was left as it was"
+
+
+def _fail(message: str, out_path: str | None) -> NoReturn:
+    state = f"; {output_state(out_path)}" if out_path is not None else ""
+    click.echo(f"Error: {message}{state}", err=True)
+    sys.exit(1)
+
+
+def _interrupted(out_path: str | None) -> NoReturn:
+    if publish.published_outputs():
+        click.echo(f"Interrupted after publishing: {output_state(out_path)}.", err=True)
+        sys.exit(0)
+    click.echo(f"Interrupted: {output_state(out_path)}.", err=True)
+    sys.exit(INTERRUPTED_EXIT)
+
+
 def run_cli_action(action: Callable[..., Any]) -> Callable[..., Any]:
-    """Turn errors into one line on stderr and a non-zero exit; SIGTERM acts as Ctrl-C."""
+    """Turn errors into one line on stderr that says what OUT holds, and an exit status:
+    1 for an error, 130 for Ctrl-C or SIGTERM before OUT was published, 0 once it was."""
 
     @functools.wraps(action)
     def wrapper(*args: Any, **kwargs: Any) -> Any:
         signal.signal(signal.SIGTERM, _raise_keyboard_interrupt)
+        publish.forget_published()
         merge_options: MergeOptions | None = kwargs.get("merge_options")
         verbose = merge_options is not None and merge_options.verbosity > 0
+        out_path: str | None = kwargs.get("out_path")
         try:
-            return action(*args, **kwargs)
+            with publish.signals_held_once_published():
+                result = action(*args, **kwargs)
+        except click.ClickException:
+            raise
         except TransplantError as exc:
-            click.echo(f"Error: {exc}", err=True)
-            sys.exit(1)
+            _fail(one_line(str(exc)), out_path)
         except KeyboardInterrupt:
-            click.echo("Interrupted: no output was written.", err=True)
-            sys.exit(130)
+            _interrupted(out_path)
         except Exception as exc:
             if verbose:
                 raise
-            message = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
-            click.echo(
-                f"Error: {type(exc).__name__}: {message} (run with -v for details)", err=True
-            )
-            sys.exit(1)
+            message = one_line(str(exc))
+            _fail(f"{type(exc).__name__}: {message} (run with -v for details)", out_path)
+        if _process["one_shot"]:  # done: the process only flushes and leaves now
+            for signum in (signal.SIGINT, signal.SIGTERM):
+                signal.signal(signum, signal.SIG_IGN)
+        return result
 
     return wrapper
 
 
-def one_shot_entry_point(command: click.Command) -> Callable[[], NoReturn]:
+class OneLineErrors(click.Command):
+    """click's usage errors as one line on stderr ("Error: ... (see CMD --help)"), exit 2,
+    instead of the usage, a hint and the error over four lines."""
+
+    def main(
+        self,
+        args: Any = None,
+        prog_name: str | None = None,
+        complete_var: str | None = None,
+        standalone_mode: bool = True,
+        **extra: Any,
+    ) -> Any:
+        if not standalone_mode:
+            return super().main(args, prog_name, complete_var, standalone_mode, **extra)
+        try:
+            code = super().main(args, prog_name, complete_var, standalone_mode=False, **extra)
+        except click.ClickException as exc:
+            name = prog_name or self.name
+            click.echo(f"Error: {one_line(exc.format_message())} (see {name} --help)", err=True)
+            sys.exit(exc.exit_code)
+        except click.Abort:  # Ctrl-C while click parsed the command line
+            click.echo("Interrupted: nothing was written.", err=True)
+            sys.exit(INTERRUPTED_EXIT)
+        sys.exit(code if isinstance(code, int) else 0)
+
+
+@functools.cache
+def command_class() -> type[click.Command]:
+    """mergekit's help layout (``PrettyPrintHelp``) with one-line usage errors."""
+    from mergekit.options import PrettyPrintHelp
+
+    class OmpCommand(OneLineErrors, PrettyPrintHelp):
+        pass
+
+    return OmpCommand
+
+
+def one_shot_entry_point(
+    command: click.Command | str, *, collect_garbage: bool = False
+) -> Callable[[], NoReturn]:
     """A console-script entry point for a command that is the whole life of its process.
 
-    * Python's cyclic garbage collector is off while ``command`` runs: its full collections
-      walk the millions of objects of the imported modules, the tokenizers and the
-      vocabularies again and again (about 2 s of a 30 s Gemma-3 <- SmolLM2 transplant; the
-      peak memory is the same without them).
+    ``command`` may be ``"module:attribute"``, imported when the script runs, so that Ctrl-C
+    during the seconds of importing torch, transformers and mergekit ends in one line
+    (exit 130) rather than a traceback.
+
+    * Unless ``collect_garbage``, Python's cyclic garbage collector is off while the command
+      runs: its full collections walk the millions of objects of the imported modules, the
+      tokenizers and the vocabularies again and again (about 2 s of a 30 s Gemma-3 <-
+      SmolLM2 transplant; the peak memory is the same without them).
     * The process then leaves without the interpreter's teardown: freeing those objects
       would take another 1.6 to 2 s once everything that matters is on disk. Standard streams
       and logging are flushed first.
     """
 
     def entry() -> NoReturn:
-        gc.disable()
+        _process["one_shot"] = True
+        if not collect_garbage:
+            gc.disable()
         try:
-            command.main()  # standalone: always ends in SystemExit
+            loaded = _load_command(command)
+            loaded.main()  # standalone: always ends in SystemExit
             code: Any = 0
         except SystemExit as done:
             code = done.code
+        except KeyboardInterrupt:  # while importing, before any command ran
+            click.echo("Interrupted: nothing was written.", err=True)
+            code = INTERRUPTED_EXIT
         if code is None:
             code = 0
         elif not isinstance(code, int):  # as sys.exit does with a message
@@ -81,11 +175,25 @@ def one_shot_entry_point(command: click.Command) -> Callable[[], NoReturn]:
     return entry
 
 
+def _load_command(command: click.Command | str) -> click.Command:
+    if isinstance(command, click.Command):
+        return command
+    module, _, attribute = command.partition(":")
+    return getattr(importlib.import_module(module), attribute)
+
+
+mergekit_omp = one_shot_entry_point("mergekit_omp.cli.transplant:main")
+mergekit_omp_yaml = one_shot_entry_point("mergekit_omp.cli.recipe:main")
+mergekit_omp_merge = one_shot_entry_point("mergekit_omp.cli.merge:main", collect_garbage=True)
+mergekit_omp_eval = one_shot_entry_point("mergekit_omp.cli.evaluate:main", collect_garbage=True)
+mergekit_omp_report = one_shot_entry_point("mergekit_omp.cli.report:main", collect_garbage=True)
+
 overwrite_option = click.option(
     "--overwrite",
     is_flag=True,
     default=False,
-    help="Replace OUT_PATH if it exists and is not empty.",
+    help="Replace OUT_PATH if it exists and is not empty (never an input, nor a folder "
+    "holding one).",
 )
 
 report_option = click.option(
@@ -95,3 +203,20 @@ report_option = click.option(
     default=None,
     help="Also write the JSON report (match counts, method, seconds) to this path.",
 )
+
+
+def check_outputs(
+    out_path: str | None = None,
+    overwrite: bool = False,
+    files: dict[str, str | None] | None = None,
+    *,
+    inputs: tuple[str, ...] = (),
+) -> None:
+    """Every output of a command checked before any work: OUT (a directory published
+    atomically) and the files of options such as ``--report``; none may touch an input."""
+    inputs = tuple(path for path in inputs if path)
+    if out_path is not None:
+        publish.check_output_path(out_path, overwrite, inputs)
+    for option, path in (files or {}).items():
+        if path is not None:
+            publish.check_output_file(path, option, inputs)

@@ -7,28 +7,35 @@ from pathlib import Path
 from typing import Any
 
 import click
-from mergekit.options import MergeOptions, PrettyPrintHelp, add_merge_options
+from mergekit.options import MergeOptions, add_merge_options
 
 from mergekit_omp.approximators.base import DEFAULT_BATCH_SIZE
-from mergekit_omp.cli.common import run_cli_action
+from mergekit_omp.cli.common import check_outputs, command_class, run_cli_action
 from mergekit_omp.errors import TransplantError
 from mergekit_omp.evaluate.compare import compare_methods, parse_method_spec
 from mergekit_omp.match import MatchPolicy
 
 
 def parse_holdout(value: str | None) -> float | None:
+    """A count (>= 1, whole), a fraction in (0, 1) or a percentage in (0%, 100%)."""
     if value is None:
         return None
     text = value.strip()
     try:
-        return float(text[:-1]) / 100 if text.endswith("%") else float(text)
+        number = float(text.removesuffix("%"))
     except ValueError:
-        raise TransplantError(
-            f"--holdout must be a count, a fraction or a percentage, got '{value}'"
-        ) from None
+        number = float("nan")
+    if text.endswith("%") and 0 < number < 100:
+        return number / 100
+    if not text.endswith("%") and (0 < number < 1 or (number >= 1 and number.is_integer())):
+        return number
+    raise TransplantError(
+        "--holdout must be a whole count (1000), a fraction in (0, 1) (0.05) or a percentage "
+        f"in (0%, 100%) (5%), got '{value}'"
+    )
 
 
-@click.command("mergekit-omp-eval", cls=PrettyPrintHelp)
+@click.command("mergekit-omp-eval", cls=command_class())
 @click.argument("base_model", type=str)
 @click.argument("donor", type=str)
 @click.option(
@@ -124,6 +131,7 @@ def main(
     --random-seed (default 0): the same seed gives the same figures.
     """
     merge_options.apply_global_options()
+    check_outputs(files={"--json": json_path}, inputs=(base_model, donor, text_path or ""))
     specs = [parse_method_spec(spec) for spec in methods] or None
     report = compare_methods(
         base_model,

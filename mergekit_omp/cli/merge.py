@@ -3,9 +3,9 @@
 from __future__ import annotations
 
 import click
-from mergekit.options import MergeOptions, PrettyPrintHelp, add_merge_options
+from mergekit.options import MergeOptions, add_merge_options
 
-from mergekit_omp.cli.common import overwrite_option, run_cli_action
+from mergekit_omp.cli.common import check_outputs, command_class, overwrite_option, run_cli_action
 from mergekit_omp.merge.config import load_merge_config
 from mergekit_omp.merge.omp_vocabulary_task import OmpFill
 from mergekit_omp.merge.run import run_omp_merge
@@ -22,7 +22,7 @@ def summary(fills: list[OmpFill]) -> str:
     return "\n".join(lines)
 
 
-@click.command("mergekit-omp-merge", cls=PrettyPrintHelp)
+@click.command("mergekit-omp-merge", cls=command_class())
 @click.argument("config_file", type=str)
 @click.argument("out_path", type=str)
 @overwrite_option
@@ -40,6 +40,7 @@ def main(config_file: str, out_path: str, overwrite: bool, merge_options: MergeO
     """
     merge_options.apply_global_options()
     config = load_merge_config(config_file)
+    check_outputs(out_path, overwrite, inputs=(config_file, *config.models.values()))
     fills = run_omp_merge(config, out_path, merge_options, overwrite=overwrite)
     if not merge_options.quiet:
         click.echo(summary(fills), err=True)

@@ -8,15 +8,16 @@ read from the recipe's directory (``paths.resolve_model_path``).
 from __future__ import annotations
 
 import click
-from mergekit.options import MergeOptions, PrettyPrintHelp, add_merge_options
+from mergekit.options import MergeOptions, add_merge_options
 
 from mergekit_omp.cli.common import (
-    one_shot_entry_point,
+    check_outputs,
+    command_class,
     overwrite_option,
     report_option,
     run_cli_action,
 )
-from mergekit_omp.options import Recipe, load_recipe, recipe_yaml
+from mergekit_omp.options import MODEL_KEYS, Recipe, load_recipe, recipe_yaml
 from mergekit_omp.transplant import transplant
 
 
@@ -41,6 +42,8 @@ def run_recipe(
 ) -> None:
     merge_options.apply_global_options()
     recipe = with_seed(load_recipe(recipe_file), merge_options.random_seed)
+    inputs = (recipe_file, *(getattr(recipe.options, key) for key in MODEL_KEYS))
+    check_outputs(out_path, overwrite, {"--report": report_path}, inputs=inputs)
     result = transplant(
         recipe.options,
         out_path,
@@ -53,7 +56,7 @@ def run_recipe(
         click.echo(result.report.summary(), err=True)
 
 
-@click.command("mergekit-omp-yaml", cls=PrettyPrintHelp)
+@click.command("mergekit-omp-yaml", cls=command_class())
 @click.argument("recipe_file", type=str)
 @click.argument("out_path", type=str)
 @overwrite_option
@@ -83,7 +86,3 @@ def main(
         report_path=report_path,
         merge_options=merge_options,
     )
-
-
-run = one_shot_entry_point(main)
-"""The ``mergekit-omp-yaml`` console script."""

@@ -10,15 +10,15 @@ from __future__ import annotations
 from typing import Any
 
 import click
-from mergekit.options import MergeOptions, PrettyPrintHelp, add_merge_options
+from mergekit.options import MergeOptions, add_merge_options
 
-from mergekit_omp.cli.common import run_cli_action
+from mergekit_omp.cli.common import check_outputs, command_class, run_cli_action
 from mergekit_omp.cli.transplant import transplant_options, transplant_options_from_cli
 from mergekit_omp.diagnostics.plot import plot_audits, require_matplotlib
 from mergekit_omp.transplant import transplant
 
 
-@click.command("mergekit-omp-report", cls=PrettyPrintHelp)
+@click.command("mergekit-omp-report", cls=command_class())
 @click.argument("base_model", type=str)
 @click.argument("donor", type=str)
 @transplant_options
@@ -57,6 +57,7 @@ def main(
     audit is of exactly the transplant that command would make.
     """
     merge_options.apply_global_options()
+    check_outputs(files={"--json": json_path, "--plot": plot_path}, inputs=(base_model, donor))
     if plot_path is not None:
         require_matplotlib()  # fail before the slow part, not after
     options = transplant_options_from_cli(ctx, base_model, donor, values, merge_options)

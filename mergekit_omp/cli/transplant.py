@@ -14,14 +14,15 @@ from typing import Any, Literal, get_args, get_origin
 import click
 import yaml
 from click.core import ParameterSource
-from mergekit.options import MergeOptions, PrettyPrintHelp, add_merge_options
+from mergekit.options import MergeOptions, add_merge_options
 from mergekit.tokensurgeon import SubwordMethod, WeightingScheme
 from pydantic import ValidationError
 
 from mergekit_omp.approximators import approximator_names, get_approximator
 from mergekit_omp.approximators.omp import DEFAULT_K
 from mergekit_omp.cli.common import (
-    one_shot_entry_point,
+    check_outputs,
+    command_class,
     overwrite_option,
     report_option,
     run_cli_action,
@@ -270,7 +271,7 @@ def transplant_options(f: Callable[..., Any]) -> Callable[..., Any]:
     return f
 
 
-@click.command("mergekit-omp", cls=PrettyPrintHelp)
+@click.command("mergekit-omp", cls=command_class())
 @click.argument("base_model", type=str)
 @click.argument("donor", type=str)
 @click.argument("out_path", type=str)
@@ -308,6 +309,7 @@ def main(
     if print_recipe:
         click.echo(recipe_yaml(options, header=RECIPE_HEADER), nl=False)
         return
+    check_outputs(out_path, overwrite, {"--report": report_path}, inputs=(base_model, donor))
     result = transplant(
         options,
         out_path,
@@ -317,7 +319,3 @@ def main(
     )
     if not merge_options.quiet:
         click.echo(result.report.summary(), err=True)
-
-
-run = one_shot_entry_point(main)
-"""The ``mergekit-omp`` console script."""

@@ -80,6 +80,11 @@ def resolve_bos(tokenizer: PreTrainedTokenizerBase, bos: str | int) -> int | Non
     if bos == "none":
         return None
     if bos.lstrip("-").isdigit():
+        if not 0 <= int(bos) < len(tokenizer):
+            raise TransplantError(
+                f"--bos {bos}: the tokenizer has no token {bos} (its ids are 0 to "
+                f"{len(tokenizer) - 1})"
+            )
         return int(bos)
     token_id = tokenizer.convert_tokens_to_ids(bos)
     if not isinstance(token_id, int) or (

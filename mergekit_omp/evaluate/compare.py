@@ -21,7 +21,7 @@ from pydantic import BaseModel, Field
 from mergekit_omp.approximators import Approximator, approximator_names, get_approximator
 from mergekit_omp.approximators.base import DEFAULT_BATCH_SIZE
 from mergekit_omp.errors import TransplantError
-from mergekit_omp.evaluate.bpb import BitsPerByte, bits_per_byte, read_text
+from mergekit_omp.evaluate.bpb import BitsPerByte, bits_per_byte, read_text, resolve_bos
 from mergekit_omp.evaluate.leave_out import LeaveOutTask, MatrixScore, leave_out_tasks, score_method
 from mergekit_omp.evaluate.transplanted import InMemoryTransplant
 from mergekit_omp.load import LoadedModel
@@ -267,6 +267,9 @@ def compare_methods(
     text = read_text(text_path, max_bytes) if text_path is not None else None
     options = evaluation_options(base_model, donor, policy=policy, batch_size=batch_size, seed=seed)
     base, donor_model = load_pair(base_model, donor, merge_options)
+    if text is not None:  # a bad --bos fails before any work
+        resolve_bos(base.tokenizer, bos)
+        resolve_bos(donor_model.tokenizer, bos)
     tasks = leave_out_tasks(base, donor_model, options=options, holdout=holdout, seed=seed)
     results = run_leave_out(tasks, specs, progress)
     base_bpb = None

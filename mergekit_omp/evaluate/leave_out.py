@@ -84,7 +84,12 @@ def without_held_out(match: VocabularyMatch, held: HeldOut) -> VocabularyMatch:
     """The match with the held-out anchors turned into the only new tokens."""
     held_ids = set(held.donor_ids)
     matched = {d: pair for d, pair in match.matched.items() if d not in held_ids}
-    return VocabularyMatch(matched=matched, new_tokens=list(held.donor_ids), junk_tokens=[])
+    return VocabularyMatch(
+        matched=matched,
+        new_tokens=list(held.donor_ids),
+        junk_tokens=[],
+        donor_rows=match.donor_rows,
+    )
 
 
 def hidden_base_rows(base_matrix: torch.Tensor, base_ids: list[int]) -> torch.Tensor:

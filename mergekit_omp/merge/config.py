@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import copy
 import logging
+import os
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
@@ -22,6 +23,7 @@ from mergekit.config import MergeConfiguration
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from mergekit_omp.errors import TransplantError
+from mergekit_omp.load import HUB_ID_RE
 from mergekit_omp.options import describe_validation_error, parse_yaml_mapping
 from mergekit_omp.paths import resolve_model_path
 
@@ -166,12 +168,33 @@ def merge_configuration(data: dict[str, Any], source: str) -> MergeConfiguration
         raise TransplantError(f"{source}: {exc}") from None
 
 
+def _is_hub_id(path: str, base_dir: Path) -> bool:
+    """``owner/name`` whose ``owner`` is no local folder (beside the config or here)."""
+    if not HUB_ID_RE.match(path) or path.startswith("."):
+        return False
+    owner = path.split("/", 1)[0]
+    return not ((base_dir / owner).is_dir() or os.path.isdir(owner))
+
+
+def check_local_models(written: MergeConfiguration, base_dir: Path, source: str) -> None:
+    """A model path that is no hub id must exist, or mergekit reports it as a hub error."""
+    for reference in written.referenced_models():
+        for path in (reference.model, reference.lora):
+            if path is None or _is_hub_id(path.path, base_dir):
+                continue
+            if not os.path.exists(resolve_model_path(path.path, base_dir)):
+                raise TransplantError(
+                    f"{source}: model {path.path} does not exist (looked beside {source} and "
+                    "in the current directory)"
+                )
+
+
 def check_omp_use(config: OmpMergeConfig, source: str) -> None:
     merge = config.merge
     if config.uses_omp and merge.tokenizer is None and merge.tokenizer_source is None:
         raise TransplantError(
             f"{source}: OMP token rows need a merged vocabulary: add `tokenizer: {{source: "
-            "union}}` (or a model as source); without one no model lacks a token"
+            "union}` (or a model as source); without one no model lacks a token"
         )
     referenced = set(merge.referenced_models())
     for token, token_source in config.token_sources.items():
@@ -188,6 +211,7 @@ def parse_merge_config(text: str, source: str, base_dir: Path) -> OmpMergeConfig
     data, settings, token_sources = split_omp_keys(raw, source)
     _warn_unknown_keys(data, source)
     written = merge_configuration(data, source)
+    check_local_models(written, base_dir, source)
     resolve = reference_resolver(base_dir)
     config = OmpMergeConfig(
         text=text,

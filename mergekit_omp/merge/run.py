@@ -5,13 +5,39 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
+import transformers
 from mergekit.merge import run_merge
 from mergekit.options import MergeOptions
 
+from mergekit_omp.errors import TransplantError
 from mergekit_omp.merge.card import merge_card
 from mergekit_omp.merge.config import OmpMergeConfig
 from mergekit_omp.merge.omp_vocabulary_task import OmpFill, omp_token_rows
-from mergekit_omp.write import staged_output
+from mergekit_omp.publish import staged_output
+
+
+def check_vocabularies_fit(config: OmpMergeConfig, merge_options: MergeOptions) -> None:
+    """Each model's tokenizer must fit its embedding rows when vocabularies are merged:
+    mergekit indexes rows by token id and otherwise fails deep inside (a KeyError)."""
+    merge = config.merge
+    if merge.tokenizer is None and merge.tokenizer_source is None:
+        return
+    trust = merge_options.trust_remote_code
+    for reference in merge.referenced_models():
+        model_config = reference.config(trust_remote_code=trust)
+        if hasattr(model_config, "get_text_config"):
+            model_config = model_config.get_text_config()
+        rows = getattr(model_config, "vocab_size", None)
+        path = reference.model
+        tokenizer = transformers.AutoTokenizer.from_pretrained(
+            path.path, revision=path.revision, trust_remote_code=trust
+        )
+        if isinstance(rows, int) and len(tokenizer) > rows:
+            raise TransplantError(
+                f"model {path.path}: its tokenizer has {len(tokenizer)} entries but its "
+                f"embedding has {rows} rows (vocab_size); mergekit cannot merge its vocabulary "
+                "(resize its embeddings to the tokenizer first)"
+            )
 
 
 def run_omp_merge(
@@ -31,8 +57,9 @@ def run_omp_merge(
     merge_options = merge_options or MergeOptions()
     inner_options = merge_options.model_copy(update={"write_model_card": False})
     name = Path(os.path.abspath(out_path)).name
+    check_vocabularies_fit(config, merge_options)
     with (
-        staged_output(out_path, overwrite) as staging,
+        staged_output(out_path, overwrite, inputs=config.models.values()) as staging,
         omp_token_rows(config.settings, config.token_sources) as fills,
     ):
         run_merge(config.merge, str(staging), options=inner_options, config_source=config.text)

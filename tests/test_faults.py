@@ -1,0 +1,603 @@
+"""Fault injection: bad inputs, interruptions and races against every command.
+
+Each test builds its broken input itself from a copy of the tiny example models
+(examples/make_tiny_pair.py) and, for signals and races, injects the fault at the exact step
+through a hook (a monkeypatched rename or stage), never by timing. The promise under test
+(docs/cli.md): a bad input gets one line on stderr and a non-zero exit before any heavy work;
+inputs are never modified; OUT is either the complete new model or exactly what it was
+before, and the message says which.
+"""
+
+from __future__ import annotations
+
+import errno
+import hashlib
+import json
+import os
+import runpy
+import shutil
+import signal
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+from click.testing import CliRunner
+from safetensors.torch import load_file, save_file
+
+from mergekit_omp import publish
+from mergekit_omp.cli import evaluate as eval_cli
+from mergekit_omp.cli import merge as merge_cli
+from mergekit_omp.cli import recipe
+from mergekit_omp.cli import report as report_cli
+from mergekit_omp.cli import transplant as cli
+
+EXAMPLES = Path(__file__).resolve().parents[1] / "examples"
+COMMANDS = {
+    "mergekit-omp": cli.main,
+    "mergekit-omp-yaml": recipe.main,
+    "mergekit-omp-merge": merge_cli.main,
+    "mergekit-omp-eval": eval_cli.main,
+    "mergekit-omp-report": report_cli.main,
+}
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory) -> Path:
+    """base/, donor/ and donor-chat/ as examples/make_tiny_pair.py builds them."""
+    root = tmp_path_factory.mktemp("faults") / "tiny"
+    argv = sys.argv
+    sys.argv = ["make_tiny_pair.py", str(root)]
+    try:
+        runpy.run_path(str(EXAMPLES / "make_tiny_pair.py"), run_name="__main__")
+    finally:
+        sys.argv = argv
+    return root
+
+
+@pytest.fixture
+def m(tiny, tmp_path) -> Path:
+    """A fresh copy of the tiny models for one test (``m/`` in the issue)."""
+    return Path(shutil.copytree(tiny, tmp_path / "m"))
+
+
+def invoke(command, *args) -> object:
+    return CliRunner().invoke(command, [str(a) for a in args])
+
+
+def run(*args):
+    return invoke(cli.main, *args, "--quiet")
+
+
+def error_line(result, *fragments: str) -> str:
+    """The one line of a failed command's stderr, checked for ``fragments``."""
+    assert result.exit_code != 0, result.output
+    lines = [line for line in result.stderr.splitlines() if line.strip()]
+    assert len(lines) == 1, result.stderr
+    for fragment in fragments:
+        assert fragment in lines[0], lines[0]
+    return lines[0]
+
+
+def fingerprint(root: Path) -> dict[str, str]:
+    """Every file under ``root`` with its content hash (symbolic links as their target)."""
+    found = {}
+    for path in sorted(root.rglob("*")):
+        key = str(path.relative_to(root))
+        if path.is_symlink():
+            found[key] = "-> " + os.readlink(path)
+        elif path.is_file():
+            found[key] = hashlib.sha256(path.read_bytes()).hexdigest()
+        else:
+            found[key] = "dir"
+    return found
+
+
+def leftovers(directory: Path) -> list[str]:
+    return [p.name for p in directory.rglob("*") if ".partial-" in p.name or ".old-" in p.name]
+
+
+def a_model_was_written(out: Path) -> bool:
+    return (out / "config.json").is_file() and (out / "model.safetensors").is_file()
+
+
+def previous_output(out: Path) -> Path:
+    out.mkdir()
+    (out / "keep.txt").write_text("the previous model")
+    return out
+
+
+# 1. An OUT that is or holds an input is refused before anything is loaded.
+
+
+@pytest.mark.parametrize(
+    "out_of",
+    [
+        lambda m: m,  # holds base and donor
+        lambda m: m / "base",
+        lambda m: m / "donor",
+        lambda m: m / "base" / "..",
+        lambda m: m / "base" / "sub",  # inside an input
+    ],
+    ids=["holds-inputs", "is-base", "is-donor", "dotdot", "inside-base"],
+)
+def test_out_holding_an_input_is_refused_even_with_overwrite(m, out_of):
+    before = fingerprint(m)
+    result = run(m / "base", m / "donor", out_of(m), "--overwrite")
+    error_line(result, "input", "left as it was")
+    assert fingerprint(m) == before
+
+
+def test_out_is_the_current_directory_holding_the_inputs(m, monkeypatch):
+    monkeypatch.chdir(m)
+    before = fingerprint(m)
+    error_line(run("base", "donor", ".", "--overwrite"), "contains the input base")
+    assert fingerprint(m) == before
+
+
+def test_inputs_reached_through_a_symlink_are_recognised(m, tmp_path):
+    (tmp_path / "link").symlink_to(m)
+    before = fingerprint(m)
+    error_line(run(tmp_path / "link" / "base", tmp_path / "link" / "donor", m, "--overwrite"))
+    assert fingerprint(m) == before
+
+
+def test_recipe_folder_as_out_is_refused(m):
+    recipe_file = m / "recipes" / "r.yml"
+    recipe_file.parent.mkdir()
+    recipe_file.write_text(yaml.safe_dump({"base_model": "../base", "donor": "../donor"}))
+    before = fingerprint(m)
+    result = invoke(recipe.main, recipe_file, m / "recipes", "--overwrite", "--quiet")
+    error_line(result, "contains the input")
+    result = invoke(recipe.main, recipe_file, m / "base", "--overwrite", "--quiet")
+    error_line(result, "is the input")
+    assert fingerprint(m) == before
+
+
+def merge_config(m: Path, **extra) -> dict:
+    return {
+        "merge_method": "linear",
+        "base_model": "donor",
+        "models": [
+            {"model": "donor", "parameters": {"weight": 0.5}},
+            {"model": "donor-chat", "parameters": {"weight": 0.5}},
+        ],
+        "dtype": "float32",
+        "tokenizer": {"source": "union"},
+        **extra,
+    }
+
+
+@pytest.mark.parametrize("out_name", ["donor-chat", "."], ids=["a-model", "config-folder"])
+def test_merge_into_one_of_its_inputs_is_refused(m, out_name):
+    config_file = m / "merge.yml"
+    config_file.write_text(yaml.safe_dump(merge_config(m)))
+    before = fingerprint(m)
+    result = invoke(merge_cli.main, config_file, m / out_name, "--overwrite", "--quiet")
+    error_line(result, "input")
+    assert fingerprint(m) == before
+
+
+# 2. Publishing fails: OUT restored, staging removed, one line.
+
+
+def test_publish_error_restores_out_and_cleans_up(m, tmp_path, monkeypatch):
+    out = previous_output(tmp_path / "out")
+
+    def refused(source, target, flags):
+        raise PermissionError(errno.EACCES, "Permission denied", str(source))
+
+    monkeypatch.setattr(publish, "renameat2", refused)
+    result = run(m / "base", m / "donor", out, "--overwrite")
+    error_line(result, "cannot publish", "Permission denied", "left as it was")
+    assert fingerprint(out) == {"keep.txt": fingerprint(out)["keep.txt"]}
+    assert (out / "keep.txt").read_text() == "the previous model"
+    assert leftovers(tmp_path) == []
+
+
+def test_publish_error_in_the_two_rename_fallback_puts_out_back(m, tmp_path, monkeypatch):
+    out = previous_output(tmp_path / "out")
+    monkeypatch.setattr(publish, "_RENAMEAT2", None)  # no renameat2: two renames
+    real_rename = os.rename
+
+    def second_rename_fails(source, target, *args, **kwargs):
+        if Path(source).name.startswith(".out.partial-"):  # the staged model, not its files
+            raise OSError(errno.EIO, "Input/output error", str(source))
+        return real_rename(source, target, *args, **kwargs)
+
+    monkeypatch.setattr(os, "rename", second_rename_fails)
+    result = run(m / "base", m / "donor", out, "--overwrite")
+    error_line(result, "cannot publish", "left as it was")
+    assert (out / "keep.txt").read_text() == "the previous model"
+    assert leftovers(tmp_path) == []
+
+
+def test_dangling_symlink_out_is_refused_up_front(m, tmp_path):
+    (tmp_path / "out").symlink_to(tmp_path / "nowhere")
+    error_line(run(m / "base", m / "donor", tmp_path / "out"), "symbolic link")
+    assert os.readlink(tmp_path / "out") == str(tmp_path / "nowhere")
+    assert not (tmp_path / "nowhere").exists() and leftovers(tmp_path) == []
+
+
+def test_out_that_cannot_be_replaced_is_refused_up_front(m, tmp_path, monkeypatch):
+    out = previous_output(tmp_path / "out")
+    (out / "sub").mkdir()
+    real_access = os.access
+    monkeypatch.setattr(  # as if out/sub were read-only (the tests may run as root)
+        os, "access", lambda p, mode, **kw: Path(p) != out / "sub" and real_access(p, mode)
+    )
+    loads = []
+    monkeypatch.setattr(cli, "transplant", lambda *a, **kw: loads.append(a))
+    error_line(run(m / "base", m / "donor", out, "--overwrite"), "not writable")
+    assert loads == [] and (out / "keep.txt").exists()
+
+
+# 3. Replacing OUT is one atomic step; without renameat2, signals wait for the rollback.
+
+
+def test_overwrite_swaps_in_one_rename(m, tmp_path, monkeypatch):
+    out = previous_output(tmp_path / "out")
+    exchanges = []
+    real_exchange = publish.rename_exchange
+
+    def recorded(source, target):
+        exchanges.append(target)
+        real_exchange(source, target)
+
+    monkeypatch.setattr(publish, "rename_exchange", recorded)
+    real_rename = os.rename
+
+    def no_directory_renames(source, target, *args, **kwargs):
+        assert out.name not in (Path(source).name, Path(target).name), "two-step replace"
+        real_rename(source, target, *args, **kwargs)
+
+    monkeypatch.setattr(os, "rename", no_directory_renames)
+    result = run(m / "base", m / "donor", out, "--overwrite")
+    assert result.exit_code == 0, result.output
+    assert exchanges == [out.resolve()]
+    assert a_model_was_written(out) and not (out / "keep.txt").exists()
+    assert leftovers(tmp_path) == []
+
+
+def test_sigint_between_the_two_renames_of_the_fallback(m, tmp_path, monkeypatch):
+    out = previous_output(tmp_path / "out")
+    monkeypatch.setattr(publish, "_RENAMEAT2", None)
+    real_rename = os.rename
+
+    def interrupted_after_first(source, target, *args, **kwargs):
+        real_rename(source, target, *args, **kwargs)
+        if Path(source) == out.resolve():  # OUT moved aside, the new one not yet in place
+            signal.raise_signal(signal.SIGINT)
+
+    monkeypatch.setattr(os, "rename", interrupted_after_first)
+    result = run(m / "base", m / "donor", out, "--overwrite")
+    assert result.exit_code == 0, result.output
+    assert "complete new model" in result.stderr
+    assert a_model_was_written(out) and leftovers(tmp_path) == []
+
+
+# 4. Once published, the status is success whatever signal arrives.
+
+
+@pytest.mark.parametrize("existing", [False, True])
+def test_sigint_right_after_publishing(m, tmp_path, monkeypatch, existing):
+    out = previous_output(tmp_path / "out") if existing else tmp_path / "out"
+    name = "rename_exchange" if existing else "rename_noreplace"
+    real = getattr(publish, name)
+
+    def then_interrupted(source, target):
+        real(source, target)
+        signal.raise_signal(signal.SIGINT)
+
+    monkeypatch.setattr(publish, name, then_interrupted)
+    report = tmp_path / "report.json"
+    result = invoke(cli.main, m / "base", m / "donor", out, "--overwrite", "--report", report)
+    assert result.exit_code == 0, result.output
+    assert "no output was written" not in result.stderr
+    assert f"{out} holds the complete new model" in result.stderr
+    assert a_model_was_written(out) and leftovers(tmp_path) == []
+    assert json.loads(report.read_text())["vocab_size"] == 400  # the rest of the command ran
+
+
+def test_sigterm_right_after_a_merge_is_published(m, tmp_path, monkeypatch):
+    config_file = m / "merge.yml"
+    config_file.write_text(yaml.safe_dump(merge_config(m, omp={"missing_tokens": "omp", "k": 8})))
+    real = publish.rename_noreplace
+
+    def then_terminated(source, target):
+        real(source, target)
+        signal.raise_signal(signal.SIGTERM)
+
+    monkeypatch.setattr(publish, "rename_noreplace", then_terminated)
+    result = invoke(merge_cli.main, config_file, tmp_path / "merged")
+    assert result.exit_code == 0, result.output
+    assert "holds the complete new model" in result.stderr
+    assert (tmp_path / "merged" / "config.json").exists()
+
+
+# 5. Every output path is checked before any work.
+
+
+def test_report_into_a_missing_folder_fails_before_out_is_touched(m, tmp_path):
+    out = previous_output(tmp_path / "out")
+    result = run(m / "base", m / "donor", out, "--overwrite", "--report", tmp_path / "no" / "r")
+    error_line(result, "--report", "does not exist", "left as it was")
+    assert (out / "keep.txt").read_text() == "the previous model"
+
+
+@pytest.mark.parametrize(
+    "command,stage,option",
+    [
+        (eval_cli.main, "compare_methods", "--json"),
+        (report_cli.main, "transplant", "--json"),
+        (report_cli.main, "transplant", "--plot"),
+    ],
+)
+def test_output_files_are_checked_before_any_work(m, tmp_path, monkeypatch, command, stage, option):
+    calls = []
+    module = sys.modules[command.callback.__module__]
+    monkeypatch.setattr(module, stage, lambda *a, **kw: calls.append(a))
+    result = invoke(command, m / "base", m / "donor", option, tmp_path / "missing" / "f")
+    error_line(result, option, "does not exist")
+    assert calls == []
+
+
+def test_report_must_not_overwrite_an_input(m, tmp_path):
+    before = fingerprint(m)
+    result = run(m / "base", m / "donor", tmp_path / "out", "--report", m / "base" / "config.json")
+    error_line(result, "--report", "input")
+    assert fingerprint(m) == before
+
+
+# 6. Without --overwrite, a model published meanwhile by another run is never replaced.
+
+
+def test_out_published_meanwhile_is_not_replaced(m, tmp_path, monkeypatch):
+    out = tmp_path / "out"
+    real_umask = publish._apply_umask
+
+    def another_run_publishes_first(staging):
+        previous_output(out)
+        real_umask(staging)
+
+    monkeypatch.setattr(publish, "_apply_umask", another_run_publishes_first)
+    result = run(m / "base", m / "donor", out)
+    error_line(result, "appeared", "not replaced", "left as it was")
+    assert [p.name for p in out.iterdir()] == ["keep.txt"]
+    assert leftovers(tmp_path) == []
+
+
+def test_publish_without_renameat2_still_refuses_a_filled_out(tmp_path, monkeypatch):
+    monkeypatch.setattr(publish, "_RENAMEAT2", None)
+    out = tmp_path / "out"
+    out.mkdir()  # empty: no --overwrite needed
+    with pytest.raises(publish.TransplantError, match="appeared"):
+        with publish.staged_output(tmp_path / "out", overwrite=False) as staging:
+            (staging / "new.txt").write_text("new")
+            (out / "other.txt").write_text("another run")  # out was empty at the check
+    assert [p.name for p in out.iterdir()] == ["other.txt"]
+    assert leftovers(tmp_path) == []
+
+
+# 7. A donor tokenizer longer than its embedding matrix.
+
+
+def short_donor(m: Path, rows: int = 300) -> Path:
+    donor = m / "donor"
+    tensors = load_file(donor / "model.safetensors")
+    tensors["model.embed_tokens.weight"] = tensors["model.embed_tokens.weight"][:rows].clone()
+    save_file(tensors, donor / "model.safetensors", metadata={"format": "pt"})
+    config = json.loads((donor / "config.json").read_text())
+    config["vocab_size"] = rows
+    (donor / "config.json").write_text(json.dumps(config))
+    return donor
+
+
+def test_donor_tokens_without_rows_are_not_anchors(m, tmp_path):
+    donor = short_donor(m)
+    out = tmp_path / "out"
+    result = run(m / "base", donor, out, "-k", "8", "--report", tmp_path / "r.json")
+    assert result.exit_code == 0, result.output
+    report = json.loads((tmp_path / "r.json").read_text())
+    embed = report["matrices"][0]
+    assert embed["anchors"] < embed["counts"]["exact"]  # tokens 300+ matched but not anchors
+    rows = load_file(out / "model.safetensors")["model.embed_tokens.weight"]
+    assert rows.shape[0] == 400 and torch.isfinite(rows).all()
+
+
+def test_eval_and_report_with_a_short_donor(m, tmp_path):
+    donor = short_donor(m)
+    result = invoke(eval_cli.main, m / "base", donor, "-a", "omp:k=8", "-a", "mean", "--quiet")
+    assert result.exit_code == 0, result.output
+    assert "error" not in result.output.lower()
+    result = invoke(report_cli.main, m / "base", donor, "-k", "8", "--quiet")
+    assert result.exit_code == 0, result.output
+
+
+# 9, 10. Never write a non-finite vocabulary matrix, checked in the output dtype.
+
+
+def test_rows_that_overflow_are_refused(m, tmp_path):
+    result = run(m / "base", m / "donor", tmp_path / "out", "-a", "mean", "-nvs", "1e300")
+    error_line(result, "not finite", "left as it was")
+    assert not (tmp_path / "out").exists() and leftovers(tmp_path) == []
+
+
+def test_fp16_base_whose_rows_overflow_after_the_cast(m, tmp_path):
+    base = m / "base"
+    tensors = load_file(base / "model.safetensors")
+    tensors = {name: t.to(torch.float16) for name, t in tensors.items()}
+    tensors["model.embed_tokens.weight"] = torch.full_like(
+        tensors["model.embed_tokens.weight"], 40000.0
+    )
+    save_file(tensors, base / "model.safetensors", metadata={"format": "pt"})
+    config = json.loads((base / "config.json").read_text())
+    config["torch_dtype"] = config["dtype"] = "float16"
+    (base / "config.json").write_text(json.dumps(config))
+    result = run(base, m / "donor", tmp_path / "out", "-a", "mean", "-nvs", "2")
+    error_line(result, "not finite", "float16")
+    assert not (tmp_path / "out").exists()
+
+
+# 11. One line on stderr for each failure.
+
+
+def test_missing_tokenizer_file(m, tmp_path):
+    (m / "donor" / "tokenizer.json").unlink()
+    error_line(run(m / "base", m / "donor", tmp_path / "out"), "tokenizer")
+
+
+def test_custom_code_is_refused_in_one_line(m, tmp_path):
+    donor = m / "donor"
+    config = json.loads((donor / "config.json").read_text())
+    config["auto_map"] = {"AutoConfig": "configuration_x.XConfig"}
+    config["model_type"] = "xllama"
+    (donor / "config.json").write_text(json.dumps(config))
+    (donor / "configuration_x.py").write_text(
+        "from transformers import LlamaConfig\n"
+        "class XConfig(LlamaConfig):\n    model_type = 'xllama'\n"
+    )
+    error_line(run(m / "base", donor, tmp_path / "out"), "--trust-remote-code")
+
+
+def test_malicious_pickle_is_not_run_and_is_one_line(m, tmp_path):
+    import zipfile
+
+    base = m / "base"
+    marker = tmp_path / "PWNED"
+    (base / "model.safetensors").unlink()
+    torch.save({"x": torch.zeros(1)}, base / "pytorch_model.bin")
+    with zipfile.ZipFile(base / "pytorch_model.bin") as source:
+        entries = {name: source.read(name) for name in source.namelist()}
+    payload = f"cos\nsystem\n(S'touch {marker}'\ntR.".encode()  # os.system("touch ...")
+    with zipfile.ZipFile(base / "pytorch_model.bin", "w") as target:
+        for name, data in entries.items():
+            target.writestr(name, payload if name.endswith("data.pkl") else data)
+    error_line(run(base, m / "donor", tmp_path / "out"), "pickle", "never run")
+    assert not marker.exists()
+
+
+def test_uncached_hub_id(m, tmp_path, monkeypatch):
+    import huggingface_hub.constants
+
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setenv("HF_HOME", str(tmp_path / "hf"))
+    error_line(run("nobody/nothing", m / "donor", tmp_path / "out"), "nobody/nothing", "cache")
+
+
+@pytest.mark.parametrize("name", COMMANDS)
+def test_usage_errors_are_one_line_with_exit_2(name):
+    result = invoke(COMMANDS[name], "--no-such-flag")
+    line = error_line(result, "--no-such-flag", f"{name} --help")
+    assert result.exit_code == 2, line
+
+
+SCRIPT_INTERRUPTED_DURING_IMPORTS = """
+import sys
+
+class InterruptTorchImport:
+    def find_spec(self, name, path=None, target=None):
+        if name == "torch":
+            raise KeyboardInterrupt
+
+sys.meta_path.insert(0, InterruptTorchImport())
+from mergekit_omp.cli.common import {entry}  # what the console script runs
+sys.exit({entry}())
+"""
+
+
+@pytest.mark.parametrize("entry", ["mergekit_omp", "mergekit_omp_merge"])
+def test_sigint_during_imports_is_one_line(entry, tmp_path):
+    script = textwrap.dedent(SCRIPT_INTERRUPTED_DURING_IMPORTS.format(entry=entry))
+    done = subprocess.run(
+        [sys.executable, "-c", script, "a", "b", str(tmp_path / "out")],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert done.returncode == 130, done.stderr
+    assert done.stderr.strip().splitlines() == ["Interrupted: nothing was written."]
+
+
+# 12. The config's width must be the embedding's.
+
+
+def test_hidden_size_that_disagrees_with_the_embedding(m, tmp_path):
+    config = json.loads((m / "base" / "config.json").read_text())
+    config["hidden_size"] = 64  # the embedding is 48 wide
+    (m / "base" / "config.json").write_text(json.dumps(config))
+    error_line(run(m / "base", m / "donor", tmp_path / "out"), "hidden_size", "48")
+    assert not (tmp_path / "out").exists()
+
+
+# 13. Clear messages.
+
+
+def test_memory_gb_nan_names_the_parameter(m, tmp_path):
+    error_line(run(m / "base", m / "donor", tmp_path / "out", "-p", "memory_gb=nan"), "memory_gb")
+
+
+def test_seed_out_of_range_in_a_recipe(m, tmp_path):
+    recipe_file = tmp_path / "r.yml"
+    seed = 10**23  # an integer torch cannot take ("Overflow when unpacking long long")
+    recipe_file.write_text(f"base_model: {m / 'base'}\ndonor: {m / 'donor'}\nseed: {seed}\n")
+    result = invoke(recipe.main, recipe_file, tmp_path / "out", "--quiet")
+    error_line(result, "seed", "less than")
+
+
+def test_eval_bos_id_out_of_range(m, tmp_path):
+    result = invoke(
+        eval_cli.main, m / "base", m / "donor", "-a", "mean", "--text", EXAMPLES / "README.md",
+        "--max-bytes", "200", "--bos", "99999", "--quiet",
+    )  # fmt: skip
+    error_line(result, "99999", "--bos")
+
+
+@pytest.mark.parametrize("value", ["200%", "0%", "-5", "1.5", "0"])
+def test_eval_holdout_out_of_range(m, monkeypatch, value):
+    calls = []
+    eval_module = sys.modules[eval_cli.main.callback.__module__]
+    monkeypatch.setattr(eval_module, "compare_methods", lambda *a, **kw: calls.append(a))
+    result = invoke(eval_cli.main, m / "base", m / "donor", "--holdout", value)
+    error_line(result, "--holdout", value)
+    assert calls == []
+
+
+def test_merge_error_has_no_stray_brace(m, tmp_path):
+    config = merge_config(m, omp={"missing_tokens": "omp"})
+    del config["tokenizer"]
+    config_file = m / "merge.yml"
+    config_file.write_text(yaml.safe_dump(config))
+    line = error_line(invoke(merge_cli.main, config_file, tmp_path / "out"), "tokenizer")
+    assert "{source: union}" in line and "}}" not in line
+
+
+@pytest.mark.parametrize("path", ["./missing", "models/missing", "missing"])
+def test_merge_with_a_missing_relative_path(m, tmp_path, path):
+    (m / "models").mkdir()
+    config = merge_config(m)
+    config["models"][1]["model"] = path
+    config_file = m / "merge.yml"
+    config_file.write_text(yaml.safe_dump(config))
+    line = error_line(invoke(merge_cli.main, config_file, tmp_path / "out"), path)
+    assert "does not exist" in line and "huggingface" not in line.lower()
+
+
+def test_merge_model_with_more_tokens_than_rows(m, tmp_path):
+    chat = m / "donor-chat"
+    tensors = load_file(chat / "model.safetensors")
+    for name in ("model.embed_tokens.weight", "lm_head.weight"):
+        if name in tensors:
+            tensors[name] = tensors[name][:400].clone()
+    save_file(tensors, chat / "model.safetensors", metadata={"format": "pt"})
+    config = json.loads((chat / "config.json").read_text())
+    config["vocab_size"] = 400  # its tokenizer has 404 entries
+    (chat / "config.json").write_text(json.dumps(config))
+    config_file = m / "merge.yml"
+    config_file.write_text(yaml.safe_dump(merge_config(m)))
+    line = error_line(invoke(merge_cli.main, config_file, tmp_path / "out", "--quiet"))
+    assert "404" in line and "400" in line and "donor-chat" in line
