@@ -57,13 +57,18 @@ def parse_method_spec(spec: str) -> MethodSpec:
 
 
 def default_method_specs() -> list[MethodSpec]:
-    """Every installed method once (an alias such as ``subword`` is not run twice)."""
+    """Every installed method once (an alias such as ``subword`` is not run twice), less
+    those that refuse every parameter set (``stb``, broken in mergekit)."""
     specs, seen = [], set()
     for name in approximator_names():
         method = get_approximator(name)
-        if method.name not in seen:
-            seen.add(method.name)
+        if method.name in seen:
+            continue
+        seen.add(method.name)
+        try:
             specs.append(MethodSpec(method.name, method, method.validate_parameters({})))
+        except TransplantError:
+            continue
     return specs
 
 
