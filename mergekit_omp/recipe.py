@@ -201,7 +201,6 @@ def run_recipe(
         merge_options=merge_options,
         overwrite=overwrite,
         report_path=report_path,
-        card_recipe=recipe_yaml(recipe.written),
     )
     if not merge_options.quiet:
         click.echo(result.report.summary(), err=True)

@@ -27,6 +27,7 @@ import torch
 from tqdm.auto import tqdm
 
 from mergekit_omp.approximators import Approximation, ApproximationProblem
+from mergekit_omp.readable import readable_bytes, readable_text
 from mergekit_omp.vocabulary import Vocabulary
 
 MAD_TO_SD = 1.4826
@@ -450,7 +451,9 @@ def quantiles(values: torch.Tensor) -> dict[str, float]:
 
 
 def token_text(vocabulary: Vocabulary, token_id: int) -> str:
+    """The token as readable text: its bytes, with non-UTF-8 bytes and control characters
+    escaped (``\\xe2``, ``\\n``), never U+FFFD."""
     form = vocabulary.forms.get(token_id)
     if form is None:
-        return vocabulary.strings.get(token_id, "")
-    return form.data.decode("utf-8", errors="replace")
+        return readable_text(vocabulary.strings.get(token_id, ""))
+    return readable_bytes(form.data)

@@ -17,6 +17,7 @@ from mergekit_omp.diagnostics.numbers import NumberComparison, compare_numbers
 from mergekit_omp.load import LoadedModel
 from mergekit_omp.match import VocabularyMatch
 from mergekit_omp.options import GuardMode
+from mergekit_omp.readable import quoted
 from mergekit_omp.report import TransplantReport
 from mergekit_omp.vocabulary import Vocabulary
 
@@ -79,7 +80,7 @@ def audit_warning(
         f"{audit.matrix}: {flagged} approximated rows are outliers in the base (norm beyond "
         f"{sig(audit.bound)} = median + {audit.settings.z_max:g} robust sd{salience}); "
         f"{int(audit.breakers.sum())} of them are ordinary in the donor (breaker tokens, "
-        f"arXiv 2601.00065); worst {token!r} (norm {sig(audit.base_norm[worst])}, "
+        f"arXiv 2601.00065); worst {quoted(token)} (norm {sig(audit.base_norm[worst])}, "
         f"z {sig(audit.base_z[worst])}); "
     )
     if outcome.mode == "off":
