@@ -30,6 +30,7 @@ from mergekit_omp.cli_support import (
 from mergekit_omp.errors import TransplantError
 from mergekit_omp.options import MatchScope, TransplantOptions, describe_options_error
 from mergekit_omp.recipe import recipe_yaml
+from mergekit_omp.report import TransplantReport
 from mergekit_omp.transplant import transplant
 
 LOG = logging.getLogger("mergekit_omp")
@@ -292,8 +293,19 @@ def main(
         overwrite=overwrite,
         report_path=report_path,
     )
-    if not merge_options.quiet:
-        click.echo(result.report.summary(), err=True)
+    echo_summary(result.report, out_path, merge_options)
+
+
+def echo_summary(
+    report: TransplantReport, out_path: str | None, merge_options: MergeOptions
+) -> None:
+    """The summary on stderr (the full audit with -v); --quiet leaves only the warnings,
+    which are never hidden."""
+    if merge_options.quiet:
+        for warning in report.warnings:
+            click.echo(f"warning: {warning}", err=True)
+        return
+    click.echo(report.summary(out_path, verbose=merge_options.verbosity > 0), err=True)
 
 
 run = one_shot_entry_point(main)

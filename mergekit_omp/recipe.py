@@ -202,8 +202,9 @@ def run_recipe(
         overwrite=overwrite,
         report_path=report_path,
     )
-    if not merge_options.quiet:
-        click.echo(result.report.summary(), err=True)
+    from mergekit_omp.cli import echo_summary
+
+    echo_summary(result.report, out_path, merge_options)
 
 
 @click.command("mergekit-omp-yaml", cls=PrettyPrintHelp)

@@ -23,6 +23,7 @@ from mergekit_omp.approximators import Approximation
 from mergekit_omp.assemble import assemble_matrix
 from mergekit_omp.card import RECIPE_FILE, model_card, output_recipe
 from mergekit_omp.diagnostics.stage import MatrixDiagnosis, audit_matrix, check_numbers
+from mergekit_omp.diagnostics.summary import tokenizer_differences
 from mergekit_omp.load import LoadedModel
 from mergekit_omp.match import VocabularyMatch
 from mergekit_omp.options import Matrix, TransplantOptions
@@ -235,5 +236,10 @@ def write_transplant(
         if card_recipe is not None:
             (staging / RECIPE_FILE).write_text(card_recipe, encoding="utf-8")
         if merge_options.write_model_card and card_recipe is not None:
-            card = model_card(report, card_recipe, name=os.path.basename(os.path.abspath(out_path)))
+            card = model_card(
+                report,
+                card_recipe,
+                name=os.path.basename(os.path.abspath(out_path)),
+                tokenizer_differences=tokenizer_differences(report.diagnostics),
+            )
             (staging / "README.md").write_text(card, encoding="utf-8")

@@ -241,7 +241,8 @@ def test_writes_loadable_model_with_method_parameter(mixed_pair, tmp_path):
     assert result.exit_code == 0, result.output
     tensors = load_file(tmp_path / "out" / "model.safetensors")
     assert tensors["model.embed_tokens.weight"].dtype == torch.bfloat16
-    assert "k=5" not in result.stderr
+    assert "ignored" not in result.stderr
+    assert "approximated by omp (k=5)" in result.stderr
     saved = json.loads((tmp_path / "out" / "mergekit_omp_report.json").read_text())
     assert saved["matrices"][0]["parameters"] == {"k": 5, "memory_gb": None, "screen": None}
 

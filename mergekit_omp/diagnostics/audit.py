@@ -42,14 +42,16 @@ class AuditSettings:
 
     z_max: float = 8.0
     """A row whose norm's robust z-score exceeds this is flagged."""
-    min_relative_spread: float = 1 / 16
+    min_relative_spread: float = 3 / 16
     """Floor of the robust sd, as a share of the median norm: with ``z_max`` 8, no row under
-    1.5 times the median norm is flagged (bases of near-normalized rows, such as Gemma-3)."""
+    2.5 times the median norm is flagged. Real rows of real models reach 2.4 times
+    (SmolLM2-135M), so a shorter row is within what real rows do; bases of near-normalized
+    rows (Gemma-3) would otherwise flag rows 1% longer than typical."""
     salience_samples: int = 512
     """Hidden states sampled to count argmax wins (output matrices)."""
     salience_basis: int = 2048
     """Real rows the hidden states are drawn over."""
-    salience_ratio: float = 20.0
+    salience_ratio: float = 40.0
     """A flagged row wins this many times its fair share (samples / rows) or more ..."""
     min_salience_wins: int = 5
     """... and at least this many times, and more often than any real row."""

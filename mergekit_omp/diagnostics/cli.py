@@ -74,4 +74,4 @@ def main(
             diagnoses[0].vocabulary if diagnoses else None,
             plot_path,
         )
-    click.echo(result.report.summary())
+    click.echo(result.report.summary(verbose=True))

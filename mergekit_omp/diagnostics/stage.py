@@ -11,7 +11,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from mergekit_omp.approximators import Approximation, ApproximationProblem
-from mergekit_omp.diagnostics.audit import AuditSettings, RowAudit, audit_rows, sig, token_text
+from mergekit_omp.diagnostics.audit import AuditSettings, RowAudit, audit_rows, token_text
 from mergekit_omp.diagnostics.guard import GuardOutcome, apply_guard
 from mergekit_omp.diagnostics.numbers import NumberComparison, compare_numbers
 from mergekit_omp.load import LoadedModel
@@ -75,16 +75,14 @@ def audit_warning(
         return None
     worst = int(audit.base_z.argmax())
     token = token_text(problem.donor_vocab, audit.token_ids[worst])
-    salience = " or LM-head salience" if audit.salience is not None else ""
+    ratio = float(audit.base_norm[worst]) / audit.base_scale.median
     message = (
-        f"{audit.matrix}: {flagged} approximated rows are outliers in the base (norm beyond "
-        f"{sig(audit.bound)} = median + {audit.settings.z_max:g} robust sd{salience}); "
-        f"{int(audit.breakers.sum())} of them are ordinary in the donor (breaker tokens, "
-        f"arXiv 2601.00065); worst {quoted(token)} (norm {sig(audit.base_norm[worst])}, "
-        f"z {sig(audit.base_z[worst])}); "
+        f"{audit.matrix}: {flagged} approximated rows far beyond the base's own "
+        f"({int(audit.breakers.sum())} breaker tokens, arXiv 2601.00065), worst "
+        f"{quoted(token)} at {ratio:.1f}x the median norm; "
     )
     if outcome.mode == "off":
-        return message + "left as is (--guard off); --guard clip or shrink would bound them"
+        return message + "--guard clip or shrink bounds them"
     remaining = int(after.flagged.sum())
     tail = f", {remaining} still flagged" if remaining else ""
     return message + f"--guard {outcome.mode} bounded {int(outcome.changed.sum())}{tail}"
