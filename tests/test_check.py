@@ -80,3 +80,11 @@ def test_missing_model_is_one_line(tmp_path):
     result = CliRunner().invoke(check_main, [str(tmp_path / "nope"), str(tmp_path / "nope2")])
     assert result.exit_code == 1
     assert len(result.output.strip().splitlines()) == 1
+
+
+def test_output_tokenizer_config_has_the_donors_keys_only(drafts):
+    _, donor, outs = drafts
+    written = json.loads((outs["keep_donor"] / "tokenizer_config.json").read_text())
+    assert not {"is_local", "local_files_only"} & set(written)
+    original = json.loads((donor / "tokenizer_config.json").read_text())
+    assert written == original

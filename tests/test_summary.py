@@ -99,3 +99,14 @@ def test_numbers_split_differently_by_the_same_rule_are_no_warning(metaspace_tok
     assert "-bm yes" in approximated.warning()
     verbose = number_line(comparison.model_dump(mode="json"))
     assert "MISMATCHED" not in verbose and verbose.startswith("  numbers: splits differ")
+
+
+def test_the_bos_warning_names_the_flag(tmp_path, metaspace_tok, byte_level_tok):
+    base_tok = copy.deepcopy(metaspace_tok)
+    base_tok.add_bos_token = True
+    base = tiny.tiny_llama(base_tok, tmp_path / "base", hidden_size=16, seed=33)
+    donor = tiny.tiny_llama(byte_level_tok, tmp_path / "donor", hidden_size=16, seed=34)
+    result = run(base, donor, tmp_path / "out", "--bos", "keep_donor")
+    assert result.exit_code == 0, result.output
+    (warning,) = [x for x in result.stderr.splitlines() if "BOS" in x]
+    assert "--bos match_base inserts it" in warning and "bos: match_base" not in warning
