@@ -61,7 +61,7 @@ def test_a_planted_breaker_is_one_warning_line_and_quiet_keeps_it(tmp_path):
     result = run(base, donor, tmp_path / "out", "-k", "2", "--quiet")
     assert result.exit_code == 0, result.output
     warnings = [x for x in result.stderr.splitlines() if x.startswith("warning: embed: ")]
-    assert len(warnings) == 1 and "1 breaker tokens" in warnings[0]
+    assert len(warnings) == 1 and "(1 breaker token, " in warnings[0]
     assert "Wrote" not in result.stderr and "%|" not in result.stderr  # no summary, no bars
 
 

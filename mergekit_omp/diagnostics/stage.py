@@ -73,13 +73,23 @@ def audit_warning(
     flagged = int(audit.flagged.sum())
     if not flagged:
         return None
-    worst = int(audit.base_z.argmax())
-    token = token_text(problem.donor_vocab, audit.token_ids[worst])
-    ratio = float(audit.base_norm[worst]) / audit.base_scale.median
+    flagged_positions = audit.flagged.nonzero().flatten()
+    worst = int(flagged_positions[audit.base_z[flagged_positions].argmax()])
+    token = quoted(token_text(problem.donor_vocab, audit.token_ids[worst]))
+    if audit.flagged_norm[worst]:
+        ratio = float(audit.base_norm[worst]) / audit.base_scale.median
+        why = f"{ratio:.1f}x the median norm"
+    else:
+        salience = audit.salience
+        why = (
+            f"wins {int(salience.wins[worst])} of {salience.samples} sampled argmaxes "
+            f"(real rows at most {salience.real_max_wins})"
+        )
+    breakers = int(audit.breakers.sum())
     message = (
-        f"{audit.matrix}: {flagged} approximated rows far beyond the base's own "
-        f"({int(audit.breakers.sum())} breaker tokens, arXiv 2601.00065), worst "
-        f"{quoted(token)} at {ratio:.1f}x the median norm; "
+        f"{audit.matrix}: {flagged} approximated row{'s' if flagged != 1 else ''} far beyond "
+        f"the base's own ({breakers} breaker token{'s' if breakers != 1 else ''}, arXiv "
+        f"2601.00065), worst {token}: {why}; "
     )
     if outcome.mode == "off":
         return message + "--guard clip or shrink bounds them"
