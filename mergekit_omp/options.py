@@ -91,9 +91,11 @@ class TransplantOptions(BaseModel):
         "mergekit-tokensurgeon's rows; the audit still warns)",
     )
     bos: BosPolicy = Field(
-        BosPolicy.MATCH_BASE,
-        description="match_base: the output tokenizer inserts BOS exactly when the base's does; "
-        "keep_donor: leave the donor tokenizer as it is (and warn if they differ)",
+        BosPolicy.KEEP_DONOR,
+        description="keep_donor (default): the output tokenizer is the donor's, unchanged, so "
+        "the output can draft for the donor's models (llama.cpp refuses a draft whose BOS "
+        "insertion differs), with a warning when the base expects otherwise; match_base: the "
+        "output tokenizer inserts BOS exactly when the base's does (better on its own)",
     )
     tokens: dict[str, TokenEmbeddingConfig] | None = Field(
         None,

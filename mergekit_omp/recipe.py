@@ -24,9 +24,10 @@ from typing import Any
 
 import click
 import yaml
-from mergekit.options import MergeOptions, PrettyPrintHelp, add_merge_options
+from mergekit.options import MergeOptions, PrettyPrintHelp
 from pydantic import ValidationError
 
+from mergekit_omp.cli_options import READ_OPTIONS, SUMMARY_HELP, WRITE_OPTIONS, merge_options
 from mergekit_omp.cli_support import (
     one_shot_entry_point,
     overwrite_option,
@@ -212,7 +213,7 @@ def run_recipe(
 @click.argument("out_path", type=str)
 @overwrite_option
 @report_option
-@add_merge_options
+@merge_options(*READ_OPTIONS, *WRITE_OPTIONS, help_overrides=SUMMARY_HELP)
 @run_cli_action
 def main(
     recipe_file: str,
