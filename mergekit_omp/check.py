@@ -101,7 +101,7 @@ def id_strings(tokenizer: PreTrainedTokenizerBase) -> dict[int, str]:
 
 def check_vocab_size(draft: Model, target: Model) -> Check:
     a, b = draft.vocab_size, target.vocab_size
-    blocks = (TRANSFORMERS, VLLM) if a != b else ()
+    blocks: tuple[str, ...] = (TRANSFORMERS, VLLM) if a != b else ()
     if abs(a - b) > LLAMA_CPP_MAX_VOCAB_DIFFERENCE:
         blocks += (LLAMA_CPP,)
     return Check("vocabulary size", a == b, f"{a} (draft) vs {b} (target)", blocks)
@@ -118,7 +118,7 @@ def check_token_strings(draft: Model, target: Model) -> Check:
         quoted(readable_text(theirs[first])) if first in theirs else "none",
     )
     shared = min(len(ours), len(theirs))
-    blocks = (TRANSFORMERS, VLLM)
+    blocks: tuple[str, ...] = (TRANSFORMERS, VLLM)
     if any(LLAMA_CPP_FIRST_CHECKED_ID <= i < shared for i in differing):
         blocks += (LLAMA_CPP,)
     return Check(
@@ -175,7 +175,7 @@ def sample_texts(target: Model) -> list[str]:
     texts = list(SAMPLE_TEXTS)
     if target.tokenizer.chat_template:
         try:
-            texts.append(target.tokenizer.apply_chat_template(CHAT_SAMPLE, tokenize=False))
+            texts.append(str(target.tokenizer.apply_chat_template(CHAT_SAMPLE, tokenize=False)))
         except Exception:  # a template that needs other roles or variables: skip it
             pass
     return texts

@@ -110,7 +110,7 @@ RECIPE_HEADER = "# mergekit-omp-yaml THIS_FILE OUT (model paths as given on the 
 
 def transplant_options(f: Callable[..., Any]) -> Callable[..., Any]:
     """The method and matching flags, named as in mergekit-tokensurgeon."""
-    decorators = [
+    decorators: list[Callable[[Callable[..., Any]], Callable[..., Any]]] = [
         click.option(
             "--approximation-method",
             "-a",

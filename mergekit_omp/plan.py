@@ -177,7 +177,7 @@ def names_donor(reference: ModelReference, options: TransplantOptions) -> bool:
 
 
 def token_override_pairs(
-    options: TransplantOptions, base: LoadedModel, donor: LoadedModel
+    options: TransplantOptions, base: LoadedModel, rows: int, donor: LoadedModel
 ) -> tuple[ForcedPair, ...]:
     """``tokens:`` as forced pairs: each donor token takes the named base token's row."""
     pairs = []
@@ -197,7 +197,6 @@ def token_override_pairs(
         else:
             name = source.token if isinstance(source, ModelTokenEmbedding) else token
             base_id = token_id(base.tokenizer, name)
-        rows = base.embed.shape[0]
         if base_id is None or not 0 <= base_id < rows:
             raise TransplantError(
                 f"tokens.{token}.source: '{name}' is not a token with a row in the base "
@@ -244,10 +243,10 @@ def plan_transplant(
 ) -> TransplantPlan:
     """Every decision of giving ``base`` the tokenizer of ``donor`` as ``options`` say."""
     bos, tokenizer, pairs, warnings = plan_bos_outcome(base, donor, options)
-    pairs += token_override_pairs(options, base, donor)  # later pairs win: tokens: over BOS
     vocabulary = donor.vocabulary  # the output tokenizer's: BOS insertion adds no token
     if base.embed is None or donor.embed is None:
         raise ValueError("the models' vocabulary matrices were released (without_matrices)")
+    pairs += token_override_pairs(options, base, base.embed.shape[0], donor)  # after BOS: wins
     well_trained = None
     if options.magikarp:
         well_trained = (

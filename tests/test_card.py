@@ -8,7 +8,7 @@ import pytest
 import torch
 import yaml
 from click.testing import CliRunner
-from test_transplant import load_tensors
+from tiny import load_tensors
 
 from mergekit_omp import TransplantOptions, transplant
 from mergekit_omp.card import RECIPE_FILE, model_card

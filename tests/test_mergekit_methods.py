@@ -11,13 +11,13 @@ import torch
 from click.testing import CliRunner
 from mergekit.scripts.tokensurgeon import ApproximationMethod, john_hewitt_init
 from mergekit.scripts.tokensurgeon import main as tokensurgeon_main
-from test_baselines import random_problem
-from test_transplant import load_tensors
+from tiny import load_tensors
 from transformers import LlamaConfig
 
-from mergekit_omp.approximators import approximator_names, get_approximator
+from mergekit_omp.approximators import ApproximationProblem, approximator_names, get_approximator
 from mergekit_omp.approximators.mergekit_methods import rope_geometry
 from mergekit_omp.cli import main as mergekit_omp_main
+from mergekit_omp.vocabulary import Encoding, Vocabulary
 
 EMBED, LM_HEAD = "model.embed_tokens.weight", "lm_head.weight"
 
@@ -97,6 +97,25 @@ def test_random_methods_draw_mergekits_rows(byte_level_pair, tmp_path, method):
     theirs, ours = both(byte_level_pair, tmp_path, args)
     assert torch.equal(rows_as_a_set(theirs[EMBED]), rows_as_a_set(ours[EMBED]))
     assert not torch.equal(theirs[EMBED], ours[EMBED])  # so the set comparison is needed
+
+
+def random_problem(targets: int, anchors: int, seed: int) -> ApproximationProblem:
+    """Random targets (width 8) and anchors (width 6 in the base); the base matrix is the
+    base anchors."""
+    generator = torch.Generator().manual_seed(seed)
+    empty = Vocabulary(forms={}, strings={}, special_ids={}, encoding=Encoding.PLAIN)
+    base_anchors = torch.randn(anchors, 6, generator=generator)
+    return ApproximationProblem(
+        targets=torch.randn(targets, 8, generator=generator),
+        donor_anchors=torch.randn(anchors, 8, generator=generator),
+        base_anchors=base_anchors,
+        base_matrix=base_anchors,
+        target_ids=list(range(targets)),
+        donor_anchor_ids=list(range(anchors)),
+        base_anchor_ids=list(range(anchors)),
+        donor_vocab=empty,
+        base_vocab=empty,
+    )
 
 
 def test_random_methods_are_seeded_and_leave_the_global_generator_alone():

@@ -9,7 +9,6 @@ import pytest
 import tiny
 from click.testing import CliRunner
 from make_tiny_pair import make_tiny_models
-from test_audit import planted_models
 
 from mergekit_omp.cli import main as cli_main
 from mergekit_omp.diagnostics.numbers import compare_numbers
@@ -56,12 +55,16 @@ def test_verbose_gives_the_audit_with_readable_tokens(shipped, tmp_path):
     assert "\ufffd" not in result.stderr
 
 
-def test_a_planted_breaker_is_one_warning_line_and_quiet_keeps_it(tmp_path):
-    base, donor, _ = planted_models(tmp_path / "planted")
-    result = run(base, donor, tmp_path / "out", "-k", "2", "--quiet")
+def test_quiet_hides_the_summary_but_not_the_warnings(tmp_path, metaspace_tok, byte_level_tok):
+    base_tok = copy.deepcopy(metaspace_tok)
+    base_tok.add_bos_token = True  # a base that expects BOS, a donor that adds none: a warning
+    base = tiny.tiny_llama(base_tok, tmp_path / "base", hidden_size=16, seed=35)
+    donor = tiny.tiny_llama(byte_level_tok, tmp_path / "donor", hidden_size=16, seed=36)
+    result = run(base, donor, tmp_path / "out", "--quiet")
     assert result.exit_code == 0, result.output
-    warnings = [x for x in result.stderr.splitlines() if x.startswith("warning: embed: ")]
-    assert len(warnings) == 1 and "(1 breaker token, " in warnings[0]
+    lines = result.stderr.strip().splitlines()
+    assert lines and all(line.startswith("warning: ") for line in lines), lines
+    assert any("--bos match_base inserts it" in line for line in lines)
     assert "Wrote" not in result.stderr and "%|" not in result.stderr  # no summary, no bars
 
 

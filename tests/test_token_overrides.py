@@ -7,7 +7,7 @@ import pytest
 import torch
 import yaml
 from click.testing import CliRunner
-from test_transplant import load_tensors
+from tiny import load_tensors
 
 from mergekit_omp.merge.cli import main as merge_main
 from mergekit_omp.recipe import main as recipe_main

@@ -81,6 +81,7 @@ def audit_warning(
         why = f"{ratio:.1f}x the median norm"
     else:
         salience = audit.salience
+        assert salience is not None  # a row flagged only for salience has it
         why = (
             f"wins {int(salience.wins[worst])} of {salience.samples} sampled argmaxes "
             f"(real rows at most {salience.real_max_wins})"
