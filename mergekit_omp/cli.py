@@ -1,7 +1,8 @@
 """``mergekit-omp BASE DONOR OUT``: a drop-in for ``mergekit-tokensurgeon``.
 
-It accepts every argument of mergekit-tokensurgeon 0.1.5 with the same meaning, plus
-``--overwrite``, ``--pad-vocab-to-multiple-of``, ``--report`` and ``--param``.
+It accepts the arguments of mergekit-tokensurgeon 0.1.5 with the same meaning (``-c``,
+``-w`` and ``-s`` only with a method that uses them), plus ``--overwrite``,
+``--pad-vocab-to-multiple-of``, ``--report``, ``--param`` and ``-a NAME:PARAM=VALUE``.
 """
 
 from __future__ import annotations
