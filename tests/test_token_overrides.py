@@ -89,3 +89,20 @@ def test_passthrough_with_a_donor_tokenizer_is_refused_in_one_line(tmp_path, mix
     assert len(lines) == 1
     assert f"run `mergekit-omp {base} {donor} OUT`" in lines[0]
     assert not (tmp_path / "out").exists()
+
+
+def test_merge_writes_its_report(tmp_path):
+    import json
+    import shutil
+    from pathlib import Path
+
+    from make_tiny_pair import make_tiny_models
+
+    make_tiny_models(tmp_path / "tiny")
+    example = Path(__file__).resolve().parents[1] / "examples" / "tiny-merge.yml"
+    shutil.copy(example, tmp_path)
+    report = tmp_path / "merge.json"
+    result = run(merge_main, tmp_path / "tiny-merge.yml", tmp_path / "out", "--report", report)
+    assert result.exit_code == 0, result.output
+    written = json.loads(report.read_text())
+    assert written["omp_rows"] and all(fill["tokens"] > 0 for fill in written["omp_rows"])
