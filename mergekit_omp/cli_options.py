@@ -119,14 +119,15 @@ def parse_method_spec(spec: str) -> tuple[str, dict[str, Any]]:
     """``NAME`` or ``NAME:PARAM=VALUE,...`` (values read as YAML scalars): an installed
     method and parameters for it."""
     name, _, raw = spec.strip().partition(":")
-    name = get_approximator(name.strip()).name if name.strip() else name
+    name = name.strip()
+    get_approximator(name)  # an unknown name is one line listing the known ones
     parameters: dict[str, Any] = {}
     for item in filter(None, (part.strip() for part in raw.split(","))):
         key, sep, value = item.partition("=")
         if not sep or not key.strip():
             raise TransplantError(f"bad method '{spec}': expected NAME:PARAM=VALUE[,PARAM=VALUE]")
         parameters[key.strip()] = yaml.safe_load(value)
-    return spec.strip().partition(":")[0].strip(), parameters
+    return name, parameters
 
 
 METHOD_METAVAR = "NAME[:PARAM=VALUE,...]"
