@@ -158,7 +158,7 @@ def check_insertion(draft: Model, target: Model) -> Check:
     return Check(
         "BOS/EOS insertion",
         False,
-        f"draft: {a}; target: {b} (transplant with --bos keep_donor to keep the donor's)",
+        f"draft: {a}; target: {b} (mergekit-omp's default, --bos keep_donor, keeps the donor's)",
         (LLAMA_CPP,),
     )
 
