@@ -91,7 +91,9 @@ def transplant_ours(base: Path, donor: Path, out: Path, method: str, args) -> Ro
         row.__dict__.update(json.loads(timing.read_text()))
         row.timing_source = "this run (reused)"
     else:
+        # the BOS insertion Gemma expects, as the figures in docs/results.md were measured
         command = ["mergekit-omp", str(base), str(donor), str(out), "-a", method]
+        command += ["--bos", "match_base"]
         command += ["--overwrite", "--report", str(report)]
         if args.batch_size is not None:
             command += ["--batch-size", str(args.batch_size)]

@@ -52,6 +52,8 @@ def build_problem(
         batch_size=batch_size if batch_size and batch_size > 0 else None,
         progress=progress,
         seed=seed,
+        base_config=base.config,
+        donor_config=donor.config,
     )
 
 

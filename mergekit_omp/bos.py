@@ -50,16 +50,17 @@ def plan_bos(
     if base_adds == donor_adds:
         return BosPlan(base_adds, donor_adds, donor_adds)
     if policy == BosPolicy.KEEP_DONOR:
-        fix = "add" if base_adds else "omit"
+        if base_adds:
+            problem = "the base was trained with a BOS token first; the donor's tokenizer adds none"
+            fix = "--bos match_base inserts it"
+        else:
+            problem = "the donor's tokenizer inserts a BOS token the base was not trained with"
+            fix = "--bos match_base leaves it out"
         return BosPlan(
             base_adds,
             donor_adds,
             donor_adds,
-            warning=(
-                f"the base model expects a BOS token first and the donor tokenizer "
-                f"{'adds none' if base_adds else 'adds one'}: {fix} it when encoding, or "
-                f"transplant with bos: match_base"
-            ),
+            warning=f"{problem}: {fix} (then llama.cpp refuses it as a draft for the donor's models)",
         )
     if base_adds and donor.bos_token_id is None:
         return BosPlan(

@@ -1,17 +1,32 @@
 """Model card: the README.md written into every output directory, in the style of mergekit's
-merge cards, so the directory can be pushed to a model hub as it is."""
+merge cards, so the directory can be pushed to a model hub as it is.
+
+Built with ``huggingface_hub``'s ``ModelCard``/``ModelCardData``: ``base_model`` is the base
+(when it is a hub id), the donor is named in the text as the tokenizer's source. Everything
+that comes from the inputs (the output's name, model paths, token strings in warnings) is
+escaped for Markdown and HTML, so a token such as ``<script>`` or ``[x](javascript:...)``
+shows as text and never as markup.
+"""
 
 from __future__ import annotations
 
+import html
 import os
+import re
 
-import yaml
+from huggingface_hub import ModelCard, ModelCardData
 
 from mergekit_omp.approximators import get_approximator
 from mergekit_omp.errors import TransplantError
 from mergekit_omp.load import HUB_ID_RE
+from mergekit_omp.options import TransplantOptions, recipe_yaml
 from mergekit_omp.report import MatrixReport, TransplantReport
 
+RECIPE_FILE = "mergekit_omp_recipe.yml"
+"""The recipe of the transplant, written into every output directory."""
+MARKDOWN_PUNCTUATION = re.compile(r"([\\`*_\[\]|])")
+"""What could make markup of text: emphasis, code, links and images (``[``), table cells;
+``<``, ``>`` and ``&`` are HTML-escaped."""
 PAPER_URL = "https://arxiv.org/abs/2506.06607"
 PAPER = (
     "Goddard & Fernandes Neto (2025), *Training-Free Tokenizer Transplantation via "
@@ -29,12 +44,13 @@ COUNT_COLUMNS = [
 ]
 
 CARD_TEMPLATE = """---
-{metadata}---
+{metadata}
+---
 # {name}
 
-This model is {base} with the tokenizer of {donor}, transplanted without training by
-mergekit-omp, a plugin for [mergekit]({mergekit_url}).
-
+This model is {base} with the tokenizer of {donor} (the tokenizer's source), transplanted
+without training by mergekit-omp, a plugin for [mergekit]({mergekit_url}).
+{tokenizer_note}
 ## Method
 
 {method_note}
@@ -45,11 +61,16 @@ mergekit-omp, a plugin for [mergekit]({mergekit_url}).
 
 ## Recipe
 
-The following recipe produced this model (run it with `mergekit-omp-yaml recipe.yml OUT`):
+The following recipe produced this model. It is saved in this directory as
+`{recipe_file}`; re-running it gives the same weights:
 
-```yaml
+    mergekit-omp-yaml {recipe_file} NEW_OUT
+
+(relative model paths are read beside the recipe, then from the current directory).
+
+{fence}yaml
 {recipe}
-```
+{fence}
 """
 
 OMP_NOTE = (
@@ -65,14 +86,33 @@ def is_hub_id(model: str) -> bool:
     return not os.path.exists(model) and HUB_ID_RE.match(model) is not None
 
 
+def output_recipe(options: TransplantOptions) -> str:
+    """The recipe written into the output: local model paths made absolute, so running it
+    from anywhere on this machine gives the same weights."""
+    paths = {
+        key: os.path.abspath(getattr(options, key))
+        for key in ("base_model", "donor")
+        if os.path.exists(getattr(options, key))
+    }
+    header = f"# mergekit-omp-yaml {RECIPE_FILE} NEW_OUT: the recipe that made this model"
+    return recipe_yaml(options.model_copy(update=paths), header=header)
+
+
+def markdown_text(text: str) -> str:
+    """``text`` as literal Markdown: HTML escaped, Markdown punctuation backslashed, one line."""
+    escaped = html.escape(" ".join(text.split("\n")), quote=False)
+    return MARKDOWN_PUNCTUATION.sub(r"\\\1", escaped)
+
+
 def model_md(model: str) -> str:
-    return f"[{model}](https://huggingface.co/{model})" if is_hub_id(model) else f"`{model}`"
+    if is_hub_id(model):
+        return f"[{model}](https://huggingface.co/{model})"
+    return markdown_text(model)
 
 
-def front_matter(report: TransplantReport) -> str:
-    hub_models = [m for m in dict.fromkeys((report.base_model, report.donor)) if is_hub_id(m)]
-    metadata = {"base_model": hub_models, "library_name": "transformers", "tags": TAGS}
-    return yaml.safe_dump(metadata, sort_keys=False)
+def card_data(report: TransplantReport) -> ModelCardData:
+    base = report.base_model if is_hub_id(report.base_model) else None
+    return ModelCardData(base_model=base, library_name="transformers", tags=TAGS)
 
 
 def _method_md(name: str) -> tuple[str, str]:
@@ -96,7 +136,9 @@ def method_note(matrices: list[MatrixReport]) -> str:
     lines.append("")
     for m in matrices:
         linked, description = _method_md(m.method)
-        params = ", ".join(f"{k}={v}" for k, v in m.parameters.items() if v is not None)
+        params = ", ".join(
+            markdown_text(f"{k}={v}") for k, v in m.parameters.items() if v is not None
+        )
         detail = f" ({params})" if params else ""
         lines.append(f"* {m.matrix}: {linked}{detail}{': ' + description if description else ''}")
     if any(m.method == "omp" for m in matrices):
@@ -121,19 +163,42 @@ def statistics_md(report: TransplantReport) -> str:
         rows.append("| " + " | ".join([m.matrix, f"`{m.tensor}`", *counts, str(m.anchors)]) + " |")
     tied = "yes" if report.tied_embeddings else "no"
     lines = [*rows, "", f"Vocabulary size: {report.vocab_size}; tied embeddings: {tied}."]
-    lines.extend(f"\n> Warning: {warning}" for warning in report.warnings)
+    lines.extend(f"\n> Warning: {markdown_text(warning)}" for warning in report.warnings)
     return "\n".join(lines)
 
 
-def model_card(report: TransplantReport, recipe: str, name: str | None = None) -> str:
+def code_fence(text: str) -> str:
+    """A backtick fence longer than any backtick run in ``text``, so the block holds it all."""
+    longest = max((len(run) for run in re.findall(r"`+", text)), default=0)
+    return "`" * max(3, longest + 1)
+
+
+def tokenizer_note(differences: list[str]) -> str:
+    """What the output tokenizer does differently from the donor's, if anything."""
+    if not differences:
+        return ""
+    items = "\n".join(f"* {markdown_text(d)}" for d in differences)
+    return f"\nThe output tokenizer differs from the donor's:\n\n{items}\n"
+
+
+def model_card(
+    report: TransplantReport,
+    recipe: str,
+    name: str | None = None,
+    tokenizer_differences: list[str] | None = None,
+) -> str:
     """The README.md of a transplanted model: front matter, method, statistics, recipe."""
-    return CARD_TEMPLATE.format(
-        metadata=front_matter(report),
-        name=name or "Transplanted model",
+    content = CARD_TEMPLATE.format(
+        metadata=card_data(report).to_yaml(),
+        name=markdown_text(name or "Transplanted model"),
         base=model_md(report.base_model),
         donor=model_md(report.donor),
+        tokenizer_note=tokenizer_note(tokenizer_differences or []),
         mergekit_url=MERGEKIT_URL,
         method_note=method_note(report.matrices),
         statistics=statistics_md(report),
         recipe=recipe.rstrip(),
+        fence=code_fence(recipe),
+        recipe_file=RECIPE_FILE,
     )
+    return str(ModelCard(content))

@@ -23,6 +23,8 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
+from mergekit.common import ModelReference
+from mergekit.tokenizer.config import ModelTokenEmbedding, TokenEmbeddingConfig
 from pydantic import (
     BaseModel,
     ConfigDict,
@@ -105,9 +107,18 @@ class TransplantOptions(BaseModel):
         "mergekit-tokensurgeon's rows; the audit still warns)",
     )
     bos: BosPolicy = Field(
-        BosPolicy.MATCH_BASE,
-        description="match_base: the output tokenizer inserts BOS exactly when the base's does; "
-        "keep_donor: leave the donor tokenizer as it is (and warn if they differ)",
+        BosPolicy.KEEP_DONOR,
+        description="keep_donor (default): the output tokenizer is the donor's, unchanged, so "
+        "the output can draft for the donor's models (llama.cpp refuses a draft whose BOS "
+        "insertion differs), with a warning when the base expects otherwise; match_base: the "
+        "output tokenizer inserts BOS exactly when the base's does (better on its own)",
+    )
+    tokens: dict[str, TokenEmbeddingConfig] | None = Field(
+        None,
+        description="Donor tokens that take a given base token's row, in mergekit's "
+        '`tokenizer.tokens` syntax: `"<|im_start|>": {source: {kind: model_token, model: '
+        'BASE, token: "<start_of_turn>"}}` (or `token_id: N`), or `source: BASE` for the '
+        "base's token of the same string",
     )
 
     @field_validator("prefix_match", "byte_match", mode="before")
@@ -117,6 +128,21 @@ class TransplantOptions(BaseModel):
         if isinstance(value, bool):
             return MatchScope.YES if value else MatchScope.NO
         return value
+
+    @field_validator("tokens")
+    @classmethod
+    def _tokens_take_base_rows(
+        cls, tokens: dict[str, TokenEmbeddingConfig] | None
+    ) -> dict[str, TokenEmbeddingConfig] | None:
+        for token, entry in (tokens or {}).items():
+            if not isinstance(entry.source, ModelTokenEmbedding | ModelReference):
+                raise PydanticCustomError(
+                    "token_source",
+                    "{token}: a transplant gives a donor token a base token's row: the source "
+                    "is {{kind: model_token, model: BASE, token: ...}} or BASE",
+                    {"token": token},
+                )
+        return tokens
 
     @field_validator("method")
     @classmethod

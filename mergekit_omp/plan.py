@@ -11,18 +11,22 @@ cannot build different rows.
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass, replace
 from typing import Any
 
 import torch
+from mergekit.common import ModelReference
 from mergekit.io.tasks import LoaderCache
 from mergekit.options import MergeOptions
+from mergekit.tokenizer.config import ModelTokenEmbedding
 from mergekit.tokensurgeon import well_trained_tokens
 from transformers import PreTrainedTokenizerBase
 
 from mergekit_omp.approximators import Approximator
 from mergekit_omp.assemble import output_vocab_size
 from mergekit_omp.bos import BosPlan, output_tokenizer, plan_bos
+from mergekit_omp.errors import TransplantError
 from mergekit_omp.load import LoadedModel, load_model
 from mergekit_omp.match import MatchPolicy, VocabularyMatch, match_vocabularies
 from mergekit_omp.options import Matrix, TransplantOptions
@@ -34,7 +38,7 @@ class ForcedPair:
     """A donor token that takes a given base row, before (and instead of) matching.
 
     ``reason`` says why: ``bos`` (the output inserts the donor's BOS where the base expects
-    its own). A pair whose base id has no base row is ignored by matching."""
+    its own) or ``tokens`` (the recipe's ``tokens:`` names the base token). A pair whose base id has no base row is ignored by matching."""
 
     donor_id: int
     base_id: int
@@ -156,6 +160,52 @@ def plan_bos_outcome(
     return bos, tokenizer, pairs, warnings
 
 
+def token_id(tokenizer: PreTrainedTokenizerBase, token: str) -> int | None:
+    """The id of ``token`` as the tokenizer's vocabulary writes it (added tokens included)."""
+    return tokenizer.get_vocab().get(token)
+
+
+def names_donor(reference: ModelReference, options: TransplantOptions) -> bool:
+    path = reference.model.path
+    if path == options.donor:
+        return True
+    return (
+        os.path.exists(path)
+        and os.path.exists(options.donor)
+        and os.path.samefile(path, options.donor)
+    )
+
+
+def token_override_pairs(
+    options: TransplantOptions, base: LoadedModel, rows: int, donor: LoadedModel
+) -> tuple[ForcedPair, ...]:
+    """``tokens:`` as forced pairs: each donor token takes the named base token's row."""
+    pairs = []
+    for token, entry in (options.tokens or {}).items():
+        donor_id = token_id(donor.tokenizer, token)
+        if donor_id is None:
+            raise TransplantError(f"tokens: '{token}' is not a token of the donor {options.donor}")
+        source = entry.source
+        model = source.model if isinstance(source, ModelTokenEmbedding) else source
+        if names_donor(model, options):
+            raise TransplantError(
+                f"tokens.{token}.source: {model} is the donor; a transplant takes rows from the "
+                f"base {options.base_model}"
+            )
+        if isinstance(source, ModelTokenEmbedding) and source.token_id is not None:
+            base_id, name = source.token_id, f"id {source.token_id}"
+        else:
+            name = source.token if isinstance(source, ModelTokenEmbedding) else token
+            base_id = token_id(base.tokenizer, name)
+        if base_id is None or not 0 <= base_id < rows:
+            raise TransplantError(
+                f"tokens.{token}.source: '{name}' is not a token with a row in the base "
+                f"{options.base_model}"
+            )
+        pairs.append(ForcedPair(donor_id, base_id, "tokens"))
+    return tuple(pairs)
+
+
 def well_trained_ids(
     vocab: Vocabulary, embed: torch.Tensor, lm_head: torch.Tensor | None
 ) -> frozenset[int]:
@@ -196,6 +246,7 @@ def plan_transplant(
     vocabulary = donor.vocabulary  # the output tokenizer's: BOS insertion adds no token
     if base.embed is None or donor.embed is None:
         raise ValueError("the models' vocabulary matrices were released (without_matrices)")
+    pairs += token_override_pairs(options, base, base.embed.shape[0], donor)  # after BOS: wins
     well_trained = None
     if options.magikarp:
         well_trained = (

@@ -12,7 +12,7 @@ from typing import Any
 
 from pydantic import BaseModel, Field
 
-from mergekit_omp.diagnostics.summary import summary_lines
+from mergekit_omp.diagnostics.summary import summary_lines, tokenizer_differences
 
 
 class MatrixReport(BaseModel):
@@ -51,13 +51,55 @@ class TransplantReport(BaseModel):
     def write_json(self, path: str | os.PathLike[str]) -> None:
         Path(path).write_text(json.dumps(self.model_dump(mode="json"), indent=2) + "\n")
 
-    def summary(self) -> str:
-        lines = [f"Transplanted {self.donor} tokenizer into {self.base_model}"]
-        for m in self.matrices:
-            counts = ", ".join(f"{k} {v}" for k, v in m.counts.items() if v)
-            lines.append(f"  {m.matrix} ({m.tensor}): {counts}; {m.anchors} anchors; {m.method}")
-        lines.append(f"  vocabulary size {self.vocab_size}; tied: {self.tied_embeddings}")
-        lines.append("  seconds: " + ", ".join(f"{k} {v:.1f}" for k, v in self.seconds.items()))
-        lines.extend(summary_lines(self.diagnostics))
+    def summary(self, out_path: str | None = None, verbose: bool = False) -> str:
+        """At most 10 short lines: what was written where, how long it took, how the output
+        tokenizer differs from the donor's, the counts, one line per warning. ``verbose``
+        adds the tensors, seconds per stage, number schemes and the audit."""
+        lines = [self.headline(out_path)]
+        differences = tokenizer_differences(self.diagnostics)
+        lines.append("  tokenizer: the donor's, " + ("; ".join(differences) or "unchanged"))
+        lines.extend(self.count_lines())
+        if verbose:
+            lines.append(f"  tied embeddings: {'yes' if self.tied_embeddings else 'no'}")
+            seconds = ", ".join(f"{k} {v:.1f}" for k, v in self.seconds.items())
+            lines.append(f"  seconds: {seconds}")
+            lines.extend(summary_lines(self.diagnostics))
         lines.extend(f"  warning: {w}" for w in self.warnings)
+        if not verbose:
+            where = f"{out_path}/{REPORT_FILE}" if out_path else "--report PATH"
+            lines.append(f"  details: -v, or {where}")
         return "\n".join(lines)
+
+    def headline(self, out_path: str | None) -> str:
+        seconds = sum(self.seconds.values())
+        what = f"{model_name(self.base_model)} with the tokenizer of {model_name(self.donor)}"
+        if out_path is None:
+            return f"Audited {what}, nothing written ({seconds:.1f} s)"
+        return f"Wrote {out_path}: {what} ({seconds:.1f} s)"
+
+    def count_lines(self) -> list[str]:
+        """One line for the vocabulary, per matrix only where the matrices differ."""
+        described = [(m.matrix, matrix_counts(m)) for m in self.matrices]
+        if len({text for _, text in described}) <= 1 and described:
+            names = " and ".join(name for name, _ in described)
+            return [f"  {self.vocab_size} tokens ({names}): {described[0][1]}"]
+        head = [f"  {self.vocab_size} tokens"]
+        return head + [f"  {name}: {text}" for name, text in described]
+
+
+REPORT_FILE = "mergekit_omp_report.json"
+
+
+def model_name(model: str) -> str:
+    """A local model directory by its name (the summary's headline stays short)."""
+    return os.path.basename(os.path.normpath(model)) if os.path.isdir(model) else model
+
+
+def matrix_counts(matrix: MatrixReport) -> str:
+    counts = ", ".join(
+        f"{value} {key}" for key, value in matrix.counts.items() if value and key != "approximated"
+    )
+    approximated = matrix.counts.get("approximated", 0)
+    params = ", ".join(f"{k}={v}" for k, v in matrix.parameters.items() if v is not None)
+    method = f"{matrix.method} ({params})" if params else matrix.method
+    return f"{counts}, {approximated} approximated by {method} from {matrix.anchors} anchors"

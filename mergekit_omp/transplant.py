@@ -21,11 +21,12 @@ from transformers import PreTrainedTokenizerBase
 from mergekit_omp.approximate import approximate_new_rows, build_problem
 from mergekit_omp.approximators import Approximation
 from mergekit_omp.assemble import assemble_matrix, require_finite
-from mergekit_omp.card import model_card
+from mergekit_omp.card import RECIPE_FILE, model_card, output_recipe
 from mergekit_omp.diagnostics.stage import MatrixDiagnosis, audit_matrix, check_numbers
+from mergekit_omp.diagnostics.summary import tokenizer_differences
 from mergekit_omp.load import LoadedModel
 from mergekit_omp.match import VocabularyMatch
-from mergekit_omp.options import Matrix, TransplantOptions, recipe_yaml
+from mergekit_omp.options import Matrix, TransplantOptions
 from mergekit_omp.plan import MatrixPlan, TransplantPlan, load_pair, plan_transplant
 from mergekit_omp.publish import check_output_path, staged_output
 from mergekit_omp.report import MatrixReport, TransplantReport
@@ -162,8 +163,9 @@ def transplant(
     """Give ``options.base_model`` the tokenizer of ``options.donor``.
 
     With ``out_path`` the new model is written there (atomically); without it, only the new
-    matrices and the report are returned. ``card_recipe`` is the recipe YAML shown in the
-    output's model card (default: the recipe of ``options``).
+    matrices and the report are returned. ``card_recipe`` is the recipe YAML written into the
+    output and shown in its model card (default: the recipe of ``options``, local model
+    paths made absolute).
     """
     merge_options = merge_options or MergeOptions()
     if out_path is not None:
@@ -184,8 +186,8 @@ def transplant(
     # The old vocabulary matrices are used up; writing should not hold them as well.
     base, donor = base.without_matrices(), donor.without_matrices()
     if out_path is not None:
-        card = card_recipe if card_recipe is not None else recipe_yaml(options)
-        write_transplant(result, base, donor, out_path, merge_options, overwrite, card)
+        recipe = card_recipe if card_recipe is not None else output_recipe(options)
+        write_transplant(result, base, donor, out_path, merge_options, overwrite, recipe)
     if report_path is not None:
         report.write_json(report_path)
     return result
@@ -227,6 +229,13 @@ def write_transplant(
             tokenizer=result.tokenizer,
         )
         report.write_json(staging / "mergekit_omp_report.json")
+        if card_recipe is not None:
+            (staging / RECIPE_FILE).write_text(card_recipe, encoding="utf-8")
         if merge_options.write_model_card and card_recipe is not None:
-            card = model_card(report, card_recipe, name=os.path.basename(os.path.abspath(out_path)))
+            card = model_card(
+                report,
+                card_recipe,
+                name=os.path.basename(os.path.abspath(out_path)),
+                tokenizer_differences=tokenizer_differences(report.diagnostics),
+            )
             (staging / "README.md").write_text(card, encoding="utf-8")

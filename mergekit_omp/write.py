@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import json
 from pathlib import Path
 
 import torch
@@ -109,3 +110,18 @@ def write_config_and_tokenizer(
             setattr(generation, key, token_ids.get(key))
         generation.save_pretrained(directory)
     (tokenizer or donor.tokenizer).save_pretrained(directory)
+    drop_loading_keys(directory / "tokenizer_config.json")
+
+
+LOADING_KEYS = ("is_local", "local_files_only")
+"""How transformers 5 loaded the donor's tokenizer, which ``save_pretrained`` writes back."""
+
+
+def drop_loading_keys(path: Path) -> None:
+    """Leave the saved tokenizer_config.json with the donor's keys, not the loader's."""
+    if not path.is_file():
+        return
+    config = json.loads(path.read_text(encoding="utf-8"))
+    kept = {key: value for key, value in config.items() if key not in LOADING_KEYS}
+    if kept != config:
+        path.write_text(json.dumps(kept, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")

@@ -142,9 +142,10 @@ def test_the_bound_is_median_plus_z_max_robust_sd_of_the_real_rows(planted):
     norms = problem.base_anchors.double().norm(dim=1)
     median = norms.quantile(0.5)
     mad = (norms - median).abs().quantile(0.5)
-    assert audit.bound == pytest.approx((median + 8.0 * MAD_TO_SD * mad).item())
+    spread = max(MAD_TO_SD * mad, median * 3 / 16)  # the floor: nothing under 2.5x the median
+    assert audit.bound == pytest.approx((median + 8.0 * spread).item())
     assert audit.base_z[BREAKER].item() == pytest.approx(
-        ((1 / EPS - median) / (MAD_TO_SD * mad)).item(), rel=1e-3
+        ((1 / EPS - median) / spread).item(), rel=1e-3
     )
 
 
@@ -291,13 +292,13 @@ def test_transplant_flags_the_planted_breaker_and_the_guard_bounds_it(planted_pa
     (warning,) = [w for w in result.report.warnings if w.startswith("embed:")]
     if guard == "off":
         assert norm == pytest.approx(1 / EPS, rel=1e-2)  # float32 OMP on a cond-1e4 Gram
-        assert "left as is (--guard off)" in warning
+        assert warning.endswith("--guard clip or shrink bounds them")
         assert audit["guard"]["rows_changed"] == 0
     else:
         assert bound * 0.999 <= norm <= bound
         assert audit["guard"]["rows_changed"] == 1 and audit["guard"]["still_flagged"] == 0
         assert f"--guard {guard} bounded 1" in warning
-    assert "BREAKER" in result.report.summary()
+    assert "BREAKER" in result.report.summary(verbose=True)
 
 
 def test_guard_flag_reaches_the_written_model(planted_pair, tmp_path):

@@ -30,7 +30,9 @@ def test_output_tokenizer_inserts_bos_with_the_base_bos_row(bos_pair, tmp_path):
     base, donor = bos_pair
     out = tmp_path / "out"
     result = transplant(
-        TransplantOptions(base_model=str(base), donor=str(donor)), out, progress=False
+        TransplantOptions(base_model=str(base), donor=str(donor), bos="match_base"),
+        out,
+        progress=False,
     )
     tokenizer = transformers.AutoTokenizer.from_pretrained(out)
     donor_tokenizer = transformers.AutoTokenizer.from_pretrained(donor)
@@ -64,5 +66,20 @@ def test_keep_donor_leaves_the_tokenizer_and_warns(bos_pair, tmp_path):
 def test_reverse_direction_stops_inserting_bos(bos_pair, tmp_path):
     donor, base = bos_pair  # the BOS-adding tokenizer is now the donor's
     out = tmp_path / "out"
-    transplant(TransplantOptions(base_model=str(base), donor=str(donor)), out, progress=False)
+    options = TransplantOptions(base_model=str(base), donor=str(donor), bos="match_base")
+    transplant(options, out, progress=False)
     assert not adds_bos(transformers.AutoTokenizer.from_pretrained(out))
+
+
+def test_the_default_keeps_the_donors_tokenizer(bos_pair, tmp_path):
+    """A draft beside the donor's own models is a main use, and llama.cpp refuses a draft
+    whose BOS insertion differs from its target's: by default the output tokenizer is the
+    donor's, and the warning gives the flag for the other choice."""
+    base, donor = bos_pair
+    out = tmp_path / "out"
+    result = transplant(
+        TransplantOptions(base_model=str(base), donor=str(donor)), out, progress=False
+    )
+    assert not adds_bos(transformers.AutoTokenizer.from_pretrained(out))
+    assert result.report.diagnostics["bos"]["output_adds_bos"] is False
+    assert any("--bos match_base inserts it" in w for w in result.report.warnings)

@@ -2,13 +2,25 @@
 
 from __future__ import annotations
 
+import re
+
 import pytest
+import torch
 import yaml
+from click.testing import CliRunner
+from tiny import load_tensors
 
 from mergekit_omp import TransplantOptions, transplant
-from mergekit_omp.card import model_card
+from mergekit_omp.card import RECIPE_FILE, model_card
+from mergekit_omp.cli.recipe import main as recipe_main
+from mergekit_omp.cli.transplant import main as cli_main
 from mergekit_omp.options import recipe_yaml
 from mergekit_omp.report import MatrixReport, TransplantReport
+
+
+def run(command, args: list[str]) -> None:
+    result = CliRunner().invoke(command, args, catch_exceptions=False)
+    assert result.exit_code == 0, result.output
 
 
 def front_matter_and_body(card: str) -> tuple[dict, str]:
@@ -41,7 +53,7 @@ def test_output_directory_has_a_card_with_hub_front_matter(transplanted):
     metadata, body = front_matter_and_body((out / "README.md").read_text())
     assert metadata["library_name"] == "transformers"
     assert {"mergekit", "mergekit-omp", "tokenizer-transplant"} <= set(metadata["tags"])
-    assert metadata["base_model"] == []  # local directories are not hub models
+    assert "base_model" not in metadata  # a local directory is not a hub model
     assert body.startswith("# tiny-omp\n")
 
 
@@ -49,6 +61,57 @@ def test_card_recipe_is_the_recipe_that_produced_the_model(transplanted):
     options, _, out = transplanted
     _, body = front_matter_and_body((out / "README.md").read_text())
     assert TransplantOptions.model_validate(yaml_block(body)) == options
+    written = yaml.safe_load((out / RECIPE_FILE).read_text())
+    assert TransplantOptions.model_validate(written) == options
+    assert f"mergekit-omp-yaml {RECIPE_FILE} NEW_OUT" in body
+
+
+def test_rerunning_the_recipe_in_the_output_gives_the_same_weights(
+    mixed_pair, tmp_path, monkeypatch
+):
+    base, donor = mixed_pair
+    monkeypatch.chdir(base.parent)  # relative paths on the command line
+    args = [base.name, donor.name, str(tmp_path / "first"), "-k", "8", "-bm", "yes"]
+    args += ["-nvn", "0.01", "--random-seed", "3", "--guard", "clip", "--bos", "keep_donor"]
+    run(cli_main, args)
+    monkeypatch.chdir(tmp_path)  # somewhere else
+    run(recipe_main, [str(tmp_path / "first" / RECIPE_FILE), str(tmp_path / "again")])
+    first, again = load_tensors(tmp_path / "first"), load_tensors(tmp_path / "again")
+    assert first.keys() == again.keys()
+    assert all(torch.equal(first[name], again[name]) for name in first)
+    assert (tmp_path / "again" / RECIPE_FILE).read_text() == (
+        tmp_path / "first" / RECIPE_FILE
+    ).read_text()
+
+
+def test_card_escapes_what_comes_from_the_inputs():
+    """Token strings in warnings and the output's name are text, never markup or links."""
+    report = TransplantReport(
+        base_model="/models/base",
+        donor="/models/[d](javascript:alert(1))",
+        options={},
+        vocab_size=10,
+        warnings=["worst '<script>alert(1)</script>' and '[x](javascript:alert(1))'"],
+    )
+    options = TransplantOptions(base_model=report.base_model, donor=report.donor)
+    card = model_card(report, recipe_yaml(options), name="<img src=x onerror=alert(1)>")
+    _, body = front_matter_and_body(card)
+    prose = body.split("```yaml", 1)[0]
+    for raw in ("<script>", "<img"):
+        assert raw not in prose, raw
+    assert not re.search(r"(?<!\\)\[(x|d)(?<!\\)\]", prose)  # no link text left unescaped
+    assert "&lt;script&gt;alert(1)&lt;/script&gt;" in prose
+    assert "\\[x\\](javascript:alert(1))" in prose
+    assert prose.startswith("# &lt;img src=x onerror=alert(1)&gt;\n")
+
+
+def test_card_lists_tokenizer_differences():
+    report = TransplantReport(base_model="b", donor="d", options={}, vocab_size=10)
+    options = TransplantOptions(base_model="b", donor="d")
+    card = model_card(
+        report, recipe_yaml(options), tokenizer_differences=["inserts BOS <s> (donor: none)"]
+    )
+    assert "The output tokenizer differs from the donor's:\n\n* inserts BOS &lt;s&gt;" in card
 
 
 def test_card_states_the_match_statistics_of_the_report(transplanted):
@@ -100,9 +163,9 @@ def test_hub_models_go_into_base_model_and_are_linked():
     options = TransplantOptions(base_model=report.base_model, donor=report.donor)
     card = model_card(report, recipe_yaml(options), name="smol")
     metadata, body = front_matter_and_body(card)
-    assert metadata["base_model"] == ["HuggingFaceTB/SmolLM2-135M"]
+    assert metadata["base_model"] == "HuggingFaceTB/SmolLM2-135M"
     assert "[HuggingFaceTB/SmolLM2-135M](https://huggingface.co/HuggingFaceTB/SmolLM2-135M)" in body
-    assert "`/models/local-donor`" in body
+    assert "with the tokenizer of /models/local-donor (the tokenizer's source)" in body
     assert "| embed | `model.embed_tokens.weight` | 6 | 0 | 0 | 0 | 4 | 0 | 6 |" in body
     assert "> Warning: something to know" in body
 

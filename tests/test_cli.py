@@ -82,11 +82,6 @@ def test_accepts_mergekit_tokensurgeon_arguments(mixed_pair, tmp_path):
         "8",
         "-a",
         "omp",
-        "-c",
-        "-w",
-        "barycentric",
-        "-s",
-        "sum",
         "--batch-size",
         "64",
         "-pm",
@@ -114,6 +109,64 @@ def test_accepts_mergekit_tokensurgeon_arguments(mixed_pair, tmp_path):
     assert lm_head["byte_match"] and not lm_head["prefix_match"]
     assert embed["parameters"] == {"k": 8, "memory_gb": None, "screen": None}
     assert list((tmp_path / "out").glob("*.bin"))
+
+
+@pytest.mark.parametrize(
+    "method,flags,parameters",
+    [
+        ("common_interpolation", ["-c", "-w", "barycentric"], {"cosine_similarity": True}),
+        ("subword", ["-s", "sum"], {"subword_method": "sum"}),
+        ("omp:k=5", ["-p", "screen=false"], {"k": 5, "screen": False}),
+    ],
+)
+def test_method_flags_reach_the_methods_that_take_them(
+    mixed_pair, tmp_path, method, flags, parameters
+):
+    base, donor = mixed_pair
+    report = tmp_path / "report.json"
+    result = invoke(base, donor, tmp_path / "out", "-a", method, *flags, "--report", report)
+    assert result.exit_code == 0, result.output
+    saved = json.loads(report.read_text())["matrices"][0]["parameters"]
+    assert parameters.items() <= saved.items()
+
+
+@pytest.mark.parametrize(
+    "flags,message",
+    [
+        (
+            ["-c"],
+            "-c/--cosine-similarity: method 'omp' takes no cosine_similarity (methods that do: common_interpolation)",
+        ),
+        (["-w", "barycentric"], "-w/--weight-scheme: method 'omp' takes no weight_scheme"),
+        (
+            ["-s", "sum"],
+            "-s/--subword-method: method 'omp' takes no subword_method (methods that do: fvt)",
+        ),
+    ],
+)
+def test_method_flags_are_refused_where_unused(mixed_pair, tmp_path, flags, message):
+    base, donor = mixed_pair
+    result = invoke(base, donor, tmp_path / "out", *flags)
+    assert_one_line_error(result, message)
+
+
+def test_each_command_lists_only_the_options_it_uses():
+    from mergekit_omp.cli.evaluate import main as eval_main
+    from mergekit_omp.cli.report import main as report_main
+
+    unused = ("--copy-tokenizer", "--lora-merge-cache", "--allow-crimes", "--multi-gpu")
+    for command in (main, report_main, eval_main):
+        text = CliRunner().invoke(command, ["--help"]).output
+        assert not [flag for flag in unused if flag in text], command.name
+        assert "--report" in text and "-bm, --byte-match [no|yes|embed|lm_head]" in text
+    for command in (report_main, eval_main):
+        assert "--out-shard-size" not in CliRunner().invoke(command, ["--help"]).output
+    eval_help = CliRunner().invoke(eval_main, ["--help"]).output
+    assert "--window-prefix" in eval_help and "--bos [match_base|keep_donor]" in eval_help
+    assert (
+        "each method's own: clp all, common_interpolation 64, mp_rope 64, omp 64, wechsel 10"
+        in (" ".join(CliRunner().invoke(main, ["--help"]).output.split()))
+    )
 
 
 def test_missing_model_path(mixed_pair, tmp_path):
@@ -241,7 +294,8 @@ def test_writes_loadable_model_with_method_parameter(mixed_pair, tmp_path):
     assert result.exit_code == 0, result.output
     tensors = load_file(tmp_path / "out" / "model.safetensors")
     assert tensors["model.embed_tokens.weight"].dtype == torch.bfloat16
-    assert "k=5" not in result.stderr
+    assert "ignored" not in result.stderr
+    assert "approximated by omp (k=5)" in result.stderr
     saved = json.loads((tmp_path / "out" / "mergekit_omp_report.json").read_text())
     assert saved["matrices"][0]["parameters"] == {"k": 5, "memory_gb": None, "screen": None}
 
@@ -260,3 +314,14 @@ def test_remote_code_only_when_asked(mixed_pair, tmp_path, monkeypatch, flag, ex
     result = invoke(base, donor, tmp_path / "out", "-a", "zero", *flag)
     assert result.exit_code == 0, result.output
     assert seen and all(value is expected for value in seen)
+
+
+def test_method_spec_and_knobs_mean_the_same_in_every_command():
+    from mergekit_omp.cli.evaluate import method_specs
+
+    (spec,) = method_specs(("omp:k=8",), {})
+    (knob,) = method_specs(("omp",), {"k": 8})
+    assert spec.parameters == knob.parameters and spec.label == knob.label == "omp:k=8"
+    defaults = {s.approximator.name: s.parameters for s in method_specs((), {"k": 5})}
+    assert defaults["omp"]["k"] == defaults["wechsel"]["k"] == 5  # where a method takes k
+    assert "k" not in defaults["mean"]

@@ -151,4 +151,4 @@ def test_transplant_reports_schemes_and_counts_numeric_tokens_approximated(
     assert numbers["numeric_approximated"] == len(missing)
     assert numbers["numeric_matched"] == len(numeric) - len(missing)
     assert any(w.startswith("number tokenization differs") for w in result.report.warnings)
-    assert "numbers: MISMATCHED: base single_digit" in result.report.summary()
+    assert "numbers: MISMATCHED: base single_digit" in result.report.summary(verbose=True)

@@ -48,7 +48,9 @@ def bos_pair(tmp_path_factory, metaspace_tok, byte_level_tok):
 def test_plan_holds_the_bos_decision_and_its_forced_pair(bos_pair):
     base_path, donor_path = bos_pair
     base, donor = load_pair(str(base_path), str(donor_path), MergeOptions())
-    options = TransplantOptions(base_model=str(base_path), donor=str(donor_path), byte_match="yes")
+    options = TransplantOptions(
+        base_model=str(base_path), donor=str(donor_path), byte_match="yes", bos="match_base"
+    )
     plan = plan_transplant(options, base, donor)
     assert plan.bos_diagnostics() == {
         "base_adds_bos": True,
@@ -74,7 +76,11 @@ def test_eval_path_scores_the_model_mergekit_omp_writes(bos_pair, tmp_path, monk
     base, donor = bos_pair
     (tmp_path / "text.txt").write_text(TEXT)
     options = TransplantOptions(
-        base_model=str(base), donor=str(donor), byte_match="yes", prefix_match="yes"
+        base_model=str(base),
+        donor=str(donor),
+        byte_match="yes",
+        prefix_match="yes",
+        bos="match_base",
     )
     out = tmp_path / "out"
     result = transplant(options, out, progress=False)
@@ -104,6 +110,7 @@ def test_eval_path_scores_the_model_mergekit_omp_writes(bos_pair, tmp_path, monk
         policy=MatchPolicy(byte_match=True, prefix_match=True),
         text_path=str(tmp_path / "text.txt"),
         progress=False,
+        transplant_choices={"bos": "match_base"},
     )
     ((embed, head, tokenizer),) = scored
     assert embed.equal(written["model.embed_tokens.weight"])
@@ -240,6 +247,7 @@ def test_defaults_live_in_one_place():
     params = {p.name: p for p in transplant_cli.main.params}
     assert params["batch_size"].default == DEFAULT_BATCH_SIZE
     assert TransplantOptions.model_fields["batch_size"].default == DEFAULT_BATCH_SIZE
-    assert params["k"].default == DEFAULT_K
+    assert params["k"].default is None  # each method's own; the help lists them
+    assert f"omp {DEFAULT_K}" in params["k"].help
     assert registry.get_approximator("omp").validate_parameters({})["k"] == DEFAULT_K
     assert {p.name: p for p in eval_cli.main.params}["batch_size"].default == DEFAULT_BATCH_SIZE

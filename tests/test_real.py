@@ -66,7 +66,9 @@ def omp_output(assets, tmp_path_factory) -> Path:
     from mergekit_omp.transplant import transplant
 
     out = tmp_path_factory.mktemp("real") / "gemma-smollm-omp"
-    options = TransplantOptions(base_model=str(GEMMA), donor=str(SMOLLM), parameters={"k": 64})
+    options = TransplantOptions(
+        base_model=str(GEMMA), donor=str(SMOLLM), parameters={"k": 64}, bos="match_base"
+    )
     transplant(options, out, progress=False)
     return out
 

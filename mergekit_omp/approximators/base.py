@@ -10,7 +10,7 @@ from typing import Any
 
 import torch
 from pydantic import BaseModel, ConfigDict, ValidationError, create_model
-from transformers import PreTrainedTokenizerBase
+from transformers import PretrainedConfig, PreTrainedTokenizerBase
 
 from mergekit_omp.errors import TransplantError
 from mergekit_omp.vocabulary import Vocabulary
@@ -62,6 +62,8 @@ class ApproximationProblem:
     batch_size: int | None = None
     progress: bool = False
     seed: int = 0
+    base_config: PretrainedConfig | None = None
+    donor_config: PretrainedConfig | None = None
 
     @property
     def num_targets(self) -> int:

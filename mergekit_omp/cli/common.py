@@ -29,6 +29,9 @@ from mergekit_omp.errors import TransplantError, one_line
 if TYPE_CHECKING:
     from mergekit.options import MergeOptions
 
+    from mergekit_omp.report import TransplantReport
+
+
 USAGE_ERROR_EXIT = 2
 INTERRUPTED_EXIT = 130
 _process = {"one_shot": False}
@@ -187,6 +190,20 @@ mergekit_omp_yaml = one_shot_entry_point("mergekit_omp.cli.recipe:main")
 mergekit_omp_merge = one_shot_entry_point("mergekit_omp.cli.merge:main", collect_garbage=True)
 mergekit_omp_eval = one_shot_entry_point("mergekit_omp.cli.evaluate:main", collect_garbage=True)
 mergekit_omp_report = one_shot_entry_point("mergekit_omp.cli.report:main", collect_garbage=True)
+mergekit_omp_check = one_shot_entry_point("mergekit_omp.cli.check:main", collect_garbage=True)
+
+
+def echo_summary(
+    report: TransplantReport, out_path: str | None, merge_options: MergeOptions
+) -> None:
+    """The summary on stderr (the full audit with -v); --quiet leaves only the warnings,
+    which are never hidden."""
+    if merge_options.quiet:
+        for warning in report.warnings:
+            click.echo(f"warning: {warning}", err=True)
+        return
+    click.echo(report.summary(out_path, verbose=merge_options.verbosity > 0), err=True)
+
 
 overwrite_option = click.option(
     "--overwrite",

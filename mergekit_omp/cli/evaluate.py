@@ -7,13 +7,53 @@ from pathlib import Path
 from typing import Any
 
 import click
-from mergekit.options import MergeOptions, add_merge_options
+from mergekit.options import MergeOptions
 
+from mergekit_omp.approximators import approximator_names, get_approximator
 from mergekit_omp.approximators.base import DEFAULT_BATCH_SIZE
 from mergekit_omp.cli.common import check_outputs, command_class, run_cli_action
+from mergekit_omp.cli.options import (
+    METHOD_METAVAR,
+    READ_OPTIONS,
+    bos_option,
+    byte_match_option,
+    json_report_options,
+    knob_values,
+    merge_options,
+    method_knob_options,
+    parameters_for,
+    parse_method_spec,
+    prefix_match_option,
+    report_flag,
+    report_path_of,
+)
 from mergekit_omp.errors import TransplantError
-from mergekit_omp.evaluate.compare import compare_methods, parse_method_spec
-from mergekit_omp.match import MatchPolicy
+from mergekit_omp.evaluate.compare import MethodSpec, compare_methods, default_method_specs
+
+
+def method_specs(methods: tuple[str, ...], knobs: dict[str, Any]) -> list[MethodSpec] | None:
+    """The methods to compare with the knobs applied (``-a omp -k 8`` is ``-a omp:k=8``);
+    without ``-a``, every installed method, each with the knobs it takes."""
+    if not methods:
+        if not knobs:
+            return None
+        return [
+            spec_of(spec.approximator.name, {}, knobs_taken(spec.approximator.name, knobs))
+            for spec in default_method_specs()
+        ]
+    return [spec_of(*parse_method_spec(method), knobs) for method in methods]
+
+
+def knobs_taken(method: str, knobs: dict[str, Any]) -> dict[str, Any]:
+    accepted = get_approximator(method).parameter_names()
+    return {name: value for name, value in knobs.items() if name in accepted}
+
+
+def spec_of(name: str, spec: dict[str, Any], knobs: dict[str, Any]) -> MethodSpec:
+    method = get_approximator(name)
+    parameters = parameters_for(name, knobs, spec)
+    label = name + (":" + ",".join(f"{k}={v}" for k, v in parameters.items()) if parameters else "")
+    return MethodSpec(label, method, method.validate_parameters(parameters))
 
 
 def parse_holdout(value: str | None) -> float | None:
@@ -43,10 +83,12 @@ def parse_holdout(value: str | None) -> float | None:
     "-a",
     "methods",
     multiple=True,
-    metavar="NAME[:PARAM=VALUE,...]",
+    metavar=METHOD_METAVAR,
     help="A method to compare (repeatable), with parameters if wanted, e.g. "
-    "-a omp:k=32 -a wechsel. Default: every installed method.",
+    "-a omp:k=32 -a wechsel: " + ", ".join(approximator_names()) + ". Default: every "
+    "installed method.",
 )
+@method_knob_options
 @click.option(
     "--holdout",
     type=str,
@@ -55,13 +97,9 @@ def parse_holdout(value: str | None) -> float | None:
     help="Anchors to hold out: a count (1000), a fraction (0.05) or a percentage "
     "(5%). Default: 1,000 or 5% of the anchors, whichever is smaller.",
 )
-@click.option(
-    "--byte-match/--no-byte-match",
-    default=False,
-    show_default=True,
-    help="Count single-byte tokens matched across encodings as anchors, as "
-    "mergekit-omp -bm yes does.",
-)
+@byte_match_option
+@prefix_match_option
+@bos_option
 @click.option(
     "--batch-size",
     type=int,
@@ -77,7 +115,7 @@ def parse_holdout(value: str | None) -> float | None:
     metavar="FILE",
     help="Also measure bits per byte on this UTF-8 text: the base model with its "
     "tokenizer, and each method's transplant with the tokenizer mergekit-omp writes "
-    "(the donor's, inserting BOS as the base expects).",
+    "(as --bos says).",
 )
 @click.option(
     "--max-bytes",
@@ -92,35 +130,34 @@ def parse_holdout(value: str | None) -> float | None:
     help="Tokens per bits-per-byte window (default 1024, capped by the model's context).",
 )
 @click.option(
-    "--bos",
+    "--window-prefix",
     default="auto",
     show_default=True,
     help="What precedes each bits-per-byte window: auto (BOS if the tokenizer adds "
     "one), none, or a token id or token string.",
 )
-@click.option(
-    "--json",
-    "json_path",
-    type=click.Path(dir_okay=False),
-    default=None,
-    help="Write every figure as JSON to this path.",
-)
-@add_merge_options
+@json_report_options
+@merge_options(*READ_OPTIONS)
+@click.pass_context
 @run_cli_action
 def main(
+    ctx: click.Context,
     base_model: str,
     donor: str,
     methods: tuple[str, ...],
     holdout: str | None,
-    byte_match: bool,
+    byte_match: str,
+    prefix_match: str,
+    bos: str,
     batch_size: int,
     text_path: str | None,
     max_bytes: int | None,
     window: int | None,
-    bos: str,
+    window_prefix: str,
+    report_path: str | None,
     json_path: str | None,
     merge_options: MergeOptions,
-    **_: Any,
+    **values: Any,
 ) -> None:
     """Rank approximation methods for giving BASE_MODEL the tokenizer of DONOR.
 
@@ -131,25 +168,27 @@ def main(
     --random-seed (default 0): the same seed gives the same figures.
     """
     merge_options.apply_global_options()
-    check_outputs(files={"--json": json_path}, inputs=(base_model, donor, text_path or ""))
-    specs = [parse_method_spec(spec) for spec in methods] or None
+    flag = report_flag(report_path, json_path)
+    report_path = report_path_of(report_path, json_path)
+    check_outputs(files={flag: report_path}, inputs=(base_model, donor, text_path or ""))
+    specs = method_specs(methods, knob_values(ctx, values))
     report = compare_methods(
         base_model,
         donor,
         specs,
         holdout=parse_holdout(holdout),
         seed=merge_options.random_seed or 0,
-        policy=MatchPolicy(byte_match=byte_match),
         batch_size=batch_size if batch_size > 0 else None,
         text_path=text_path,
         max_bytes=max_bytes,
         window=window,
-        bos=bos,
+        bos=window_prefix,
         merge_options=merge_options,
         progress=not merge_options.quiet,
+        transplant_choices={"byte_match": byte_match, "prefix_match": prefix_match, "bos": bos},
     )
-    if json_path is not None:
-        Path(json_path).write_text(json.dumps(report.model_dump(mode="json"), indent=2) + "\n")
+    if report_path is not None:
+        Path(report_path).write_text(json.dumps(report.model_dump(mode="json"), indent=2) + "\n")
     click.echo(report.table())
     if all(result.error for result in report.methods):
         raise TransplantError("every method failed")

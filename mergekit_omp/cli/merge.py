@@ -2,10 +2,20 @@
 
 from __future__ import annotations
 
+import json
+from dataclasses import asdict
+from pathlib import Path
+
 import click
 from mergekit.options import MergeOptions, add_merge_options
 
-from mergekit_omp.cli.common import check_outputs, command_class, overwrite_option, run_cli_action
+from mergekit_omp.cli.common import (
+    check_outputs,
+    command_class,
+    overwrite_option,
+    report_option,
+    run_cli_action,
+)
 from mergekit_omp.merge.config import load_merge_config
 from mergekit_omp.merge.omp_vocabulary_task import OmpFill
 from mergekit_omp.merge.run import run_omp_merge
@@ -26,9 +36,16 @@ def summary(fills: list[OmpFill]) -> str:
 @click.argument("config_file", type=str)
 @click.argument("out_path", type=str)
 @overwrite_option
+@report_option
 @add_merge_options
 @run_cli_action
-def main(config_file: str, out_path: str, overwrite: bool, merge_options: MergeOptions) -> None:
+def main(
+    config_file: str,
+    out_path: str,
+    overwrite: bool,
+    report_path: str | None,
+    merge_options: MergeOptions,
+) -> None:
     """Run the mergekit merge in CONFIG_FILE and write the merged model to OUT_PATH.
 
     Exactly mergekit-yaml's merge, with one more token-embedding source: a token a model
@@ -40,7 +57,15 @@ def main(config_file: str, out_path: str, overwrite: bool, merge_options: MergeO
     """
     merge_options.apply_global_options()
     config = load_merge_config(config_file)
-    check_outputs(out_path, overwrite, inputs=(config_file, *config.models.values()))
+    check_outputs(
+        out_path,
+        overwrite,
+        {"--report": report_path},
+        inputs=(config_file, *config.models.values()),
+    )
     fills = run_omp_merge(config, out_path, merge_options, overwrite=overwrite)
+    if report_path is not None:
+        report = {"config": config_file, "out": out_path, "omp_rows": [asdict(f) for f in fills]}
+        Path(report_path).write_text(json.dumps(report, indent=2) + "\n", encoding="utf-8")
     if not merge_options.quiet:
         click.echo(summary(fills), err=True)

@@ -8,16 +8,18 @@ read from the recipe's directory (``paths.resolve_model_path``).
 from __future__ import annotations
 
 import click
-from mergekit.options import MergeOptions, add_merge_options
+from mergekit.options import MergeOptions
 
 from mergekit_omp.cli.common import (
     check_outputs,
     command_class,
+    echo_summary,
     overwrite_option,
     report_option,
     run_cli_action,
 )
-from mergekit_omp.options import MODEL_KEYS, Recipe, load_recipe, recipe_yaml
+from mergekit_omp.cli.options import READ_OPTIONS, SUMMARY_HELP, WRITE_OPTIONS, merge_options
+from mergekit_omp.options import MODEL_KEYS, Recipe, load_recipe
 from mergekit_omp.transplant import transplant
 
 
@@ -50,10 +52,8 @@ def run_recipe(
         merge_options=merge_options,
         overwrite=overwrite,
         report_path=report_path,
-        card_recipe=recipe_yaml(recipe.written),
     )
-    if not merge_options.quiet:
-        click.echo(result.report.summary(), err=True)
+    echo_summary(result.report, out_path, merge_options)
 
 
 @click.command("mergekit-omp-yaml", cls=command_class())
@@ -61,7 +61,7 @@ def run_recipe(
 @click.argument("out_path", type=str)
 @overwrite_option
 @report_option
-@add_merge_options
+@merge_options(*READ_OPTIONS, *WRITE_OPTIONS, help_overrides=SUMMARY_HELP)
 @run_cli_action
 def main(
     recipe_file: str,

@@ -10,9 +10,16 @@ from __future__ import annotations
 from typing import Any
 
 import click
-from mergekit.options import MergeOptions, add_merge_options
+from mergekit.options import MergeOptions
 
 from mergekit_omp.cli.common import check_outputs, command_class, run_cli_action
+from mergekit_omp.cli.options import (
+    READ_OPTIONS,
+    json_report_options,
+    merge_options,
+    report_flag,
+    report_path_of,
+)
 from mergekit_omp.cli.transplant import transplant_options, transplant_options_from_cli
 from mergekit_omp.diagnostics.plot import plot_audits, require_matplotlib
 from mergekit_omp.transplant import transplant
@@ -22,13 +29,7 @@ from mergekit_omp.transplant import transplant
 @click.argument("base_model", type=str)
 @click.argument("donor", type=str)
 @transplant_options
-@click.option(
-    "--json",
-    "json_path",
-    type=click.Path(dir_okay=False),
-    default=None,
-    help="Write the JSON report (diagnostics included) to this path.",
-)
+@json_report_options
 @click.option(
     "--plot",
     "plot_path",
@@ -37,13 +38,14 @@ from mergekit_omp.transplant import transplant
     help="Write a PNG of the base-norm and residual distributions with the flagged "
     "tokens marked (needs matplotlib: pip install 'mergekit-omp[plot]').",
 )
-@add_merge_options
+@merge_options(*READ_OPTIONS)
 @click.pass_context
 @run_cli_action
 def main(
     ctx: click.Context,
     base_model: str,
     donor: str,
+    report_path: str | None,
     json_path: str | None,
     plot_path: str | None,
     merge_options: MergeOptions,
@@ -57,7 +59,9 @@ def main(
     audit is of exactly the transplant that command would make.
     """
     merge_options.apply_global_options()
-    check_outputs(files={"--json": json_path, "--plot": plot_path}, inputs=(base_model, donor))
+    flag = report_flag(report_path, json_path)
+    report_path = report_path_of(report_path, json_path)
+    check_outputs(files={flag: report_path, "--plot": plot_path}, inputs=(base_model, donor))
     if plot_path is not None:
         require_matplotlib()  # fail before the slow part, not after
     options = transplant_options_from_cli(ctx, base_model, donor, values, merge_options)
@@ -65,7 +69,7 @@ def main(
         options,
         None,
         merge_options=merge_options,
-        report_path=json_path,
+        report_path=report_path,
         progress=not merge_options.quiet,
     )
     if plot_path is not None:
@@ -75,4 +79,4 @@ def main(
             diagnoses[0].vocabulary if diagnoses else None,
             plot_path,
         )
-    click.echo(result.report.summary())
+    click.echo(result.report.summary(verbose=True))

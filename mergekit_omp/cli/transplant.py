@@ -1,31 +1,45 @@
 """``mergekit-omp BASE DONOR OUT``: a drop-in for ``mergekit-tokensurgeon``.
 
-It accepts every argument of mergekit-tokensurgeon 0.1.5 with the same meaning, plus
-``--overwrite``, ``--pad-vocab-to-multiple-of``, ``--report`` and ``--param``.
+It accepts the arguments of mergekit-tokensurgeon 0.1.5 with the same meaning (``-c``,
+``-w`` and ``-s`` only with a method that uses them), plus ``--overwrite``,
+``--pad-vocab-to-multiple-of``, ``--report``, ``--param`` and ``-a NAME:PARAM=VALUE``.
 """
 
 from __future__ import annotations
 
-import enum
 import logging
 from collections.abc import Callable
-from typing import Any, Literal, get_args, get_origin
+from typing import Any
 
 import click
 import yaml
-from click.core import ParameterSource
-from mergekit.options import MergeOptions, add_merge_options
-from mergekit.tokensurgeon import SubwordMethod, WeightingScheme
+from mergekit.options import MergeOptions
 from pydantic import ValidationError
 
 from mergekit_omp.approximators import approximator_names, get_approximator
-from mergekit_omp.approximators.omp import DEFAULT_K
 from mergekit_omp.cli.common import (
     check_outputs,
     command_class,
+    echo_summary,
     overwrite_option,
     report_option,
     run_cli_action,
+)
+from mergekit_omp.cli.options import (
+    METHOD_METAVAR,
+    READ_OPTIONS,
+    SUMMARY_HELP,
+    WRITE_OPTIONS,
+    bos_option,
+    byte_match_option,
+    knob_values,
+    merge_options,
+    method_knob_options,
+    option_choices,
+    option_default,
+    parameters_for,
+    parse_method_spec,
+    prefix_match_option,
 )
 from mergekit_omp.errors import TransplantError
 from mergekit_omp.options import (
@@ -37,10 +51,6 @@ from mergekit_omp.options import (
 from mergekit_omp.transplant import transplant
 
 LOG = logging.getLogger("mergekit_omp")
-
-# mergekit-tokensurgeon flags that are parameters of some methods: given explicitly, they are
-# passed to the chosen method if it takes a parameter of that name.
-METHOD_KNOBS = ("k", "cosine_similarity", "weight_scheme", "subword_method")
 
 
 def parse_param(values: tuple[str, ...]) -> dict[str, Any]:
@@ -54,32 +64,20 @@ def parse_param(values: tuple[str, ...]) -> dict[str, Any]:
 
 
 def method_parameters(
-    method: str, knobs: dict[str, Any], explicit: dict[str, Any]
+    method: str, knobs: dict[str, Any], explicit: dict[str, Any], spec: dict[str, Any] | None = None
 ) -> dict[str, Any]:
-    """Knob flags the method takes, then ``--param`` values (which win)."""
-    accepted = set(get_approximator(method).parameter_names())
-    params = {name: value for name, value in knobs.items() if name in accepted}
-    ignored = sorted(set(knobs) - accepted)
-    if ignored:
-        LOG.warning("Method '%s' takes no %s; ignored", method, ", ".join(ignored))
-    params.update(explicit)
-    return params
-
-
-def explicit_knobs(ctx: click.Context, values: dict[str, Any]) -> dict[str, Any]:
-    knobs = {}
-    for name in METHOD_KNOBS:
-        if ctx.get_parameter_source(name) == ParameterSource.COMMANDLINE:
-            knobs[name] = values[name]
-    return knobs
+    """Knob flags the method takes, then ``-a NAME:PARAM=VALUE`` and ``--param`` (which win)."""
+    if "k" in knobs and "k" not in get_approximator(method).parameter_names():
+        LOG.warning("Method '%s' takes no k; -k ignored", method)
+    return parameters_for(method, knobs, spec or {}, explicit)
 
 
 def transplant_options_from_cli(
     ctx: click.Context, base: str, donor: str, values: dict[str, Any], merge_options: MergeOptions
 ) -> TransplantOptions:
-    method = values["approximation_method"]
+    method, spec = parse_method_spec(values["approximation_method"])
     try:
-        return _options(ctx, base, donor, method, values, merge_options)
+        return _options(ctx, base, donor, method, spec, values, merge_options)
     except ValidationError as exc:
         raise TransplantError(describe_validation_error(exc)) from None
 
@@ -89,6 +87,7 @@ def _options(
     base: str,
     donor: str,
     method: str,
+    spec: dict[str, Any],
     values: dict[str, Any],
     merge_options: MergeOptions,
 ) -> TransplantOptions:
@@ -97,7 +96,7 @@ def _options(
         donor=donor,
         method=method,
         parameters=method_parameters(
-            method, explicit_knobs(ctx, values), parse_param(values["param"])
+            method, knob_values(ctx, values), parse_param(values["param"]), spec
         ),
         prefix_match=MatchScope(values["prefix_match"]),
         byte_match=MatchScope(values["byte_match"]),
@@ -113,74 +112,22 @@ def _options(
     )
 
 
-OPTION_FIELDS = TransplantOptions.model_fields
-
-
-def option_default(name: str) -> Any:
-    """The default of a ``TransplantOptions`` field, as click shows and passes it."""
-    default = OPTION_FIELDS[name].default
-    return default.value if isinstance(default, enum.Enum) else default
-
-
-def option_choices(name: str) -> list[str]:
-    """The values an enum or ``Literal`` field of ``TransplantOptions`` allows (``None``
-    aside)."""
-    annotation = OPTION_FIELDS[name].annotation
-    for kind in (annotation, *get_args(annotation)):
-        if isinstance(kind, type) and issubclass(kind, enum.Enum):
-            return [member.value for member in kind]
-        if get_origin(kind) is Literal:
-            return list(get_args(kind))
-    raise TypeError(f"TransplantOptions.{name} is not an enum or a Literal")
-
-
 RECIPE_HEADER = "# mergekit-omp-yaml THIS_FILE OUT (model paths as given on the command line)"
 
 
 def transplant_options(f: Callable[..., Any]) -> Callable[..., Any]:
     """The method and matching flags, named as in mergekit-tokensurgeon."""
-    decorators = [
-        click.option(
-            "--k",
-            "-k",
-            type=int,
-            default=DEFAULT_K,
-            show_default=True,
-            help="Number of anchor tokens per new token (sparsity of OMP; neighbours for "
-            "wechsel/clp). Passed to the method only when given.",
-        ),
-        click.option(
-            "--cosine-similarity/--no-cosine-similarity",
-            "-c/-nc",
-            default=False,
-            show_default=True,
-            help="Use cosine similarity, for methods that take `cosine_similarity`.",
-        ),
+    decorators: list[Callable[[Callable[..., Any]], Callable[..., Any]]] = [
         click.option(
             "--approximation-method",
             "-a",
-            type=click.Choice(approximator_names()),
+            metavar=METHOD_METAVAR,
             default=option_default("method"),
             show_default=True,
-            help="Method for approximating the rows of donor tokens the base lacks "
-            "(built-ins and installed plugins).",
+            help="Method for the rows of donor tokens the base lacks, with parameters if "
+            "wanted (-a omp:k=8 is -a omp -k 8): " + ", ".join(approximator_names()) + ".",
         ),
-        click.option(
-            "--weight-scheme",
-            "-w",
-            type=click.Choice([w.value for w in WeightingScheme]),
-            default=WeightingScheme.DISTANCE_PROPORTIONAL.value,
-            show_default=True,
-            help="Weighting scheme, for methods that take `weight_scheme`.",
-        ),
-        click.option(
-            "--subword-method",
-            "-s",
-            type=click.Choice([m.value for m in SubwordMethod]),
-            default=SubwordMethod.MEAN.value,
-            show_default=True,
-            help="Subword pooling, for methods that take `subword_method`.",
-        ),
+        method_knob_options,
         click.option(
             "--batch-size",
             type=int,
@@ -189,24 +136,8 @@ def transplant_options(f: Callable[..., Any]) -> Callable[..., Any]:
             help="Tokens approximated per batch. -1 for one batch. For omp an upper bound: "
             "it sizes its chunks from its memory budget (-p memory_gb=GB).",
         ),
-        click.option(
-            "--prefix-match",
-            "-pm",
-            type=click.Choice(option_choices("prefix_match")),
-            default=option_default("prefix_match"),
-            show_default=True,
-            help="Give a new token the row of its longest base-vocabulary prefix, in "
-            "the named matrices (embed, lm_head, yes = both, no).",
-        ),
-        click.option(
-            "--byte-match",
-            "-bm",
-            type=click.Choice(option_choices("byte_match")),
-            default=option_default("byte_match"),
-            show_default=True,
-            help="Match single-byte tokens across encodings (<0x0A> with a byte-level "
-            "newline), in the named matrices.",
-        ),
+        prefix_match_option,
+        byte_match_option,
         click.option(
             "--magikarp/--no-magikarp",
             default=option_default("magikarp"),
@@ -232,7 +163,8 @@ def transplant_options(f: Callable[..., Any]) -> Callable[..., Any]:
             "-p",
             multiple=True,
             metavar="NAME=VALUE",
-            help="A method parameter (repeatable), e.g. -p k=32; wins over -k/-c/-w/-s.",
+            help="A method parameter (repeatable), e.g. -p k=32; wins over -a NAME:... and "
+            "-k/-c/-w/-s.",
         ),
         click.option(
             "--pad-vocab-to-multiple-of",
@@ -240,15 +172,7 @@ def transplant_options(f: Callable[..., Any]) -> Callable[..., Any]:
             default=option_default("pad_vocab_to_multiple_of"),
             help="Pad the new vocabulary with zero rows to a multiple of N (64, 128).",
         ),
-        click.option(
-            "--bos",
-            type=click.Choice(option_choices("bos")),
-            default=option_default("bos"),
-            show_default=True,
-            help="match_base: the output tokenizer inserts a BOS token exactly when the "
-            "base's tokenizer does (the donor's BOS gets the base's BOS row); "
-            "keep_donor: keep the donor tokenizer's behaviour and warn.",
-        ),
+        bos_option,
         click.option(
             "--dtype",
             type=click.Choice(option_choices("dtype")),
@@ -284,7 +208,7 @@ def transplant_options(f: Callable[..., Any]) -> Callable[..., Any]:
     default=False,
     help="Print the YAML recipe of this command line (for mergekit-omp-yaml) and exit.",
 )
-@add_merge_options
+@merge_options(*READ_OPTIONS, *WRITE_OPTIONS, help_overrides=SUMMARY_HELP)
 @click.pass_context
 @run_cli_action
 def main(
@@ -317,5 +241,4 @@ def main(
         overwrite=overwrite,
         report_path=report_path,
     )
-    if not merge_options.quiet:
-        click.echo(result.report.summary(), err=True)
+    echo_summary(result.report, out_path, merge_options)

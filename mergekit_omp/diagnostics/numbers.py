@@ -16,16 +16,14 @@ from pydantic import BaseModel, ConfigDict, Field
 from transformers import PreTrainedTokenizerBase
 
 from mergekit_omp.match import VocabularyMatch
+from mergekit_omp.readable import quoted, readable_bytes
 from mergekit_omp.vocabulary import TokenKind, Vocabulary, vocabulary_of
 
 DIGIT_SOURCES = ("31415926535897932384", "27182818284590452353", "10000000000000000000")
 PROBE_LENGTHS = range(1, 13)
 EXAMPLE_PROBES = ("1234567", " 2024", "3141592653")
 COMPLETENESS_DIGITS = 3
-GSM8K_NOTE = (
-    "the OMP paper saw GSM8K fall 73.8% with mismatched number schemes against 5.6% "
-    "with aligned ones: expect weaker arithmetic"
-)
+GSM8K_NOTE = "expect weaker arithmetic (GSM8K fell 73.8% with mismatched schemes in the OMP paper)"
 
 Segmentation = tuple[str, ...]
 """The digit groups of one probe number, in order: ("123", "456", "7")."""
@@ -164,16 +162,35 @@ class NumberComparison(BaseModel):
     numeric_approximated: int = 0
     approximated_examples: list[str] = Field(default_factory=list)
 
+    @property
+    def schemes_differ(self) -> bool:
+        """The tokenizers follow different rules (single digits against learned merges, say),
+        not merely different merges under the same rule."""
+        return self.base.scheme != self.donor.scheme
+
     def warning(self) -> str | None:
-        if self.aligned:
+        """A warning when the base will see numbers split by another rule, or when numeric
+        donor tokens get approximated rows; none when the splits differ under the same rule
+        and every numeric donor token has a real base row."""
+        if self.aligned or (not self.schemes_differ and self.numeric_approximated == 0):
             return None
-        return (
-            f"number tokenization differs: base splits numbers as {self.base.scheme} "
-            f"(at most {self.base.max_digits_per_token} per token), donor as "
-            f"{self.donor.scheme} (at most {self.donor.max_digits_per_token}); "
-            f"{self.numeric_approximated} of the donor's {self.numeric_donor_tokens} numeric "
-            f"tokens were approximated rather than matched; {GSM8K_NOTE}"
+        approximated = ""
+        if self.numeric_approximated:
+            shown = ", ".join(quoted(t) for t in self.approximated_examples[:3])
+            approximated = (
+                f"{self.numeric_approximated} of the donor's {self.numeric_donor_tokens} numeric "
+                f"tokens approximated ({shown}{', ...' if self.numeric_approximated > 3 else ''})"
+            )
+        if not self.schemes_differ:
+            digits = any(len(t) == 1 for t in self.approximated_examples)
+            hint = "; -bm yes matches single digits written as byte tokens" if digits else ""
+            return f"numbers: {approximated}: expect weaker arithmetic{hint}"
+        schemes = (
+            f"base splits numbers as {self.base.scheme} (at most "
+            f"{self.base.max_digits_per_token} digits per token), donor as {self.donor.scheme}"
+            f" (at most {self.donor.max_digits_per_token})"
         )
+        return f"number tokenization differs: {schemes}; {approximated or 'none approximated'}; {GSM8K_NOTE}"
 
 
 def compare_schemes(
@@ -236,4 +253,4 @@ def compare_numbers(
 
 
 def token_strings(vocabulary: Vocabulary, ids: Sequence[int]) -> list[str]:
-    return [vocabulary.forms[i].data.decode("utf-8", errors="replace") for i in ids]
+    return [readable_bytes(vocabulary.forms[i].data) for i in ids]

@@ -11,12 +11,13 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from mergekit_omp.approximators import Approximation, ApproximationProblem
-from mergekit_omp.diagnostics.audit import AuditSettings, RowAudit, audit_rows, sig, token_text
+from mergekit_omp.diagnostics.audit import AuditSettings, RowAudit, audit_rows, token_text
 from mergekit_omp.diagnostics.guard import GuardOutcome, apply_guard
 from mergekit_omp.diagnostics.numbers import NumberComparison, compare_numbers
 from mergekit_omp.load import LoadedModel
 from mergekit_omp.match import VocabularyMatch
 from mergekit_omp.options import GuardMode
+from mergekit_omp.readable import quoted
 from mergekit_omp.report import TransplantReport
 from mergekit_omp.vocabulary import Vocabulary
 
@@ -72,18 +73,27 @@ def audit_warning(
     flagged = int(audit.flagged.sum())
     if not flagged:
         return None
-    worst = int(audit.base_z.argmax())
-    token = token_text(problem.donor_vocab, audit.token_ids[worst])
-    salience = " or LM-head salience" if audit.salience is not None else ""
+    flagged_positions = audit.flagged.nonzero().flatten()
+    worst = int(flagged_positions[audit.base_z[flagged_positions].argmax()])
+    token = quoted(token_text(problem.donor_vocab, audit.token_ids[worst]))
+    if audit.flagged_norm[worst]:
+        ratio = float(audit.base_norm[worst]) / audit.base_scale.median
+        why = f"{ratio:.1f}x the median norm"
+    else:
+        salience = audit.salience
+        assert salience is not None  # a row flagged only for salience has it
+        why = (
+            f"wins {int(salience.wins[worst])} of {salience.samples} sampled argmaxes "
+            f"(real rows at most {salience.real_max_wins})"
+        )
+    breakers = int(audit.breakers.sum())
     message = (
-        f"{audit.matrix}: {flagged} approximated rows are outliers in the base (norm beyond "
-        f"{sig(audit.bound)} = median + {audit.settings.z_max:g} robust sd{salience}); "
-        f"{int(audit.breakers.sum())} of them are ordinary in the donor (breaker tokens, "
-        f"arXiv 2601.00065); worst {token!r} (norm {sig(audit.base_norm[worst])}, "
-        f"z {sig(audit.base_z[worst])}); "
+        f"{audit.matrix}: {flagged} approximated row{'s' if flagged != 1 else ''} far beyond "
+        f"the base's own ({breakers} breaker token{'s' if breakers != 1 else ''}, arXiv "
+        f"2601.00065), worst {token}: {why}; "
     )
     if outcome.mode == "off":
-        return message + "left as is (--guard off); --guard clip or shrink would bound them"
+        return message + "--guard clip or shrink bounds them"
     remaining = int(after.flagged.sum())
     tail = f", {remaining} still flagged" if remaining else ""
     return message + f"--guard {outcome.mode} bounded {int(outcome.changed.sum())}{tail}"

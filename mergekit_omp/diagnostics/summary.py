@@ -1,8 +1,15 @@
-"""Readable lines for the end-of-run summary, from ``report.diagnostics`` (plain JSON data)."""
+"""Readable lines for the end-of-run summary, from ``report.diagnostics`` (plain JSON data).
+
+``tokenizer_differences`` says how the output tokenizer differs from the donor's (the
+summary's second line and the model card); ``summary_lines`` is the full audit that ``-v``,
+``mergekit-omp-report`` and the JSON report give.
+"""
 
 from __future__ import annotations
 
 from typing import Any
+
+from mergekit_omp.readable import quoted
 
 FLAGGED_SHOWN = 5
 
@@ -11,9 +18,30 @@ def digits(count: int) -> str:
     return f"{count} digit" if count == 1 else f"{count} digits"
 
 
+def tokenizer_differences(diagnostics: dict[str, Any]) -> list[str]:
+    """How the output tokenizer differs from the donor's, each with the flag that undoes it."""
+    bos = diagnostics.get("bos")
+    if not bos or bos["output_adds_bos"] == bos["donor_adds_bos"]:
+        return []
+    if bos["output_adds_bos"]:
+        change = "inserts the BOS token first, as the base's does (the donor's does not)"
+    else:
+        change = "inserts no BOS token, as the base's (the donor's does)"
+    return [f"{change}; --bos keep_donor keeps the donor's"]
+
+
+def number_state(numbers: dict[str, Any]) -> str:
+    """aligned; MISMATCHED (different schemes); or splits differ (same scheme, other merges)."""
+    if numbers["aligned"]:
+        return "aligned"
+    if numbers["base"]["scheme"] != numbers["donor"]["scheme"]:
+        return "MISMATCHED"
+    return "splits differ"
+
+
 def number_line(numbers: dict[str, Any]) -> str:
     base, donor = numbers["base"], numbers["donor"]
-    state = "aligned" if numbers["aligned"] else "MISMATCHED"
+    state = number_state(numbers)
     line = (
         f"  numbers: {state}: base {base['scheme']} ({digits(base['max_digits_per_token'])} "
         f"per token at most), donor {donor['scheme']} ({digits(donor['max_digits_per_token'])})"
@@ -27,7 +55,7 @@ def number_line(numbers: dict[str, Any]) -> str:
 
 
 def token_line(record: dict[str, Any]) -> str:
-    parts = [f"{record['token']!r} (id {record['id']})", f"norm {record['base_norm']:g}"]
+    parts = [f"{quoted(record['token'])} (id {record['id']})", f"norm {record['base_norm']:g}"]
     parts.append(f"z {record['base_z']:g}, donor z {record['donor_z']:g}")
     for key, label in (("residual", "residual"), ("coefficient_l1", "L1"), ("condition", "cond")):
         if key in record:

@@ -57,13 +57,18 @@ def parse_method_spec(spec: str) -> MethodSpec:
 
 
 def default_method_specs() -> list[MethodSpec]:
-    """Every installed method once (an alias such as ``subword`` is not run twice)."""
+    """Every installed method once (an alias such as ``subword`` is not run twice), less
+    those that refuse every parameter set (``stb``, broken in mergekit)."""
     specs, seen = [], set()
     for name in approximator_names():
         method = get_approximator(name)
-        if method.name not in seen:
-            seen.add(method.name)
+        if method.name in seen:
+            continue
+        seen.add(method.name)
+        try:
             specs.append(MethodSpec(method.name, method, method.validate_parameters({})))
+        except TransplantError:
+            continue
     return specs
 
 
@@ -132,16 +137,20 @@ def evaluation_options(
     policy: MatchPolicy | None = None,
     batch_size: int | None = DEFAULT_BATCH_SIZE,
     seed: int = 0,
+    **choices: Any,
 ) -> TransplantOptions:
-    """The transplant every method of an evaluation shares (its method aside)."""
+    """The transplant every method of an evaluation shares (its method aside).
+
+    ``choices`` are further TransplantOptions fields (``byte_match``/``prefix_match`` scopes,
+    ``bos``), as ``mergekit-omp-eval`` takes them with the names of ``mergekit-omp``."""
     policy = policy or MatchPolicy()
+    fields: dict[str, Any] = {
+        "byte_match": MatchScope.YES if policy.byte_match else MatchScope.NO,
+        "prefix_match": MatchScope.YES if policy.prefix_match else MatchScope.NO,
+    }
+    fields.update(choices)
     return TransplantOptions(
-        base_model=base_model,
-        donor=donor,
-        byte_match=MatchScope.YES if policy.byte_match else MatchScope.NO,
-        prefix_match=MatchScope.YES if policy.prefix_match else MatchScope.NO,
-        batch_size=batch_size,
-        seed=seed,
+        base_model=base_model, donor=donor, batch_size=batch_size, seed=seed, **fields
     )
 
 
@@ -258,6 +267,7 @@ def compare_methods(
     bos: str = "auto",
     merge_options: MergeOptions | None = None,
     progress: bool = True,
+    transplant_choices: dict[str, Any] | None = None,
 ) -> EvaluationReport:
     """Rank methods for one base/donor pair: leave-out scores, and bpb on ``text_path``."""
     merge_options = merge_options or MergeOptions()
@@ -265,7 +275,14 @@ def compare_methods(
     if not specs:
         raise TransplantError("no approximation methods to compare")
     text = read_text(text_path, max_bytes) if text_path is not None else None
-    options = evaluation_options(base_model, donor, policy=policy, batch_size=batch_size, seed=seed)
+    options = evaluation_options(
+        base_model,
+        donor,
+        policy=policy,
+        batch_size=batch_size,
+        seed=seed,
+        **(transplant_choices or {}),
+    )
     base, donor_model = load_pair(base_model, donor, merge_options)
     if text is not None:  # a bad --bos fails before any work
         resolve_bos(base.tokenizer, bos)

@@ -189,6 +189,35 @@ def check_local_models(written: MergeConfiguration, base_dir: Path, source: str)
                 )
 
 
+def input_models(merge: MergeConfiguration) -> set[ModelReference]:
+    """The models whose weights the merge reads (not a tokenizer-only source)."""
+    models = {m.model for m in merge.models or []}
+    for piece in merge.slices or []:
+        models.update(s.model for s in piece.sources)
+    if merge.base_model is not None:
+        models.add(merge.base_model)
+    return models
+
+
+def check_tokenizer_source_is_merged(config: OmpMergeConfig, source: str) -> None:
+    """A tokenizer taken from a model that is not merged (``passthrough`` of BASE with
+    ``tokenizer: {source: DONOR}``) is a transplant: OMP here fills a token from a merged
+    model that has it, so DONOR's new tokens would get zero rows. Refuse it in one line."""
+    merge = config.merge
+    tokenizer_source = merge.tokenizer.source if merge.tokenizer else merge.tokenizer_source
+    if not (config.uses_omp and isinstance(tokenizer_source, ModelReference)):
+        return
+    if tokenizer_source in input_models(merge):
+        return
+    bases = sorted(str(m) for m in input_models(merge))
+    base = bases[0] if len(bases) == 1 else "BASE"
+    raise TransplantError(
+        f"{source}: tokenizer.source {tokenizer_source} is not merged, so its new tokens have no "
+        f"row to fill: to give {base} its tokenizer run `mergekit-omp {base} "
+        f"{tokenizer_source} OUT` (or a transplant recipe with mergekit-omp-yaml)"
+    )
+
+
 def check_omp_use(config: OmpMergeConfig, source: str) -> None:
     merge = config.merge
     if config.uses_omp and merge.tokenizer is None and merge.tokenizer_source is None:
@@ -196,6 +225,7 @@ def check_omp_use(config: OmpMergeConfig, source: str) -> None:
             f"{source}: OMP token rows need a merged vocabulary: add `tokenizer: {{source: "
             "union}` (or a model as source); without one no model lacks a token"
         )
+    check_tokenizer_source_is_merged(config, source)
     referenced = set(merge.referenced_models())
     for token, token_source in config.token_sources.items():
         if token_source.model is not None and token_source.model not in referenced:

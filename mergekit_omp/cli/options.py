@@ -1,0 +1,301 @@
+"""The options the commands share, defined once so that a name means one thing everywhere.
+
+* ``-a NAME[:PARAM=VALUE,...]``: a method, with its parameters if wanted (``-a omp:k=8``
+  and ``-a omp -k 8`` mean the same).
+* ``-k``, ``-c``, ``-w``, ``-s``: mergekit-tokensurgeon's method knobs, passed to a method
+  that takes ``k``, ``cosine_similarity``, ``weight_scheme``, ``subword_method``; their
+  help states each method's own default.
+* ``-bm``, ``-pm``: ``no``/``yes``/``embed``/``lm_head``, the matrices a matching rule
+  applies to.
+* ``--bos``: the output tokenizer's BOS insertion (``keep_donor``/``match_base``).
+* ``--report PATH``: the JSON report.
+* mergekit's own options, only those a command uses (``merge_options(*READ_OPTIONS)``).
+"""
+
+from __future__ import annotations
+
+import enum
+import functools
+import typing
+from collections.abc import Callable
+from typing import Any, Literal, Union, get_args, get_origin
+
+import click
+import yaml
+from mergekit.options import OPTION_HELP, MergeOptions, ShardSizeParamType
+from mergekit.tokensurgeon import SubwordMethod, WeightingScheme
+
+from mergekit_omp.approximators import approximator_names, get_approximator
+from mergekit_omp.errors import TransplantError
+from mergekit_omp.options import TransplantOptions
+
+READ_OPTIONS = (
+    "trust_remote_code",
+    "lazy_unpickle",
+    "transformers_cache",
+    "cuda",
+    "device",
+    "num_threads",
+    "random_seed",
+    "verbosity",
+    "quiet",
+)
+"""mergekit options of every command that reads models."""
+WRITE_OPTIONS = (
+    "out_shard_size",
+    "safe_serialization",
+    "clone_tensors",
+    "async_write",
+    "write_threads",
+    "write_model_card",
+)
+"""mergekit options of the commands that write a model."""
+SUMMARY_HELP = {
+    "quiet": "No progress bars and no summary (warnings are still printed)",
+    "verbosity": "The full audit in the summary, and more logging (repeat for debug)",
+}
+"""Help of the options that shape the end-of-run summary (mergekit-omp, -yaml)."""
+METHOD_KNOBS = {
+    "k": "-k",
+    "cosine_similarity": "-c/--cosine-similarity",
+    "weight_scheme": "-w/--weight-scheme",
+    "subword_method": "-s/--subword-method",
+}
+"""mergekit-tokensurgeon flags that are parameters of some methods."""
+LENIENT_KNOBS = ("k",)
+"""Knobs ignored (with a warning) by a method that does not take them: mergekit-tokensurgeon
+scripts pass ``-k`` to every method. The others are refused where no method uses them."""
+
+
+OPTION_FIELDS = TransplantOptions.model_fields
+
+
+def option_default(name: str) -> Any:
+    """The default of a ``TransplantOptions`` field, as click shows and passes it."""
+    default = OPTION_FIELDS[name].default
+    return default.value if isinstance(default, enum.Enum) else default
+
+
+def option_choices(name: str) -> list[str]:
+    """The values an enum or ``Literal`` field of ``TransplantOptions`` allows (``None``
+    aside)."""
+    annotation = OPTION_FIELDS[name].annotation
+    for kind in (annotation, *get_args(annotation)):
+        if isinstance(kind, type) and issubclass(kind, enum.Enum):
+            return [member.value for member in kind]
+        if get_origin(kind) is Literal:
+            return list(get_args(kind))
+    raise TypeError(f"TransplantOptions.{name} is not an enum or a Literal")
+
+
+def merge_options(
+    *fields: str, help_overrides: dict[str, str] | None = None
+) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
+    """mergekit's ``add_merge_options`` limited to ``fields``: each command's ``--help``
+    lists only the mergekit options it uses. The command receives ``merge_options``."""
+
+    def decorate(function: Callable[..., Any]) -> Callable[..., Any]:
+        @functools.wraps(function)
+        def wrapper(*args: Any, **kwargs: Any) -> Any:
+            values = {name: kwargs.pop(name) for name in fields if name in kwargs}
+            kwargs["merge_options"] = MergeOptions(**values)
+            return function(*args, **kwargs)
+
+        command: Callable[..., Any] = wrapper
+        for name in reversed(fields):
+            command = merge_option(name, (help_overrides or {}).get(name))(command)
+        return command
+
+    return decorate
+
+
+def merge_option(
+    name: str, help_text: str | None = None
+) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
+    """One MergeOptions field as mergekit's ``add_merge_options`` declares it."""
+    info = MergeOptions.model_fields[name]
+    field_type: Any = info.annotation
+    if typing.get_origin(field_type) is Union:
+        field_type = next(t for t in typing.get_args(field_type) if t is not type(None))
+    if name == "out_shard_size":
+        field_type = ShardSizeParamType()
+    flag = name.replace("_", "-")
+    declarations = [f"--{flag}/--no-{flag}" if field_type is bool else f"--{flag}"]
+    extra: dict[str, Any] = {}
+    if name == "verbosity":
+        declarations, extra = ["-v", "verbosity"], {"count": True}
+    if name == "num_threads":
+        declarations = ["--num-threads", "-j"]
+    return click.option(
+        *declarations,
+        type=field_type,
+        default=info.default,
+        help=help_text or OPTION_HELP.get(name),
+        show_default=name not in ("out_shard_size", "verbosity"),
+        **extra,
+    )
+
+
+def parse_method_spec(spec: str) -> tuple[str, dict[str, Any]]:
+    """``NAME`` or ``NAME:PARAM=VALUE,...`` (values read as YAML scalars): an installed
+    method and parameters for it."""
+    name, _, raw = spec.strip().partition(":")
+    name = name.strip()
+    get_approximator(name)  # an unknown name is one line listing the known ones
+    parameters: dict[str, Any] = {}
+    for item in filter(None, (part.strip() for part in raw.split(","))):
+        key, sep, value = item.partition("=")
+        if not sep or not key.strip():
+            raise TransplantError(f"bad method '{spec}': expected NAME:PARAM=VALUE[,PARAM=VALUE]")
+        parameters[key.strip()] = yaml.safe_load(value)
+    return name, parameters
+
+
+METHOD_METAVAR = "NAME[:PARAM=VALUE,...]"
+
+
+def knob_defaults(parameter: str) -> str:
+    """Each method's own default of ``parameter``: 'omp 64, wechsel 10, ...'."""
+    seen, parts = set(), []
+    for name in approximator_names():
+        method = get_approximator(name)
+        field = method.parameters.model_fields.get(parameter)
+        if field is None or method.name in seen:
+            continue
+        seen.add(method.name)
+        default = "all" if field.default is None and parameter == "k" else field.default
+        parts.append(f"{method.name} {default}")
+    return ", ".join(parts)
+
+
+def knob_values(ctx: click.Context, values: dict[str, Any]) -> dict[str, Any]:
+    """The knobs given on the command line (a knob's default is each method's own)."""
+    return {name: values[name] for name in METHOD_KNOBS if values.get(name) is not None}
+
+
+def parameters_for(method: str, knobs: dict[str, Any], *layers: dict[str, Any]) -> dict[str, Any]:
+    """The knobs ``method`` takes, then each layer (``-a NAME:...``, ``-p``), later winning.
+
+    A knob the method does not take is refused, except ``-k`` (ignored with a warning,
+    as every mergekit-tokensurgeon script passes it)."""
+    accepted = set(get_approximator(method).parameter_names())
+    parameters = {}
+    for name, value in knobs.items():
+        if name in accepted:
+            parameters[name] = value
+        elif name not in LENIENT_KNOBS:
+            users = sorted(
+                {
+                    get_approximator(m).name
+                    for m in approximator_names()
+                    if name in get_approximator(m).parameter_names()
+                }
+            )
+            raise TransplantError(
+                f"{METHOD_KNOBS[name]}: method '{method}' takes no {name} (methods that do: "
+                f"{', '.join(users) or 'none installed'})"
+            )
+    for layer in layers:
+        parameters.update(layer)
+    return parameters
+
+
+def method_knob_options(f: Callable[..., Any]) -> Callable[..., Any]:
+    """``-k``, ``-c/-nc``, ``-w``, ``-s``: named as in mergekit-tokensurgeon, defaults per method."""
+    decorators = [
+        click.option(
+            "--k",
+            "-k",
+            type=int,
+            default=None,
+            help=f"Anchors per new token, for methods that take k [default: each method's own: "
+            f"{knob_defaults('k')}].",
+        ),
+        click.option(
+            "--cosine-similarity/--no-cosine-similarity",
+            "-c/-nc",
+            default=None,
+            help="Nearest anchors by cosine similarity instead of Euclidean distance, for "
+            f"methods that take it [default: {knob_defaults('cosine_similarity')}].",
+        ),
+        click.option(
+            "--weight-scheme",
+            "-w",
+            type=click.Choice([w.value for w in WeightingScheme]),
+            default=None,
+            help="How the nearest anchors are weighted, for methods that take it "
+            f"[default: {knob_defaults('weight_scheme')}].",
+        ),
+        click.option(
+            "--subword-method",
+            "-s",
+            type=click.Choice([m.value for m in SubwordMethod]),
+            default=None,
+            help="How a new token's pieces are pooled, for methods that take it "
+            f"[default: {knob_defaults('subword_method')}].",
+        ),
+    ]
+    for decorator in reversed(decorators):
+        f = decorator(f)
+    return f
+
+
+def scope_option(name: str, short: str, help_text: str) -> Callable[..., Any]:
+    field = name.replace("-", "_")
+    return click.option(
+        f"--{name}",
+        short,
+        type=click.Choice(option_choices(field)),
+        default=option_default(field),
+        show_default=True,
+        help=help_text + " (embed, lm_head, yes = both, no).",
+    )
+
+
+byte_match_option = scope_option(
+    "byte-match",
+    "-bm",
+    "Match single-byte tokens across encodings (<0x0A> with a byte-level newline) in the "
+    "named matrices",
+)
+prefix_match_option = scope_option(
+    "prefix-match",
+    "-pm",
+    "Give a new token the row of its longest base-vocabulary prefix in the named matrices",
+)
+
+bos_option = click.option(
+    "--bos",
+    type=click.Choice(option_choices("bos")),
+    default=option_default("bos"),
+    show_default=True,
+    help="The output tokenizer's BOS insertion. keep_donor: the donor's, unchanged (a draft "
+    "for the donor's models, in llama.cpp too); match_base: insert a BOS token exactly when "
+    "the base's tokenizer does (its BOS row on the donor's BOS token), for the model on its "
+    "own.",
+)
+
+
+def json_report_options(f: Callable[..., Any]) -> Callable[..., Any]:
+    """``--report PATH`` for the JSON report (``--json PATH``, hidden, still works)."""
+    f = click.option(
+        "--json", "json_path", type=click.Path(dir_okay=False), default=None, hidden=True
+    )(f)
+    return click.option(
+        "--report",
+        "report_path",
+        type=click.Path(dir_okay=False),
+        default=None,
+        help="Also write the JSON report to this path.",
+    )(f)
+
+
+def report_path_of(report_path: str | None, json_path: str | None) -> str | None:
+    if report_path and json_path and report_path != json_path:
+        raise TransplantError("--report and --json name the same report: give one")
+    return report_path or json_path
+
+
+def report_flag(report_path: str | None, json_path: str | None) -> str:
+    """The flag the user gave the report path with, for error messages."""
+    return "--json" if json_path and not report_path else "--report"
