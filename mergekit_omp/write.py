@@ -24,6 +24,7 @@ from mergekit.options import MergeOptions
 from transformers import GenerationConfig, PretrainedConfig, PreTrainedTokenizerBase
 
 from mergekit_omp.assemble import remap_vocabulary_rows
+from mergekit_omp.checkpoint import write_passthrough
 from mergekit_omp.errors import TransplantError
 from mergekit_omp.load import LoadedModel
 from mergekit_omp.match import VocabularyMatch
@@ -76,6 +77,46 @@ def _publish(staging: Path, out: Path) -> None:
     shutil.rmtree(retired, ignore_errors=True)
 
 
+def resharding_requested(merge_options: MergeOptions) -> bool:
+    """The user asked for a shard size or a format of their own (``--out-shard-size``,
+    ``--no-safe-serialization``): then tensors are re-sharded through ``TensorWriter``."""
+    default_shard_size = MergeOptions.model_fields["out_shard_size"].default
+    return (
+        merge_options.out_shard_size != default_shard_size or not merge_options.safe_serialization
+    )
+
+
+def output_vocabulary_tensors(
+    base: LoadedModel,
+    replacements: dict[str, torch.Tensor],
+    aux_match: VocabularyMatch,
+    out_rows: int,
+) -> dict[str, torch.Tensor]:
+    """Every vocabulary-indexed tensor of the output under its checkpoint name, laid out as
+    stored (``replacements`` are vocabulary-first matrices)."""
+    located = base.located
+    tensors: dict[str, torch.Tensor] = {}
+    for info in (located.embed, located.lm_head):
+        if info is None:
+            continue
+        matrix = replacements.get(info.name)
+        if matrix is None and info is located.lm_head and located.tied:
+            matrix = replacements[located.embed.name]  # a tied checkpoint storing a copy
+        if matrix is not None:
+            tensors[info.name] = matrix.movedim(0, info.vocabulary_axis or 0)
+    loader = LoaderCache().get(base.reference)
+    for info in located.extras:
+        try:
+            tensor = loader.get_tensor(info.name)
+        except Exception as exc:
+            raise TransplantError(f"cannot read {info.name} from {base.path}: {exc}") from exc
+        axis = info.vocabulary_axis or 0
+        tensors[info.name] = remap_vocabulary_rows(
+            tensor.movedim(axis, 0), aux_match, out_rows
+        ).movedim(0, axis)
+    return tensors
+
+
 def write_weights(
     directory: Path,
     base: LoadedModel,
@@ -84,10 +125,21 @@ def write_weights(
     out_rows: int,
     merge_options: MergeOptions,
 ) -> None:
-    """Stream every base tensor to ``directory``, swapping in the new vocabulary matrices.
+    """The base checkpoint in ``directory`` with its vocabulary tensors replaced.
 
-    ``replacements`` maps tensor names to vocabulary-first matrices.
+    ``replacements`` maps tensor names to vocabulary-first matrices. Every other tensor is
+    written exactly as stored (name, dtype, bytes): shards without a vocabulary tensor are
+    copied as files, the others rewritten around the new tensors. A ``.bin`` base, or a
+    user's own shard size or format, re-shards all tensors through mergekit's
+    ``TensorWriter`` instead.
     """
+    vocabulary = output_vocabulary_tensors(base, replacements, aux_match, out_rows)
+    if base.checkpoint.is_safetensors and not resharding_requested(merge_options):
+        try:
+            write_passthrough(base.checkpoint, directory, vocabulary)
+        except OSError as exc:
+            raise TransplantError(f"cannot copy the weights of {base.path}: {exc}") from exc
+        return
     writer = TensorWriter(
         str(directory),
         max_shard_size=merge_options.out_shard_size,
@@ -96,26 +148,15 @@ def write_weights(
         max_write_threads=merge_options.write_threads,
     )
     loader = LoaderCache().get(base.reference)
-    weights = list(base.arch.all_weights())
-    for info in tqdm.tqdm(weights, desc="Writing weights", disable=merge_options.quiet):
-        if info.name in replacements:
-            tensor = replacements[info.name].movedim(0, info.vocabulary_axis or 0)
-        elif base.lm_head_info is not None and info.name == base.lm_head_info.name and base.tied:
-            continue
-        else:
+    names = base.checkpoint.names
+    for name in tqdm.tqdm(names, desc="Writing weights", disable=merge_options.quiet):
+        tensor = vocabulary.get(name)
+        if tensor is None:
             try:
-                tensor = loader.get_tensor(info.name, aliases=info.aliases, raise_on_missing=False)
+                tensor = loader.get_tensor(name)
             except Exception as exc:
-                raise TransplantError(f"cannot read {info.name} from {base.path}: {exc}") from exc
-            if tensor is None:
-                if info.optional:
-                    continue
-                raise TransplantError(f"{base.path} is missing tensor {info.name}")
-            if info.vocabulary_axis is not None:
-                tensor = remap_vocabulary_rows(
-                    tensor.movedim(info.vocabulary_axis, 0), aux_match, out_rows
-                ).movedim(0, info.vocabulary_axis)
-        writer.save_tensor(info.name, tensor, clone=merge_options.clone_tensors)
+                raise TransplantError(f"cannot read {name} from {base.path}: {exc}") from exc
+        writer.save_tensor(name, tensor, clone=merge_options.clone_tensors)
     writer.finalize()
 
 
@@ -134,8 +175,13 @@ def output_config(
     base: LoadedModel, vocab_size: int, token_ids: dict[str, object]
 ) -> PretrainedConfig:
     config = copy.deepcopy(base.config)
-    set_config_value(config, base.arch.info.vocab_size_config_key or "vocab_size", vocab_size)
     text_config = config.get_text_config() if hasattr(config, "get_text_config") else config
+    key = base.located.vocab_size_key
+    with contextlib.suppress(RuntimeError):
+        set_config_value(config, key, vocab_size)
+    for target in (config, text_config):
+        if getattr(target, "vocab_size", None) is not None:
+            target.vocab_size = vocab_size
     for key, value in token_ids.items():
         for target in {id(config): config, id(text_config): text_config}.values():
             if hasattr(target, key) or value is not None:
