@@ -142,7 +142,7 @@ def checkpoint_name(
     if parameter_name in names:
         return parameter_name
     parts = parameter_name.split(".")
-    for length in range(len(parts) - 1, 1, -1):
+    for length in range(len(parts), 1, -1):
         suffix = "." + ".".join(parts[-length:])
         found = [
             n for n in names if ("." + n).endswith(suffix) and shapes.get(n, shape) == tuple(shape)

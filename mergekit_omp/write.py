@@ -24,10 +24,11 @@ from mergekit.options import MergeOptions
 from transformers import GenerationConfig, PretrainedConfig, PreTrainedTokenizerBase
 
 from mergekit_omp.assemble import remap_vocabulary_rows
-from mergekit_omp.checkpoint import write_passthrough
+from mergekit_omp.checkpoint import copy_files, write_passthrough
 from mergekit_omp.errors import TransplantError
 from mergekit_omp.load import LoadedModel
 from mergekit_omp.match import VocabularyMatch
+from mergekit_omp.multimodal import PROCESSOR_FILES, MultimodalTokens, rewrite_config_ids
 
 TOKEN_ID_KEYS = ("bos_token_id", "eos_token_id", "pad_token_id", "unk_token_id")
 
@@ -172,7 +173,10 @@ def donor_token_ids(donor: LoadedModel) -> dict[str, object]:
 
 
 def output_config(
-    base: LoadedModel, vocab_size: int, token_ids: dict[str, object]
+    base: LoadedModel,
+    vocab_size: int,
+    token_ids: dict[str, object],
+    multimodal: MultimodalTokens | None = None,
 ) -> PretrainedConfig:
     config = copy.deepcopy(base.config)
     text_config = config.get_text_config() if hasattr(config, "get_text_config") else config
@@ -186,6 +190,8 @@ def output_config(
         for target in {id(config): config, id(text_config): text_config}.values():
             if hasattr(target, key) or value is not None:
                 setattr(target, key, value)
+    if multimodal is not None:
+        rewrite_config_ids(config, multimodal.config_values())
     return config
 
 
@@ -196,12 +202,19 @@ def write_config_and_tokenizer(
     vocab_size: int,
     token_ids: dict[str, object],
     tokenizer: PreTrainedTokenizerBase | None = None,
+    multimodal: MultimodalTokens | None = None,
 ) -> None:
-    """Save the config and generation config with the donor's ids, and the output tokenizer."""
-    output_config(base, vocab_size, token_ids).save_pretrained(directory)
+    """Save the config and generation config with the donor's ids, and the output tokenizer.
+
+    A multimodal base's config names its special tokens by their new ids, and its processor
+    files (and the chat templates its processor applies) are carried over.
+    """
+    output_config(base, vocab_size, token_ids, multimodal).save_pretrained(directory)
     with contextlib.suppress(OSError):
         generation = GenerationConfig.from_pretrained(base.path)
         for key in ("bos_token_id", "eos_token_id", "pad_token_id"):
             setattr(generation, key, token_ids.get(key))
         generation.save_pretrained(directory)
     (tokenizer or donor.tokenizer).save_pretrained(directory)
+    if multimodal is not None:
+        copy_files(base.checkpoint.directory, directory, PROCESSOR_FILES)

@@ -10,6 +10,8 @@ the base's.
 
 from __future__ import annotations
 
+import copy
+import json
 from pathlib import Path
 
 import pytest
@@ -17,6 +19,7 @@ import tiny
 import torch
 import transformers
 from safetensors import safe_open
+from tokenizers import AddedToken
 
 from mergekit_omp import TransplantOptions, transplant
 from mergekit_omp.match import MatchKind
@@ -134,3 +137,154 @@ def test_text_architecture(name, tiny_donor, metaspace_tok, tmp_path):
         transformers, transformers.AutoConfig.from_pretrained(base).architectures[0]
     )
     assert_conforms(base, tmp_path / "out", result, model_class)
+
+
+def _text(model_type: str, tokenizer, **overrides) -> dict:
+    settings = {k: v for k, v in {**SMALL, **overrides}.items() if v is not DROP}
+    return dict(model_type=model_type, vocab_size=len(tokenizer), **settings)
+
+
+def _vision(model_type: str, **overrides) -> dict:
+    return dict(
+        model_type=model_type,
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=1,
+        num_attention_heads=2,
+        **{"image_size": 28, "patch_size": 14, **overrides},
+    )
+
+
+def _with_tokens(tokenizer, named: dict[str, str]):
+    tokenizer = copy.deepcopy(tokenizer)
+    tokenizer.add_tokens(
+        [AddedToken(t, special=True, normalized=False) for t in named.values()],
+        special_tokens=True,
+    )
+    tokenizer._set_model_specific_special_tokens(named)
+    return tokenizer
+
+
+def llava(tokenizer):
+    tokenizer = _with_tokens(tokenizer, {"image_token": "<image>"})
+    config = transformers.LlavaConfig(
+        text_config=_text("llama", tokenizer),
+        vision_config=_vision("clip_vision_model", projection_dim=32),
+        image_token_index=tokenizer.convert_tokens_to_ids("<image>"),
+        vision_feature_layer=-1,
+    )
+    return config, tokenizer, ["<image>"] * 4, {}
+
+
+def gemma3(tokenizer):
+    names = {
+        "boi_token": "<start_of_image>",
+        "eoi_token": "<end_of_image>",
+        "image_token": "<image_soft_token>",
+    }
+    tokenizer = _with_tokens(tokenizer, names)
+    ids = {k: tokenizer.convert_tokens_to_ids(v) for k, v in names.items()}
+    config = transformers.Gemma3Config(
+        text_config=_text("gemma3_text", tokenizer, sliding_window=16),
+        vision_config=_vision("siglip_vision_model"),
+        mm_tokens_per_image=1,
+        boi_token_index=ids["boi_token"],
+        eoi_token_index=ids["eoi_token"],
+        image_token_index=ids["image_token"],
+    )
+    return config, tokenizer, list(names.values()), {"token_type_ids": True}
+
+
+def mistral3(tokenizer):
+    tokens = {
+        "image_token": "[IMG]",
+        "image_break_token": "[IMG_BREAK]",
+        "image_end_token": "[IMG_END]",
+    }
+    tokenizer = copy.deepcopy(tokenizer)
+    tokenizer.add_tokens(
+        [AddedToken(t, special=True, normalized=False) for t in tokens.values()],
+        special_tokens=True,
+    )
+    config = transformers.Mistral3Config(
+        text_config=_text("mistral", tokenizer),
+        vision_config=_vision("pixtral", head_dim=16, image_size=56),
+        image_token_index=tokenizer.convert_tokens_to_ids("[IMG]"),
+        spatial_merge_size=2,
+        vision_feature_layer=-1,
+    )
+    processor_settings = {**tokens, "patch_size": 14, "spatial_merge_size": 2}
+    layout = ["[IMG]", "[IMG]", "[IMG_BREAK]", "[IMG]", "[IMG]", "[IMG_END]"]
+    return config, tokenizer, layout, {"processor_config": processor_settings, "image_size": 56}
+
+
+MULTIMODAL_ARCHITECTURES = {"llava": llava, "gemma3": gemma3, "mistral3": mistral3}
+
+
+def multimodal_inputs(tokenizer, image_tokens: list[str], text_ids: list[int], extra: dict):
+    image_ids = tokenizer.convert_tokens_to_ids(image_tokens)
+    input_ids = torch.tensor([text_ids[:2] + image_ids + text_ids[2:]])
+    size = extra.get("image_size", 28)
+    inputs = {
+        "input_ids": input_ids,
+        "pixel_values": torch.randn(1, 3, size, size, generator=torch.Generator().manual_seed(0)),
+    }
+    if extra.get("token_type_ids"):
+        image_positions = torch.isin(input_ids, torch.tensor(image_ids))
+        inputs["token_type_ids"] = image_positions.long()
+    if "processor_config" in extra:
+        inputs["image_sizes"] = torch.tensor([[size, size]])
+    return inputs
+
+
+@pytest.mark.parametrize("name", sorted(MULTIMODAL_ARCHITECTURES))
+def test_multimodal_architecture(name, tiny_donor, metaspace_tok, tmp_path):
+    config, base_tok, image_tokens, extra = MULTIMODAL_ARCHITECTURES[name](metaspace_tok)
+    model_class = getattr(transformers, config.architectures[0]) if config.architectures else None
+    model_class = (
+        model_class or transformers.AutoModelForImageTextToText._model_mapping[type(config)]
+    )
+    torch.manual_seed(0)
+    base_model = model_class(config).eval()
+    base = tiny.save(base_model, base_tok, tmp_path / "base")
+    if "processor_config" in extra:
+        (base / "processor_config.json").write_text(json.dumps(extra["processor_config"]))
+    result = transplant(
+        TransplantOptions(base_model=str(base), donor=str(tiny_donor)),
+        tmp_path / "out",
+        progress=False,
+    )
+    out = tmp_path / "out"
+    out_config = transformers.AutoConfig.from_pretrained(out)
+    out_tok = transformers.AutoTokenizer.from_pretrained(out)
+    # every base multimodal token is a special token of the output, with the config naming it
+    for content in image_tokens:
+        assert content in out_tok.all_special_tokens
+    for key in ("image_token_index", "boi_token_index", "eoi_token_index"):
+        if hasattr(config, key):
+            content = base_tok.convert_ids_to_tokens(getattr(config, key))
+            assert getattr(out_config, key) == out_tok.convert_tokens_to_ids(content)
+    if "processor_config" in extra:
+        assert json.loads((out / "processor_config.json").read_text()) == extra["processor_config"]
+    # the vision tower, projector and layers carried byte for byte
+    base_tensors, out_tensors = stored_tensors(base), stored_tensors(out)
+    vocabulary_names = {m.tensor_name for m in result.matrices.values()}
+    for tensor_name, tensor in base_tensors.items():
+        if tensor_name not in vocabulary_names:
+            assert torch.equal(out_tensors[tensor_name], tensor), tensor_name
+    # same image and same text (tokens with exactly matched rows) -> same hidden states,
+    # and logits of each donor token equal to the base's logits of its base token
+    out_model = model_class.from_pretrained(out).eval()
+    exact = sorted(
+        (d, b)
+        for d, (b, kind) in result.matrices["embed"].match.matched.items()
+        if kind == MatchKind.EXACT
+    )[40:46]
+    donor_text, base_text = [d for d, _ in exact], [b for _, b in exact]
+    out_inputs = multimodal_inputs(out_tok, image_tokens, donor_text, extra)
+    base_inputs = multimodal_inputs(base_tok, image_tokens, base_text, extra)
+    with torch.no_grad():
+        out_logits = out_model(**out_inputs).logits
+        base_logits = base_model(**base_inputs).logits
+    assert out_logits.shape[-1] == result.report.vocab_size
+    torch.testing.assert_close(out_logits[..., donor_text], base_logits[..., base_text])
