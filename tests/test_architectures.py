@@ -219,22 +219,63 @@ def mistral3(tokenizer):
     return config, tokenizer, layout, {"processor_config": processor_settings, "image_size": 56}
 
 
-MULTIMODAL_ARCHITECTURES = {"llava": llava, "gemma3": gemma3, "mistral3": mistral3}
+def qwen2_5_vl(tokenizer):
+    names = {
+        "image_token": "<|image_pad|>",
+        "video_token": "<|video_pad|>",
+        "vision_start_token": "<|vision_start|>",
+        "vision_end_token": "<|vision_end|>",
+    }
+    tokenizer = _with_tokens(tokenizer, names)
+    ids = {k: tokenizer.convert_tokens_to_ids(v) for k, v in names.items()}
+    rope = {"rope_type": "default", "rope_theta": 10000.0, "mrope_section": [2, 3, 3]}
+    config = transformers.Qwen2_5_VLConfig(
+        text_config=_text("qwen2_5_vl_text", tokenizer, head_dim=DROP, rope_parameters=rope),
+        vision_config=dict(
+            depth=1,
+            hidden_size=32,
+            intermediate_size=64,
+            num_heads=2,
+            out_hidden_size=32,
+            fullatt_block_indexes=[0],
+            window_size=28,
+        ),
+        image_token_id=ids["image_token"],
+        video_token_id=ids["video_token"],
+        vision_start_token_id=ids["vision_start_token"],
+        vision_end_token_id=ids["vision_end_token"],
+    )
+    layout = ["<|vision_start|>", "<|image_pad|>", "<|vision_end|>"]
+    return config, tokenizer, layout, {"image_grid_thw": [[1, 2, 2]]}
+
+
+MULTIMODAL_ARCHITECTURES = {
+    "llava": llava,
+    "gemma3": gemma3,
+    "mistral3": mistral3,
+    "qwen2_5_vl": qwen2_5_vl,
+}
 
 
 def multimodal_inputs(tokenizer, image_tokens: list[str], text_ids: list[int], extra: dict):
     image_ids = tokenizer.convert_tokens_to_ids(image_tokens)
     input_ids = torch.tensor([text_ids[:2] + image_ids + text_ids[2:]])
     size = extra.get("image_size", 28)
+    generator = torch.Generator().manual_seed(0)
     inputs = {
         "input_ids": input_ids,
-        "pixel_values": torch.randn(1, 3, size, size, generator=torch.Generator().manual_seed(0)),
+        "pixel_values": torch.randn(1, 3, size, size, generator=generator),
     }
     if extra.get("token_type_ids"):
         image_positions = torch.isin(input_ids, torch.tensor(image_ids))
         inputs["token_type_ids"] = image_positions.long()
     if "processor_config" in extra:
         inputs["image_sizes"] = torch.tensor([[size, size]])
+    if "image_grid_thw" in extra:  # Qwen: flattened 14 x 14 patches, two frames each
+        grid = torch.tensor(extra["image_grid_thw"])
+        patches = int(grid.prod())
+        inputs["pixel_values"] = torch.randn(patches, 3 * 2 * 14 * 14, generator=generator)
+        inputs["image_grid_thw"] = grid
     return inputs
 
 
@@ -261,7 +302,14 @@ def test_multimodal_architecture(name, tiny_donor, metaspace_tok, tmp_path):
     # every base multimodal token is a special token of the output, with the config naming it
     for content in image_tokens:
         assert content in out_tok.all_special_tokens
-    for key in ("image_token_index", "boi_token_index", "eoi_token_index"):
+    for key in (
+        "image_token_index",
+        "boi_token_index",
+        "eoi_token_index",
+        "image_token_id",
+        "video_token_id",
+        "vision_start_token_id",
+    ):
         if hasattr(config, key):
             content = base_tok.convert_ids_to_tokens(getattr(config, key))
             assert getattr(out_config, key) == out_tok.convert_tokens_to_ids(content)
