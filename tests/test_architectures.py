@@ -68,6 +68,11 @@ TEXT_ARCHITECTURES: dict[str, tuple[str, dict]] = {
 }
 
 
+def options(base: Path, donor: Path) -> TransplantOptions:
+    """k = 8: the approximation is not what this matrix tests, and OMP's k sets its cost."""
+    return TransplantOptions(base_model=str(base), donor=str(donor), parameters={"k": 8})
+
+
 def tiny_base(model_type: str, overrides: dict, tokenizer, directory: Path) -> Path:
     settings = {k: v for k, v in {**SMALL, **overrides}.items() if v is not DROP}
     config = transformers.AutoConfig.for_model(
@@ -130,7 +135,7 @@ def test_text_architecture(name, tiny_donor, metaspace_tok, tmp_path):
     model_type, overrides = TEXT_ARCHITECTURES[name]
     base = tiny_base(model_type, overrides, metaspace_tok, tmp_path / "base")
     result = transplant(
-        TransplantOptions(base_model=str(base), donor=str(tiny_donor)),
+        options(base, tiny_donor),
         tmp_path / "out",
         progress=False,
     )
@@ -292,7 +297,7 @@ def test_multimodal_architecture(name, tiny_donor, metaspace_tok, tmp_path):
     if "processor_config" in extra:
         (base / "processor_config.json").write_text(json.dumps(extra["processor_config"]))
     result = transplant(
-        TransplantOptions(base_model=str(base), donor=str(tiny_donor)),
+        options(base, tiny_donor),
         tmp_path / "out",
         progress=False,
     )
