@@ -122,7 +122,7 @@ def copy_range(src_fd: int, dst, offset: int, count: int) -> None:
 
 def _tensor_bytes(tensor: torch.Tensor) -> memoryview:
     flat = tensor.detach().to("cpu").contiguous().reshape(-1)
-    return memoryview(flat.view(torch.uint8).numpy())
+    return flat.view(torch.uint8).numpy().data
 
 
 def rewrite_shard(source: Path, destination: Path, replacements: dict[str, torch.Tensor]) -> int:

@@ -14,11 +14,12 @@ from __future__ import annotations
 import contextlib
 import logging
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 import transformers
 from mergekit.architecture import ConfiguredModelArchitecture, WeightInfo, arch_info_for_config
-from transformers import PretrainedConfig
+from transformers import PretrainedConfig, PreTrainedModel
 
 from mergekit_omp.errors import TransplantError
 
@@ -103,15 +104,15 @@ def from_mergekit(config: PretrainedConfig, names: set[str]) -> VocabularyTensor
     )
 
 
-def _model_classes(config: PretrainedConfig) -> list[type]:
-    classes = [getattr(transformers, name, None) for name in config.architectures or ()]
+def _model_classes(config: PretrainedConfig) -> list[Any]:
+    classes: list[Any] = [getattr(transformers, name, None) for name in config.architectures or ()]
     for auto in (transformers.AutoModelForCausalLM, transformers.AutoModelForImageTextToText):
         with contextlib.suppress(KeyError, ValueError, AttributeError):
             classes.append(auto._model_mapping[type(config)])
     return [c for c in classes if c is not None]
 
 
-def meta_model(config: PretrainedConfig, trust_remote_code: bool) -> torch.nn.Module | None:
+def meta_model(config: PretrainedConfig, trust_remote_code: bool) -> PreTrainedModel | None:
     """The model class of ``config`` built on the meta device, or None if none is known."""
     for model_class in _model_classes(config):
         try:
@@ -167,7 +168,8 @@ def from_transformers(
         return None
     input_embeddings = model.get_input_embeddings()
     output_embeddings = model.get_output_embeddings()
-    if input_embeddings is None or getattr(input_embeddings, "weight", None) is None:
+    input_weight = getattr(input_embeddings, "weight", None)
+    if not isinstance(input_weight, torch.Tensor):
         return None
 
     def locate(parameter: torch.Tensor, avoid: str = "", missing: str = "") -> WeightInfo | None:
@@ -177,9 +179,10 @@ def from_transformers(
             raise TransplantError(f"{path} has {missing} ({own_name} or a name ending like it)")
         return None if name is None else WeightInfo(name=name, vocabulary_axis=0)
 
-    embed = locate(input_embeddings.weight, avoid="lm_head", missing="no input embedding tensor")
+    embed = locate(input_weight, avoid="lm_head", missing="no input embedding tensor")
+    assert embed is not None  # locate raised otherwise
     output_weight = getattr(output_embeddings, "weight", None)
-    tied = output_weight is not None and output_weight is input_embeddings.weight
+    tied = output_weight is not None and output_weight is input_weight
     lm_head = None
     if output_weight is not None:
         if tied:

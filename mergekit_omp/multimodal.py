@@ -78,7 +78,7 @@ def _sub_configs(config: PretrainedConfig, path: ConfigPath = ()):
     yield path, config
     for key, value in vars(config).items():
         if isinstance(value, PretrainedConfig):
-            yield from _sub_configs(value, (*path, key))
+            yield from _sub_configs(value, path + (key,))
 
 
 def config_token_fields(config: PretrainedConfig) -> dict[ConfigPath, int]:
@@ -90,7 +90,7 @@ def config_token_fields(config: PretrainedConfig) -> dict[ConfigPath, int]:
             match = ID_FIELD.match(key)
             if match and match["role"] not in TEXT_ROLES and isinstance(value, int):
                 if not isinstance(value, bool):
-                    fields[(*path, key)] = value
+                    fields[path + (key,)] = value
     return fields
 
 
@@ -130,7 +130,7 @@ def find_multimodal_tokens(base: LoadedModel) -> dict[str, int] | None:
     contents: dict[str, int] = {}
     for base_id in fields.values():
         content = tokenizer.convert_ids_to_tokens(base_id) if base_id < len(tokenizer) else None
-        if content is not None:
+        if isinstance(content, str):
             contents.setdefault(content, base_id)
     named = {**_processor_tokens(base.checkpoint.directory), **_named_tokens(tokenizer)}
     for content in named.values():
@@ -160,7 +160,8 @@ def plan_multimodal_tokens(
         if content in base_ids
     }
     if attributes:
-        tokenizer._set_model_specific_special_tokens(attributes)
+        named: dict[str, str | AddedToken] = dict(attributes)
+        tokenizer._set_model_specific_special_tokens(named)
     new_vocab = tokenizer.get_vocab()
     by_id = {base_id: content for content, base_id in base_ids.items()}
     fields = {

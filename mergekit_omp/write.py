@@ -97,14 +97,15 @@ def output_vocabulary_tensors(
     stored (``replacements`` are vocabulary-first matrices)."""
     located = base.located
     tensors: dict[str, torch.Tensor] = {}
-    for info in (located.embed, located.lm_head):
-        if info is None:
-            continue
-        matrix = replacements.get(info.name)
-        if matrix is None and info is located.lm_head and located.tied:
-            matrix = replacements[located.embed.name]  # a tied checkpoint storing a copy
+    embed, lm_head = located.embed, located.lm_head
+    if embed.name in replacements:
+        tensors[embed.name] = replacements[embed.name].movedim(0, embed.vocabulary_axis or 0)
+    if lm_head is not None:
+        matrix = replacements.get(lm_head.name)
+        if matrix is None and located.tied:
+            matrix = replacements[embed.name]  # a tied checkpoint storing a copy
         if matrix is not None:
-            tensors[info.name] = matrix.movedim(0, info.vocabulary_axis or 0)
+            tensors[lm_head.name] = matrix.movedim(0, lm_head.vocabulary_axis or 0)
     loader = LoaderCache().get(base.reference)
     for info in located.extras:
         try:
