@@ -152,11 +152,15 @@ def main() -> None:
             row.update(model_gb=total / 1e9, vocabulary_shards_gb=vocab / 1e9)
             results["ours"][layers] = row
             log(json.dumps(row))
+            if row["returncode"] != 0:
+                raise SystemExit(f"mergekit-omp failed: see {work / f'ours-{layers}.log'}")
         if not args.skip_mergekit:
             largest = counts[-1]
             row = run_mergekit(work / f"base-{largest}", donor, work / "mergekit", args.k)
             results["mergekit"] = dict(row, layers=largest)
             log(json.dumps(row))
+            if row["returncode"] != 0:
+                raise SystemExit(f"mergekit-tokensurgeon failed: see {work / 'mergekit.log'}")
     finally:
         (work / "results.json").write_text(json.dumps(results, indent=2, default=str))
         if not args.keep:
