@@ -224,26 +224,22 @@ def mistral3(tokenizer):
     return config, tokenizer, layout, {"processor_config": processor_settings, "image_size": 56}
 
 
-def qwen2_5_vl(tokenizer):
-    names = {
-        "image_token": "<|image_pad|>",
-        "video_token": "<|video_pad|>",
-        "vision_start_token": "<|vision_start|>",
-        "vision_end_token": "<|vision_end|>",
-    }
-    tokenizer = _with_tokens(tokenizer, names)
-    ids = {k: tokenizer.convert_tokens_to_ids(v) for k, v in names.items()}
+QWEN_VL_TOKENS = {
+    "image_token": "<|image_pad|>",
+    "video_token": "<|video_pad|>",
+    "vision_start_token": "<|vision_start|>",
+    "vision_end_token": "<|vision_end|>",
+}
+
+
+def _qwen_vl(tokenizer, config_class, text_type: str, vision: dict, patch: int):
+    tokenizer = _with_tokens(tokenizer, QWEN_VL_TOKENS)
+    ids = {k: tokenizer.convert_tokens_to_ids(v) for k, v in QWEN_VL_TOKENS.items()}
     rope = {"rope_type": "default", "rope_theta": 10000.0, "mrope_section": [2, 3, 3]}
-    config = transformers.Qwen2_5_VLConfig(
-        text_config=_text("qwen2_5_vl_text", tokenizer, head_dim=DROP, rope_parameters=rope),
+    config = config_class(
+        text_config=_text(text_type, tokenizer, head_dim=DROP, rope_parameters=rope),
         vision_config=dict(
-            depth=1,
-            hidden_size=32,
-            intermediate_size=64,
-            num_heads=2,
-            out_hidden_size=32,
-            fullatt_block_indexes=[0],
-            window_size=28,
+            depth=1, hidden_size=32, intermediate_size=64, num_heads=2, out_hidden_size=32, **vision
         ),
         image_token_id=ids["image_token"],
         video_token_id=ids["video_token"],
@@ -251,7 +247,20 @@ def qwen2_5_vl(tokenizer):
         vision_end_token_id=ids["vision_end_token"],
     )
     layout = ["<|vision_start|>", "<|image_pad|>", "<|vision_end|>"]
-    return config, tokenizer, layout, {"image_grid_thw": [[1, 2, 2]]}
+    return config, tokenizer, layout, {"image_grid_thw": [[1, 2, 2]], "patch": patch}
+
+
+def qwen2_5_vl(tokenizer):
+    vision = dict(fullatt_block_indexes=[0], window_size=28)
+    return _qwen_vl(tokenizer, transformers.Qwen2_5_VLConfig, "qwen2_5_vl_text", vision, 14)
+
+
+def qwen3_vl(tokenizer):
+    vision = dict(num_position_embeddings=16, deepstack_visual_indexes=[0], patch_size=14)
+    config, tokenizer, layout, extra = _qwen_vl(
+        tokenizer, transformers.Qwen3VLConfig, "qwen3_vl_text", vision, 14
+    )
+    return config, tokenizer, layout, {**extra, "mm_token_type_ids": True}
 
 
 MULTIMODAL_ARCHITECTURES = {
@@ -259,6 +268,7 @@ MULTIMODAL_ARCHITECTURES = {
     "gemma3": gemma3,
     "mistral3": mistral3,
     "qwen2_5_vl": qwen2_5_vl,
+    "qwen3_vl": qwen3_vl,
 }
 
 
@@ -279,8 +289,12 @@ def multimodal_inputs(tokenizer, image_tokens: list[str], text_ids: list[int], e
     if "image_grid_thw" in extra:  # Qwen: flattened 14 x 14 patches, two frames each
         grid = torch.tensor(extra["image_grid_thw"])
         patches = int(grid.prod())
-        inputs["pixel_values"] = torch.randn(patches, 3 * 2 * 14 * 14, generator=generator)
+        patch = extra["patch"]
+        inputs["pixel_values"] = torch.randn(patches, 3 * 2 * patch * patch, generator=generator)
         inputs["image_grid_thw"] = grid
+    if extra.get("mm_token_type_ids"):  # Qwen3-VL: 1 marks image placeholders
+        placeholder = tokenizer.convert_tokens_to_ids("<|image_pad|>")
+        inputs["mm_token_type_ids"] = (input_ids == placeholder).long()
     return inputs
 
 
