@@ -219,3 +219,12 @@ def write_config_and_tokenizer(
     (tokenizer or donor.tokenizer).save_pretrained(directory)
     if multimodal is not None:
         copy_files(base.checkpoint.directory, directory, PROCESSOR_FILES)
+    copy_files(base.checkpoint.directory, directory, custom_code_files(base))
+
+
+def custom_code_files(base: LoadedModel) -> list[str]:
+    """The base's own modelling code (``*.py``) when its config maps auto classes to it
+    (``auto_map``): the output's config still does."""
+    if not getattr(base.config, "auto_map", None):
+        return []
+    return sorted(path.name for path in base.checkpoint.directory.glob("*.py"))

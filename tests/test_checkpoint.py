@@ -198,3 +198,16 @@ def test_an_architecture_nobody_knows_is_one_clear_error(sharded_base, tmp_path)
     with pytest.raises(TransplantError, match="unknown to mergekit and transformers") as error:
         load_model(str(unknown), MergeOptions(), lm_head_falls_back_to_embed=False)
     assert "\n" not in str(error.value)
+
+
+def test_custom_code_of_the_base_is_carried(metaspace_tok, donor, tmp_path):
+    base = tiny.tiny_llama(metaspace_tok, tmp_path / "base", hidden_size=16)
+    config = json.loads((base / "config.json").read_text())
+    config["auto_map"] = {"AutoModelForCausalLM": "modeling_custom.CustomForCausalLM"}
+    (base / "config.json").write_text(json.dumps(config))
+    code = "from transformers import LlamaForCausalLM as CustomForCausalLM\n"
+    (base / "modeling_custom.py").write_text(code)
+    transplant(TransplantOptions(base_model=str(base), donor=str(donor)), tmp_path / "out")
+    assert (tmp_path / "out" / "modeling_custom.py").read_text() == code
+    saved = json.loads((tmp_path / "out" / "config.json").read_text())
+    assert saved["auto_map"] == config["auto_map"]
