@@ -1,7 +1,8 @@
-"""Load stage: a model's config, architecture, tokenizer and vocabulary matrices.
+"""Load stage: a model's config, checkpoint index, tokenizer and vocabulary matrices.
 
 Weights are read lazily through mergekit's ``LoaderCache``: only the input embeddings and
-the LM head are materialised here; every other tensor is streamed at write time.
+the LM head are materialised here (``locate.py`` says which tensors they are); every other
+tensor is carried to the output as stored at write time.
 """
 
 from __future__ import annotations
@@ -17,15 +18,16 @@ from dataclasses import dataclass
 
 import torch
 import transformers
-from mergekit.architecture import ConfiguredModelArchitecture, WeightInfo, arch_info_for_config
-from mergekit.architecture.auto import infer_architecture_info
+from mergekit.architecture import WeightInfo
 from mergekit.common import ModelReference
 from mergekit.io.tasks import LoaderCache
 from mergekit.options import MergeOptions
 from mergekit.vocabulary import vocabulary_views
 from transformers import PretrainedConfig, PreTrainedTokenizerBase
 
+from mergekit_omp.checkpoint import Checkpoint
 from mergekit_omp.errors import TransplantError
+from mergekit_omp.locate import VocabularyTensors, vocabulary_tensors
 from mergekit_omp.vocabulary import Vocabulary, vocabulary_of
 
 LOG = logging.getLogger(__name__)
@@ -36,9 +38,8 @@ HUB_ID_RE = re.compile(r"^[\w.-]+/[\w.-]+$")
 class LoadedModel:
     reference: ModelReference
     config: PretrainedConfig
-    arch: ConfiguredModelArchitecture
-    embed_info: WeightInfo
-    lm_head_info: WeightInfo | None
+    checkpoint: Checkpoint
+    located: VocabularyTensors
     tokenizer: PreTrainedTokenizerBase
     vocabulary: Vocabulary
     embed: torch.Tensor | None
@@ -50,8 +51,17 @@ class LoadedModel:
 
     @property
     def tied(self) -> bool:
-        """The LM head is the input embedding matrix (no separate tensor)."""
-        return ties_embeddings(self.config)
+        """The LM head is the input embedding matrix."""
+        return self.located.tied
+
+    @property
+    def embed_info(self) -> WeightInfo:
+        return self.located.embed
+
+    @property
+    def lm_head_info(self) -> WeightInfo | None:
+        """The LM head tensor of the checkpoint, if it stores one (tied or not)."""
+        return self.located.lm_head
 
     def without_matrices(self) -> LoadedModel:
         """This model without its loaded vocabulary matrices (everything else is kept)."""
@@ -70,33 +80,18 @@ def model_reference(path: str) -> ModelReference:
     return ModelReference.model_validate(path)
 
 
-def architecture_of(
-    reference: ModelReference, options: MergeOptions
-) -> tuple[PretrainedConfig, ConfiguredModelArchitecture]:
+def read_config(reference: ModelReference, options: MergeOptions) -> PretrainedConfig:
     try:
-        config = reference.config(trust_remote_code=options.trust_remote_code)
+        return reference.config(trust_remote_code=options.trust_remote_code)
     except Exception as exc:
         raise TransplantError(f"cannot read the config of {reference}: {exc}") from exc
-    info = arch_info_for_config(config)
-    if info is None:
-        info = infer_architecture_info((reference,), reference, options)
-    return config, ConfiguredModelArchitecture(info=info, config=config)
 
 
-def vocabulary_weights(arch: ConfiguredModelArchitecture) -> tuple[WeightInfo, WeightInfo | None]:
-    """The input embedding and LM head weights of a single-module architecture."""
-    if len(arch.info.modules) != 1:
-        raise TransplantError("models with several modules are not supported")
-    module = arch.get_module(next(iter(arch.info.modules)))
-
-    def vocab_matrix(weights: list[WeightInfo]) -> WeightInfo | None:
-        found = [w for w in weights if w.vocabulary_axis is not None and w.name.endswith(".weight")]
-        return found[0] if found else None
-
-    embed = vocab_matrix(list(module.pre_weights()))
-    if embed is None:
-        raise TransplantError(f"{arch.info.name()} has no input embedding matrix")
-    return embed, vocab_matrix(list(module.post_weights()))
+def read_checkpoint(reference: ModelReference) -> Checkpoint:
+    try:
+        return Checkpoint.of(reference)
+    except Exception as exc:
+        raise TransplantError(f"cannot read the weights of {reference}: {exc}") from exc
 
 
 def load_tokenizer(path: str, trust_remote_code: bool) -> PreTrainedTokenizerBase:
@@ -174,13 +169,6 @@ def check_width(config: PretrainedConfig, matrix: torch.Tensor, name: str, path:
         )
 
 
-def ties_embeddings(config: PretrainedConfig) -> bool:
-    text_config = config.get_text_config() if hasattr(config, "get_text_config") else config
-    return bool(
-        getattr(text_config, "tie_word_embeddings", getattr(config, "tie_word_embeddings", False))
-    )
-
-
 def load_model(
     path: str, options: MergeOptions, *, lm_head_falls_back_to_embed: bool
 ) -> LoadedModel:
@@ -191,20 +179,27 @@ def load_model(
     whose output stays tied).
     """
     reference = model_reference(path)
-    config, arch = architecture_of(reference, options)
-    embed_info, lm_head_info = vocabulary_weights(arch)
+    config = read_config(reference, options)
+    checkpoint = read_checkpoint(reference)
+    located = vocabulary_tensors(
+        config,
+        set(checkpoint.names),
+        checkpoint.shapes(),
+        trust_remote_code=options.trust_remote_code,
+        path=path,
+    )
     device = options.device or "cpu"
-    embed = _read_matrix(reference, embed_info, device, tuple(embed_info.aliases or ()))
+    embed = _read_matrix(reference, located.embed, device, ())
     if embed is None:
-        raise TransplantError(f"{path} has no input embedding tensor ({embed_info.name})")
-    check_width(config, embed, embed_info.name, path)
+        raise TransplantError(f"{path} has no input embedding tensor ({located.embed.name})")
+    check_width(config, embed, located.embed.name, path)
     lm_head = None
-    if lm_head_info is not None and not ties_embeddings(config):
-        lm_head = _read_matrix(reference, lm_head_info, device, tuple(lm_head_info.aliases or ()))
+    if located.lm_head is not None and not located.tied:
+        lm_head = _read_matrix(reference, located.lm_head, device, ())
         if lm_head is None:
-            raise TransplantError(f"{path} has untied embeddings but no {lm_head_info.name}")
-        check_width(config, lm_head, lm_head_info.name, path)
-    elif lm_head_info is not None and lm_head_falls_back_to_embed:
+            raise TransplantError(f"{path} has untied embeddings but no {located.lm_head.name}")
+        check_width(config, lm_head, located.lm_head.name, path)
+    elif lm_head_falls_back_to_embed:
         lm_head = embed
     with garbage_collection_paused():
         tokenizer = load_tokenizer(path, options.trust_remote_code)
@@ -212,9 +207,8 @@ def load_model(
     return LoadedModel(
         reference=reference,
         config=config,
-        arch=arch,
-        embed_info=embed_info,
-        lm_head_info=lm_head_info,
+        checkpoint=checkpoint,
+        located=located,
         tokenizer=tokenizer,
         vocabulary=vocabulary,
         embed=embed,

@@ -29,6 +29,7 @@ from mergekit_omp.bos import BosPlan, output_tokenizer, plan_bos
 from mergekit_omp.errors import TransplantError
 from mergekit_omp.load import LoadedModel, load_model
 from mergekit_omp.match import MatchPolicy, VocabularyMatch, match_vocabularies
+from mergekit_omp.multimodal import MultimodalTokens, plan_multimodal_tokens
 from mergekit_omp.options import Matrix, TransplantOptions
 from mergekit_omp.vocabulary import Vocabulary
 
@@ -38,7 +39,9 @@ class ForcedPair:
     """A donor token that takes a given base row, before (and instead of) matching.
 
     ``reason`` says why: ``bos`` (the output inserts the donor's BOS where the base expects
-    its own) or ``tokens`` (the recipe's ``tokens:`` names the base token). A pair whose base id has no base row is ignored by matching."""
+    its own), ``tokens`` (the recipe's ``tokens:`` names the base token) or ``multimodal`` (a
+    multimodal base's image/video/audio token, added to the output tokenizer). A pair whose
+    base id has no base row is ignored by matching."""
 
     donor_id: int
     base_id: int
@@ -96,6 +99,8 @@ class TransplantPlan:
     """Dtype of the new matrices; None keeps each base matrix's."""
     tied: bool = False
     """The base ties its LM head to its embeddings (the output stays tied)."""
+    multimodal: MultimodalTokens | None = None
+    """A multimodal base's special tokens, added to the output tokenizer (multimodal.py)."""
 
     def matrix(self, name: Matrix) -> MatrixPlan:
         return next(m for m in self.matrices if m.name == name)
@@ -242,8 +247,15 @@ def plan_transplant(
     options: TransplantOptions, base: LoadedModel, donor: LoadedModel
 ) -> TransplantPlan:
     """Every decision of giving ``base`` the tokenizer of ``donor`` as ``options`` say."""
-    bos, tokenizer, pairs, warnings = plan_bos_outcome(base, donor, options)
-    vocabulary = donor.vocabulary  # the output tokenizer's: BOS insertion adds no token
+    output_donor, multimodal = plan_multimodal_tokens(base, donor)
+    bos, tokenizer, pairs, warnings = plan_bos_outcome(base, output_donor, options)
+    # the output tokenizer's: the donor's plus any multimodal tokens (BOS adds no token)
+    vocabulary = output_donor.vocabulary
+    if multimodal is not None:
+        pairs += tuple(
+            ForcedPair(new_id, base_id, "multimodal")
+            for new_id, base_id in multimodal.forced_pairs.items()
+        )
     if base.embed is None or donor.embed is None:
         raise ValueError("the models' vocabulary matrices were released (without_matrices)")
     pairs += token_override_pairs(options, base, base.embed.shape[0], donor)  # after BOS: wins
@@ -270,6 +282,7 @@ def plan_transplant(
         warnings=warnings,
         dtype=getattr(torch, options.dtype) if options.dtype else None,
         tied=base.tied,
+        multimodal=multimodal,
     )
 
 

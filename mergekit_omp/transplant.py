@@ -147,6 +147,8 @@ def record_plan(plan: TransplantPlan, report: TransplantReport) -> None:
     report.tied_embeddings = plan.tied
     report.vocab_size = plan.out_rows
     report.diagnostics["bos"] = plan.bos_diagnostics()
+    if plan.multimodal is not None:
+        report.diagnostics["multimodal_tokens"] = plan.multimodal.new_ids
     report.warnings.extend(plan.warnings)
 
 
@@ -227,6 +229,7 @@ def write_transplant(
             report.vocab_size,
             donor_token_ids(donor),
             tokenizer=result.tokenizer,
+            multimodal=result.plan.multimodal if result.plan is not None else None,
         )
         report.write_json(staging / "mergekit_omp_report.json")
         if card_recipe is not None:

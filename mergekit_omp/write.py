@@ -20,11 +20,54 @@ from mergekit.options import MergeOptions
 from transformers import GenerationConfig, PretrainedConfig, PreTrainedTokenizerBase
 
 from mergekit_omp.assemble import remap_vocabulary_rows
+from mergekit_omp.checkpoint import copy_files, write_passthrough
 from mergekit_omp.errors import TransplantError
 from mergekit_omp.load import LoadedModel
 from mergekit_omp.match import VocabularyMatch
+from mergekit_omp.multimodal import PROCESSOR_FILES, MultimodalTokens, rewrite_config_ids
 
 TOKEN_ID_KEYS = ("bos_token_id", "eos_token_id", "pad_token_id", "unk_token_id")
+
+
+def resharding_requested(merge_options: MergeOptions) -> bool:
+    """The user asked for a shard size or a format of their own (``--out-shard-size``,
+    ``--no-safe-serialization``): then tensors are re-sharded through ``TensorWriter``."""
+    default_shard_size = MergeOptions.model_fields["out_shard_size"].default
+    return (
+        merge_options.out_shard_size != default_shard_size or not merge_options.safe_serialization
+    )
+
+
+def output_vocabulary_tensors(
+    base: LoadedModel,
+    replacements: dict[str, torch.Tensor],
+    aux_match: VocabularyMatch,
+    out_rows: int,
+) -> dict[str, torch.Tensor]:
+    """Every vocabulary-indexed tensor of the output under its checkpoint name, laid out as
+    stored (``replacements`` are vocabulary-first matrices)."""
+    located = base.located
+    tensors: dict[str, torch.Tensor] = {}
+    embed, lm_head = located.embed, located.lm_head
+    if embed.name in replacements:
+        tensors[embed.name] = replacements[embed.name].movedim(0, embed.vocabulary_axis or 0)
+    if lm_head is not None:
+        matrix = replacements.get(lm_head.name)
+        if matrix is None and located.tied:
+            matrix = replacements[embed.name]  # a tied checkpoint storing a copy
+        if matrix is not None:
+            tensors[lm_head.name] = matrix.movedim(0, lm_head.vocabulary_axis or 0)
+    loader = LoaderCache().get(base.reference)
+    for info in located.extras:
+        try:
+            tensor = loader.get_tensor(info.name)
+        except Exception as exc:
+            raise TransplantError(f"cannot read {info.name} from {base.path}: {exc}") from exc
+        axis = info.vocabulary_axis or 0
+        tensors[info.name] = remap_vocabulary_rows(
+            tensor.movedim(axis, 0), aux_match, out_rows
+        ).movedim(0, axis)
+    return tensors
 
 
 def write_weights(
@@ -35,10 +78,21 @@ def write_weights(
     out_rows: int,
     merge_options: MergeOptions,
 ) -> None:
-    """Stream every base tensor to ``directory``, swapping in the new vocabulary matrices.
+    """The base checkpoint in ``directory`` with its vocabulary tensors replaced.
 
-    ``replacements`` maps tensor names to vocabulary-first matrices.
+    ``replacements`` maps tensor names to vocabulary-first matrices. Every other tensor is
+    written exactly as stored (name, dtype, bytes): shards without a vocabulary tensor are
+    copied as files, the others rewritten around the new tensors. A ``.bin`` base, or a
+    user's own shard size or format, re-shards all tensors through mergekit's
+    ``TensorWriter`` instead.
     """
+    vocabulary = output_vocabulary_tensors(base, replacements, aux_match, out_rows)
+    if base.checkpoint.is_safetensors and not resharding_requested(merge_options):
+        try:
+            write_passthrough(base.checkpoint, directory, vocabulary)
+        except OSError as exc:
+            raise TransplantError(f"cannot copy the weights of {base.path}: {exc}") from exc
+        return
     writer = TensorWriter(
         str(directory),
         max_shard_size=merge_options.out_shard_size,
@@ -47,26 +101,15 @@ def write_weights(
         max_write_threads=merge_options.write_threads,
     )
     loader = LoaderCache().get(base.reference)
-    weights = list(base.arch.all_weights())
-    for info in tqdm.tqdm(weights, desc="Writing weights", disable=merge_options.quiet):
-        if info.name in replacements:
-            tensor = replacements[info.name].movedim(0, info.vocabulary_axis or 0)
-        elif base.lm_head_info is not None and info.name == base.lm_head_info.name and base.tied:
-            continue
-        else:
+    names = base.checkpoint.names
+    for name in tqdm.tqdm(names, desc="Writing weights", disable=merge_options.quiet):
+        tensor = vocabulary.get(name)
+        if tensor is None:
             try:
-                tensor = loader.get_tensor(info.name, aliases=info.aliases, raise_on_missing=False)
+                tensor = loader.get_tensor(name)
             except Exception as exc:
-                raise TransplantError(f"cannot read {info.name} from {base.path}: {exc}") from exc
-            if tensor is None:
-                if info.optional:
-                    continue
-                raise TransplantError(f"{base.path} is missing tensor {info.name}")
-            if info.vocabulary_axis is not None:
-                tensor = remap_vocabulary_rows(
-                    tensor.movedim(info.vocabulary_axis, 0), aux_match, out_rows
-                ).movedim(0, info.vocabulary_axis)
-        writer.save_tensor(info.name, tensor, clone=merge_options.clone_tensors)
+                raise TransplantError(f"cannot read {name} from {base.path}: {exc}") from exc
+        writer.save_tensor(name, tensor, clone=merge_options.clone_tensors)
     writer.finalize()
 
 
@@ -82,15 +125,25 @@ def donor_token_ids(donor: LoadedModel) -> dict[str, object]:
 
 
 def output_config(
-    base: LoadedModel, vocab_size: int, token_ids: dict[str, object]
+    base: LoadedModel,
+    vocab_size: int,
+    token_ids: dict[str, object],
+    multimodal: MultimodalTokens | None = None,
 ) -> PretrainedConfig:
     config = copy.deepcopy(base.config)
-    set_config_value(config, base.arch.info.vocab_size_config_key or "vocab_size", vocab_size)
     text_config = config.get_text_config() if hasattr(config, "get_text_config") else config
+    key = base.located.vocab_size_key
+    with contextlib.suppress(RuntimeError):
+        set_config_value(config, key, vocab_size)
+    for target in (config, text_config):
+        if getattr(target, "vocab_size", None) is not None:
+            target.vocab_size = vocab_size
     for key, value in token_ids.items():
         for target in {id(config): config, id(text_config): text_config}.values():
             if hasattr(target, key) or value is not None:
                 setattr(target, key, value)
+    if multimodal is not None:
+        rewrite_config_ids(config, multimodal.config_values())
     return config
 
 
@@ -101,9 +154,14 @@ def write_config_and_tokenizer(
     vocab_size: int,
     token_ids: dict[str, object],
     tokenizer: PreTrainedTokenizerBase | None = None,
+    multimodal: MultimodalTokens | None = None,
 ) -> None:
-    """Save the config and generation config with the donor's ids, and the output tokenizer."""
-    output_config(base, vocab_size, token_ids).save_pretrained(directory)
+    """Save the config and generation config with the donor's ids, and the output tokenizer.
+
+    A multimodal base's config names its special tokens by their new ids, and its processor
+    files (and the chat templates its processor applies) are carried over.
+    """
+    output_config(base, vocab_size, token_ids, multimodal).save_pretrained(directory)
     with contextlib.suppress(OSError):
         generation = GenerationConfig.from_pretrained(base.path)
         for key in ("bos_token_id", "eos_token_id", "pad_token_id"):
@@ -111,6 +169,9 @@ def write_config_and_tokenizer(
         generation.save_pretrained(directory)
     (tokenizer or donor.tokenizer).save_pretrained(directory)
     drop_loading_keys(directory / "tokenizer_config.json")
+    if multimodal is not None:
+        copy_files(base.checkpoint.directory, directory, PROCESSOR_FILES)
+    copy_files(base.checkpoint.directory, directory, custom_code_files(base))
 
 
 LOADING_KEYS = ("is_local", "local_files_only")
@@ -125,3 +186,11 @@ def drop_loading_keys(path: Path) -> None:
     kept = {key: value for key, value in config.items() if key not in LOADING_KEYS}
     if kept != config:
         path.write_text(json.dumps(kept, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
+
+
+def custom_code_files(base: LoadedModel) -> list[str]:
+    """The base's own modelling code (``*.py``) when its config maps auto classes to it
+    (``auto_map``): the output's config still does."""
+    if not getattr(base.config, "auto_map", None):
+        return []
+    return sorted(path.name for path in base.checkpoint.directory.glob("*.py"))

@@ -1,0 +1,213 @@
+"""The write stage carries the base checkpoint as stored and finds its vocabulary tensors."""
+
+from __future__ import annotations
+
+import filecmp
+import json
+from pathlib import Path
+
+import pytest
+import tiny
+import torch
+import transformers
+from mergekit.options import MergeOptions
+from safetensors import safe_open
+from safetensors.torch import load_file, save_file
+
+from mergekit_omp import TransplantOptions, transplant
+from mergekit_omp.checkpoint import SAFETENSORS_INDEX, read_header, rewrite_shard
+from mergekit_omp.errors import TransplantError
+from mergekit_omp.load import load_model
+
+EMBED, LM_HEAD = "model.embed_tokens.weight", "lm_head.weight"
+
+
+@pytest.fixture(scope="module")
+def sharded_base(tmp_path_factory, metaspace_tok) -> Path:
+    """An untied Llama in several safetensors shards (two layers, 8 KB shards)."""
+    model = tiny.tiny_llama_model(metaspace_tok, hidden_size=16, seed=5)
+    directory = tmp_path_factory.mktemp("sharded") / "base"
+    model.save_pretrained(directory, max_shard_size="8KB")
+    metaspace_tok.save_pretrained(directory)
+    return directory
+
+
+@pytest.fixture(scope="module")
+def donor(tmp_path_factory, small_byte_level_tok) -> Path:
+    root = tmp_path_factory.mktemp("donor")
+    return tiny.tiny_llama(small_byte_level_tok, root / "donor", hidden_size=16, seed=1)
+
+
+def shard_of(directory: Path) -> dict[str, str]:
+    return json.loads((directory / SAFETENSORS_INDEX).read_text())["weight_map"]
+
+
+def raw_bytes(path: Path, name: str) -> bytes:
+    data_start, header = read_header(path)
+    begin, end = header[name]["data_offsets"]
+    with open(path, "rb") as handle:
+        handle.seek(data_start + begin)
+        return handle.read(end - begin)
+
+
+def test_shards_without_vocabulary_tensors_are_copied_and_the_others_rewritten(
+    sharded_base, donor, tmp_path
+):
+    out = tmp_path / "out"
+    result = transplant(
+        TransplantOptions(base_model=str(sharded_base), donor=str(donor)), out, progress=False
+    )
+    weight_map = shard_of(sharded_base)
+    assert len(set(weight_map.values())) >= 3
+    assert shard_of(out) == weight_map
+    rewritten = {weight_map[EMBED], weight_map[LM_HEAD]}
+    for shard in set(weight_map.values()) - rewritten:
+        assert filecmp.cmp(sharded_base / shard, out / shard, shallow=False), shard
+    for shard in rewritten:
+        base_start, base_header = read_header(sharded_base / shard)
+        _, out_header = read_header(out / shard)
+        assert out_header["__metadata__"] == base_header["__metadata__"]
+        for name in base_header:
+            if name in ("__metadata__", EMBED, LM_HEAD):
+                continue
+            assert raw_bytes(out / shard, name) == raw_bytes(sharded_base / shard, name)
+    index = json.loads((out / SAFETENSORS_INDEX).read_text())
+    data = sum((out / s).stat().st_size - read_header(out / s)[0] for s in set(weight_map.values()))
+    assert index["metadata"]["total_size"] == data
+    model = transformers.LlamaForCausalLM.from_pretrained(out)
+    assert torch.equal(model.lm_head.weight, result.matrices["lm_head"].matrix)
+    assert torch.equal(model.model.embed_tokens.weight, result.matrices["embed"].matrix)
+
+
+def test_rewrite_keeps_order_dtypes_and_bytes(tmp_path):
+    tensors = {
+        "a": torch.arange(6, dtype=torch.int64),
+        "b": torch.randn(3, 5).to(torch.bfloat16),
+        "c": torch.randn(7, dtype=torch.float32),
+    }
+    save_file(tensors, tmp_path / "in.safetensors", metadata={"format": "pt", "x": "y"})
+    new_b = torch.randn(4, 5, dtype=torch.float16)
+    rewrite_shard(tmp_path / "in.safetensors", tmp_path / "out.safetensors", {"b": new_b})
+    got = load_file(tmp_path / "out.safetensors")
+    assert torch.equal(got["a"], tensors["a"]) and torch.equal(got["c"], tensors["c"])
+    assert got["b"].dtype == torch.float16 and torch.equal(got["b"], new_b)
+    _, header = read_header(tmp_path / "out.safetensors")
+    assert header["__metadata__"] == {"format": "pt", "x": "y"}
+    _, before = read_header(tmp_path / "in.safetensors")
+    assert tensor_order(header) == tensor_order(before)
+
+
+def tensor_order(header: dict) -> list[str]:
+    names = [k for k in header if k != "__metadata__"]
+    return sorted(names, key=lambda k: header[k]["data_offsets"])
+
+
+@pytest.mark.parametrize(
+    "merge_options,expected_file",
+    [
+        (MergeOptions(out_shard_size=4096), "model-00001-of-"),
+        (MergeOptions(safe_serialization=False), "pytorch_model"),
+    ],
+)
+def test_user_output_options_reshard_through_tensor_writer(
+    sharded_base, donor, tmp_path, merge_options, expected_file
+):
+    out = tmp_path / "out"
+    transplant(
+        TransplantOptions(base_model=str(sharded_base), donor=str(donor)),
+        out,
+        merge_options=merge_options,
+        progress=False,
+    )
+    assert any(p.name.startswith(expected_file) for p in out.iterdir())
+    assert shard_of(sharded_base).keys() - {EMBED, LM_HEAD}  # sanity: there are others
+    base_model = transformers.LlamaForCausalLM.from_pretrained(sharded_base)
+    out_model = transformers.LlamaForCausalLM.from_pretrained(out)
+    base_state, out_state = base_model.state_dict(), out_model.state_dict()
+    for name, tensor in base_state.items():
+        if name not in (EMBED, LM_HEAD):
+            assert torch.equal(out_state[name], tensor), name
+    if merge_options.out_shard_size == 4096:
+        assert len({p.name for p in out.glob("*.safetensors")}) > 3
+
+
+def test_pytorch_bin_base(metaspace_tok, donor, tmp_path):
+    base = tmp_path / "base"
+    model = tiny.tiny_llama_model(metaspace_tok, hidden_size=16, seed=6)
+    model.save_pretrained(base, safe_serialization=False)
+    metaspace_tok.save_pretrained(base)
+    transplant(TransplantOptions(base_model=str(base), donor=str(donor)), tmp_path / "out")
+    out_model = transformers.LlamaForCausalLM.from_pretrained(tmp_path / "out")
+    for name, tensor in model.state_dict().items():
+        if name not in (EMBED, LM_HEAD):
+            assert torch.equal(out_model.state_dict()[name], tensor), name
+
+
+def test_tied_checkpoint_storing_its_lm_head_gets_the_new_matrix_there(
+    metaspace_tok, donor, tmp_path
+):
+    base = tiny.tiny_llama(metaspace_tok, tmp_path / "base", hidden_size=16, tied=True)
+    tensors = load_file(base / "model.safetensors")
+    tensors[LM_HEAD] = tensors[EMBED].clone()
+    save_file(tensors, base / "model.safetensors", metadata={"format": "pt"})
+    result = transplant(TransplantOptions(base_model=str(base), donor=str(donor)), tmp_path / "o")
+    with safe_open(tmp_path / "o" / "model.safetensors", framework="pt") as handle:
+        assert torch.equal(handle.get_tensor(LM_HEAD), handle.get_tensor(EMBED))
+        assert torch.equal(handle.get_tensor(EMBED), result.matrices["embed"].matrix)
+
+
+def test_known_architectures_come_from_mergekit_others_from_transformers(sharded_base, tmp_path):
+    located = load_model(
+        str(sharded_base), MergeOptions(), lm_head_falls_back_to_embed=False
+    ).located
+    assert (located.source, located.embed.name, located.lm_head.name) == (
+        "mergekit",
+        EMBED,
+        LM_HEAD,
+    )
+    renamed = tmp_path / "renamed"
+    renamed.mkdir()
+    config = json.loads((sharded_base / "config.json").read_text())
+    config["architectures"] = ["SomethingNewForCausalLM"]  # mergekit has no template for it
+    (renamed / "config.json").write_text(json.dumps(config))
+    tensors = {}
+    for shard in sharded_base.glob("*.safetensors"):
+        tensors.update(load_file(shard))
+    save_file(
+        {("language_model." + k if k != LM_HEAD else k): v for k, v in tensors.items()},
+        renamed / "model.safetensors",
+        metadata={"format": "pt"},
+    )
+    for name in ("tokenizer.json", "tokenizer_config.json"):
+        (renamed / name).write_bytes((sharded_base / name).read_bytes())
+    located = load_model(str(renamed), MergeOptions(), lm_head_falls_back_to_embed=False).located
+    assert (located.source, located.embed.name, located.lm_head.name) == (
+        "transformers",
+        "language_model." + EMBED,
+        LM_HEAD,
+    )
+
+
+def test_an_architecture_nobody_knows_is_one_clear_error(sharded_base, tmp_path):
+    unknown = tmp_path / "unknown"
+    unknown.mkdir()
+    config = transformers.CLIPVisionConfig(hidden_size=16, num_attention_heads=2).to_dict()
+    config["architectures"] = ["MysteryModel"]
+    (unknown / "config.json").write_text(json.dumps(config))
+    save_file({"x.weight": torch.zeros(2, 2)}, unknown / "model.safetensors")
+    with pytest.raises(TransplantError, match="unknown to mergekit and transformers") as error:
+        load_model(str(unknown), MergeOptions(), lm_head_falls_back_to_embed=False)
+    assert "\n" not in str(error.value)
+
+
+def test_custom_code_of_the_base_is_carried(metaspace_tok, donor, tmp_path):
+    base = tiny.tiny_llama(metaspace_tok, tmp_path / "base", hidden_size=16)
+    config = json.loads((base / "config.json").read_text())
+    config["auto_map"] = {"AutoModelForCausalLM": "modeling_custom.CustomForCausalLM"}
+    (base / "config.json").write_text(json.dumps(config))
+    code = "from transformers import LlamaForCausalLM as CustomForCausalLM\n"
+    (base / "modeling_custom.py").write_text(code)
+    transplant(TransplantOptions(base_model=str(base), donor=str(donor)), tmp_path / "out")
+    assert (tmp_path / "out" / "modeling_custom.py").read_text() == code
+    saved = json.loads((tmp_path / "out" / "config.json").read_text())
+    assert saved["auto_map"] == config["auto_map"]
