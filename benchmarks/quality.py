@@ -1,0 +1,288 @@
+#!/usr/bin/env python
+"""Transplant quality on the real pair: bits per byte of every method, two texts, both
+directions, with the noise of the measurement.
+
+    python benchmarks/quality.py [--cache DIR] [--direction gemma-from-smollm]
+        [--methods omp fvt hybrid:k=16 ...] [--texts prose,code] [--bytes 40000] [--out DIR]
+
+For each direction (base <- donor tokenizer) the base is loaded once; each method's
+vocabulary matrices are built by ``transplant.build_matrices`` (exactly the rows
+``mergekit-omp`` writes, output tokenizer and BOS handling included) and put into the
+in-memory base model (``evaluate/transplanted.py``), which is scored by
+``evaluate/bpb.py`` with the output tokenizer (``bos="auto"``). Methods that start from
+the same OMP run (``omp``, ``omp_ridge``, ``hybrid`` with the same k) share it: the OMP
+result is computed once per k and direction (same numbers, less time).
+
+Texts (held back: none of them was used while designing the methods; see
+docs/results.md):
+
+* ``prose``: ``english.txt`` (Shakespeare) from byte 100,000 on;
+* ``code``: the running interpreter's standard library modules ``fractions.py`` then
+  ``graphlib.py``, concatenated (Python 3.11.7 here).
+
+Each text is cut to ``--bytes`` (on a character boundary) and scored as two halves; the
+table gives the whole text's bpb (total bits over total bytes) and, for each method, the
+difference from a reference method on each half: a difference whose sign and size hold on
+both halves is larger than the measurement's noise. ``--dev`` scores the design texts
+instead (``english.txt`` from byte 0; ``textwrap.py`` and ``shlex.py``).
+
+Results are cached as JSON under ``OUT/<direction>/`` (one file per method, text and half;
+the base model's own bpb too), so a rerun only scores what is new.
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import math
+import os
+import sysconfig
+import time
+from pathlib import Path
+
+DEFAULT_CACHE = Path(os.environ.get("MERGEKIT_OMP_CACHE", "~/.cache/mergekit-omp/real"))
+GEMMA, SMOLLM = "gemma-3-270m", "smollm2-135m"
+DIRECTIONS = {"gemma-from-smollm": (GEMMA, SMOLLM), "smollm-from-gemma": (SMOLLM, GEMMA)}
+DEFAULT_METHODS = {
+    "gemma-from-smollm": [
+        "omp",
+        "omp:k=16",
+        "fvt",
+        "wechsel",
+        "zero",
+        "ridge",
+        "omp_ridge",
+        "hybrid",
+    ],
+    "smollm-from-gemma": ["omp:k=16", "fvt", "wechsel", "zero", "ridge", "omp_ridge", "hybrid"],
+}
+TEXTS = {
+    "prose": ("english.txt", 100_000),
+    "code": ("fractions.py+graphlib.py", 0),
+}
+DEV_TEXTS = {
+    "prose": ("english.txt", 0),
+    "code": ("textwrap.py+shlex.py", 0),
+}
+
+
+def log(message: str) -> None:
+    print(f"[quality {time.strftime('%H:%M:%S')}] {message}", flush=True)
+
+
+def read_source(cache: Path, source: str, offset: int, size: int) -> str:
+    """``size`` bytes of the named text from ``offset``, cut on a character boundary."""
+    if source == "english.txt":
+        data = (cache.expanduser() / source).read_bytes()
+    else:
+        stdlib = Path(sysconfig.get_paths()["stdlib"])
+        data = b"".join((stdlib / name).read_bytes() for name in source.split("+"))
+    return data[offset : offset + size].decode("utf-8", errors="ignore")
+
+
+def halves(text: str) -> tuple[str, str]:
+    """The text split near its middle, at a line break, so both halves are whole lines."""
+    middle = len(text) // 2
+    cut = text.rfind("\n", 0, middle) + 1 or middle
+    return text[:cut], text[cut:]
+
+
+def memoised_omp():
+    """Make ``batch_omp`` (as the omp approximator calls it) remember its answers.
+
+    Keyed by the inputs' shapes, k and a digest of their bytes, so ``omp``, ``omp_ridge``
+    and ``hybrid`` with the same k share one OMP run per direction."""
+    import torch
+
+    import mergekit_omp.approximators.omp as omp_module
+
+    original = omp_module.batch_omp
+    answers: dict[tuple, tuple[torch.Tensor, torch.Tensor]] = {}
+
+    def digest(tensor: torch.Tensor) -> str:
+        return hashlib.sha1(tensor.contiguous().numpy().tobytes()).hexdigest()
+
+    def batch_omp(targets, candidates, k, **kwargs):
+        key = (
+            tuple(targets.shape),
+            tuple(candidates.shape),
+            k,
+            digest(targets),
+            digest(candidates),
+        )
+        if key not in answers:
+            start = time.perf_counter()
+            answers[key] = original(targets, candidates, k, **kwargs)
+            log(f"  OMP k={k} on {targets.shape[0]} targets: {time.perf_counter() - start:.1f} s")
+        indices, coeffs = answers[key]
+        return indices.clone(), coeffs.clone()
+
+    omp_module.batch_omp = batch_omp
+
+
+class Direction:
+    """One base model given one donor's tokenizer, ready to score method after method."""
+
+    def __init__(self, name: str, args) -> None:
+        from mergekit.options import MergeOptions
+
+        from mergekit_omp.evaluate.compare import load_pair
+        from mergekit_omp.evaluate.transplanted import InMemoryTransplant
+        from mergekit_omp.options import TransplantOptions
+        from mergekit_omp.report import TransplantReport
+        from mergekit_omp.transplant import bos_pair, plan_output_tokenizer
+
+        base_name, donor_name = DIRECTIONS[name]
+        self.name = name
+        self.cache = args.cache.expanduser()
+        self.base_path = str(self.cache / base_name)
+        self.donor_path = str(self.cache / donor_name)
+        self.out = args.out / name
+        self.out.mkdir(parents=True, exist_ok=True)
+        self.base, self.donor = load_pair(self.base_path, self.donor_path, MergeOptions())
+        report = TransplantReport(base_model=self.base_path, donor=self.donor_path, options={})
+        policy = TransplantOptions(base_model=self.base_path, donor=self.donor_path).bos
+        self.tokenizer = plan_output_tokenizer(self.base, self.donor, policy, report)
+        adds_bos = report.diagnostics["bos"]["output_adds_bos"]
+        self.forced_pairs = bos_pair(self.base, self.donor) if adds_bos else None
+        self.in_memory = InMemoryTransplant(self.base)
+        self.built_label: str | None = None
+        self.seconds: dict[str, dict] = {}
+
+    def build(self, spec: str) -> None:
+        """Put ``spec``'s matrices into the in-memory model (unless they are already there)."""
+        from mergekit_omp.evaluate.compare import parse_method_spec
+        from mergekit_omp.options import TransplantOptions
+        from mergekit_omp.report import TransplantReport
+        from mergekit_omp.transplant import build_matrices
+
+        if self.built_label == spec:
+            return
+        parsed = parse_method_spec(spec)
+        options = TransplantOptions(
+            base_model=self.base_path,
+            donor=self.donor_path,
+            method=parsed.approximator.name,
+            parameters=parsed.parameters,
+        )
+        report = TransplantReport(base_model=self.base_path, donor=self.donor_path, options={})
+        start = time.perf_counter()
+        matrices = build_matrices(
+            self.base, self.donor, options, report, progress=False, forced_pairs=self.forced_pairs
+        )
+        self.seconds[spec] = {
+            "build_s": round(time.perf_counter() - start, 2),
+            "stages": dict(report.seconds),
+            "approximated": report.matrices[0].counts.get("approximated"),
+        }
+        self.in_memory.apply(matrices)
+        self.built_label = spec
+
+    def score(self, spec: str, text_name: str, half: int, text: str) -> dict:
+        path = self.out / f"{safe(spec)}.{text_name}.{half}.json"
+        if path.exists():
+            return json.loads(path.read_text())
+        from mergekit_omp.evaluate.bpb import bits_per_byte
+
+        self.build(spec)
+        result = bits_per_byte(self.in_memory.model, self.tokenizer, text, bos="auto")
+        found = {**result.model_dump(), **self.seconds.get(spec, {})}
+        path.write_text(json.dumps(found, indent=1) + "\n")
+        log(f"  {spec} {text_name}[{half}]: {found['bpb']:.4f} ({result.seconds:.0f} s)")
+        return found
+
+    def score_base(self, text_name: str, half: int, text: str) -> dict:
+        """The base model with its own tokenizer (its original vocabulary matrices)."""
+        path = self.out / f"base.{text_name}.{half}.json"
+        if path.exists():
+            return json.loads(path.read_text())
+        import torch
+        from transformers import AutoModelForCausalLM
+
+        from mergekit_omp.evaluate.bpb import bits_per_byte
+
+        model = AutoModelForCausalLM.from_pretrained(self.base_path, dtype=torch.float32).eval()
+        result = bits_per_byte(model, self.base.tokenizer, text, bos="auto")
+        path.write_text(json.dumps(result.model_dump(), indent=1) + "\n")
+        log(f"  base {text_name}[{half}]: {result.bpb:.4f} ({result.seconds:.0f} s)")
+        return result.model_dump()
+
+
+def safe(spec: str) -> str:
+    return spec.replace(":", "_").replace("=", "").replace(",", "_").replace("/", "_")
+
+
+def whole(parts: list[dict]) -> float:
+    return sum(p["nll_nats"] for p in parts) / math.log(2) / sum(p["bytes"] for p in parts)
+
+
+def table(direction: str, results: dict, texts: list[str], reference: str) -> str:
+    """Markdown: bpb per text and the per-half differences from ``reference``."""
+    lines = [
+        f"\n### {direction}\n",
+        "| method | "
+        + " | ".join(f"{t} bpb | {t} Δ halves vs {reference}" for t in texts)
+        + " | approximate s |",
+        "|---|" + "---|---|" * len(texts) + "---|",
+    ]
+    for spec, by_text in results.items():
+        cells = []
+        for text_name in texts:
+            parts = by_text[text_name]
+            cells.append(f"{whole(parts):.4f}")
+            if spec == "base" or reference not in results:
+                cells.append("–")
+                continue
+            ref = results[reference][text_name]
+            deltas = [p["bpb"] - r["bpb"] for p, r in zip(parts, ref, strict=True)]
+            cells.append(" / ".join(f"{d:+.4f}" for d in deltas))
+        stage = by_text[texts[0]][0].get("stages", {}).get("approximate")
+        cells.append("–" if stage is None else f"{stage:.1f}")
+        lines.append(f"| {spec} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def run_direction(name: str, args) -> str:
+    texts = DEV_TEXTS if args.dev else TEXTS
+    chosen = [t for t in args.texts.split(",") if t]
+    split = {t: halves(read_source(args.cache, *texts[t], args.bytes)) for t in chosen}
+    log(f"{name}: " + ", ".join(f"{t} {sum(len(h.encode()) for h in split[t])} B" for t in chosen))
+    direction = Direction(name, args)
+    methods = args.methods or DEFAULT_METHODS[name]
+    results: dict[str, dict[str, list[dict]]] = {}
+    if not args.skip_base:
+        results["base"] = {
+            t: [direction.score_base(t, i, h) for i, h in enumerate(split[t])] for t in chosen
+        }
+    for spec in methods:
+        results[spec] = {
+            t: [direction.score(spec, t, i, h) for i, h in enumerate(split[t])] for t in chosen
+        }
+    reference = args.reference or methods[0]
+    return table(name, results, chosen, reference)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--cache", type=Path, default=DEFAULT_CACHE)
+    parser.add_argument("--direction", choices=[*DIRECTIONS, "both"], default="both")
+    parser.add_argument("--methods", nargs="+", default=None, help="NAME[:P=V,...] specs")
+    parser.add_argument("--reference", default=None, help="method the Δ columns compare with")
+    parser.add_argument("--texts", default="prose,code")
+    parser.add_argument("--bytes", type=int, default=40_000, help="bytes of each text")
+    parser.add_argument("--dev", action="store_true", help="score the design texts instead")
+    parser.add_argument("--skip-base", action="store_true", help="no base-model row")
+    parser.add_argument("--out", type=Path, default=Path("/tmp/mergekit-omp-quality"))
+    args = parser.parse_args()
+    if args.dev:
+        args.out = args.out / "dev"
+    args.out = args.out / f"{args.bytes}"
+    memoised_omp()
+    names = list(DIRECTIONS) if args.direction == "both" else [args.direction]
+    tables = [run_direction(name, args) for name in names]
+    print("\n".join(tables))
+
+
+if __name__ == "__main__":
+    main()
