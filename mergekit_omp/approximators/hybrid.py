@@ -84,6 +84,7 @@ def hybrid(
     alpha: Alpha = DEFAULT_ALPHA,
     omp_error_scale: ErrorScale = 1.0,
     subword_method: SubwordMethod = "mean",
+    fvt_residual: bool = True,
     memory_gb: float | None = None,
     screen: bool | None = None,
 ) -> Approximation:
@@ -92,13 +93,11 @@ def hybrid(
     sparse = omp(problem, k=k, memory_gb=memory_gb, screen=screen)
     omp_rows = add_mapped_residual(problem, sparse, mapping)
     indices, coeffs, composed = fvt_anchor_combinations(problem, subword_method)
-    fvt_rows = add_mapped_residual(
-        problem,
-        Approximation(
-            rows=problem.combine_base_anchors(indices, coeffs), indices=indices, coeffs=coeffs
-        ),
-        mapping,
-    )
+    fvt_rows = problem.combine_base_anchors(indices, coeffs)
+    if fvt_residual:
+        fvt_rows = add_mapped_residual(
+            problem, Approximation(rows=fvt_rows, indices=indices, coeffs=coeffs), mapping
+        )
     targets = problem.targets.to(omp_rows.dtype)
     e_omp = omp_error_scale * relative_error(
         targets, combine_rows(problem.donor_anchors, sparse.indices, sparse.coeffs)
