@@ -88,33 +88,33 @@ def halves(text: str) -> tuple[str, str]:
     return text[:cut], text[cut:]
 
 
-def memoised_omp():
-    """Make ``batch_omp`` (as the omp approximator calls it) remember its answers.
+def memoised_omp(store: Path) -> None:
+    """Make ``batch_omp`` (as the omp approximator calls it) remember its answers, in
+    memory and as files under ``store``.
 
     Keyed by the inputs' shapes, k and a digest of their bytes, so ``omp``, ``omp_ridge``
-    and ``hybrid`` with the same k share one OMP run per direction."""
+    and ``hybrid`` with the same k share one OMP run per direction, across runs too."""
     import torch
 
     import mergekit_omp.approximators.omp as omp_module
 
     original = omp_module.batch_omp
-    answers: dict[tuple, tuple[torch.Tensor, torch.Tensor]] = {}
+    answers: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
 
     def digest(tensor: torch.Tensor) -> str:
-        return hashlib.sha1(tensor.contiguous().numpy().tobytes()).hexdigest()
+        return hashlib.sha1(tensor.contiguous().numpy().tobytes()).hexdigest()[:16]
 
     def batch_omp(targets, candidates, k, **kwargs):
-        key = (
-            tuple(targets.shape),
-            tuple(candidates.shape),
-            k,
-            digest(targets),
-            digest(candidates),
-        )
+        key = f"omp-k{k}-{targets.shape[0]}-{digest(targets)}-{digest(candidates)}"
+        path = store / f"{key}.pt"
+        if key not in answers and path.exists():
+            answers[key] = torch.load(path)
         if key not in answers:
             start = time.perf_counter()
             answers[key] = original(targets, candidates, k, **kwargs)
             log(f"  OMP k={k} on {targets.shape[0]} targets: {time.perf_counter() - start:.1f} s")
+            store.mkdir(parents=True, exist_ok=True)
+            torch.save(answers[key], path)
         indices, coeffs = answers[key]
         return indices.clone(), coeffs.clone()
 
@@ -127,11 +127,8 @@ class Direction:
     def __init__(self, name: str, args) -> None:
         from mergekit.options import MergeOptions
 
-        from mergekit_omp.evaluate.compare import load_pair
         from mergekit_omp.evaluate.transplanted import InMemoryTransplant
-        from mergekit_omp.options import TransplantOptions
-        from mergekit_omp.report import TransplantReport
-        from mergekit_omp.transplant import bos_pair, plan_output_tokenizer
+        from mergekit_omp.plan import load_pair
 
         base_name, donor_name = DIRECTIONS[name]
         self.name = name
@@ -141,19 +138,17 @@ class Direction:
         self.out = args.out / name
         self.out.mkdir(parents=True, exist_ok=True)
         self.base, self.donor = load_pair(self.base_path, self.donor_path, MergeOptions())
-        report = TransplantReport(base_model=self.base_path, donor=self.donor_path, options={})
-        policy = TransplantOptions(base_model=self.base_path, donor=self.donor_path).bos
-        self.tokenizer = plan_output_tokenizer(self.base, self.donor, policy, report)
-        adds_bos = report.diagnostics["bos"]["output_adds_bos"]
-        self.forced_pairs = bos_pair(self.base, self.donor) if adds_bos else None
         self.in_memory = InMemoryTransplant(self.base)
+        self.tokenizer = None
         self.built_label: str | None = None
         self.seconds: dict[str, dict] = {}
 
     def build(self, spec: str) -> None:
-        """Put ``spec``'s matrices into the in-memory model (unless they are already there)."""
+        """Put ``spec``'s matrices into the in-memory model (unless they are already there):
+        the plan and rows ``mergekit-omp BASE DONOR OUT -a NAME -p ...`` writes."""
         from mergekit_omp.evaluate.compare import parse_method_spec
         from mergekit_omp.options import TransplantOptions
+        from mergekit_omp.plan import plan_transplant
         from mergekit_omp.report import TransplantReport
         from mergekit_omp.transplant import build_matrices
 
@@ -168,15 +163,15 @@ class Direction:
         )
         report = TransplantReport(base_model=self.base_path, donor=self.donor_path, options={})
         start = time.perf_counter()
-        matrices = build_matrices(
-            self.base, self.donor, options, report, progress=False, forced_pairs=self.forced_pairs
-        )
+        plan = plan_transplant(options, self.base, self.donor)
+        matrices = build_matrices(plan, self.base, self.donor, report, progress=False)
         self.seconds[spec] = {
             "build_s": round(time.perf_counter() - start, 2),
             "stages": dict(report.seconds),
             "approximated": report.matrices[0].counts.get("approximated"),
         }
         self.in_memory.apply(matrices)
+        self.tokenizer = plan.tokenizer
         self.built_label = spec
 
     def score(self, spec: str, text_name: str, half: int, text: str) -> dict:
@@ -243,6 +238,52 @@ def table(direction: str, results: dict, texts: list[str], reference: str) -> st
     return "\n".join(lines)
 
 
+def leave_out_scores(direction: Direction, methods: list[str], args) -> dict[str, dict]:
+    """Leave-out mean cosine of each method, anchors held out at random and like the new
+    tokens (``evaluate/leave_out.py``), cached in ``leave-out.json``."""
+    from mergekit_omp.evaluate.compare import parse_method_spec
+    from mergekit_omp.evaluate.leave_out import leave_out_tasks, score_method
+
+    path = direction.out.parent.parent / "leave-out" / f"{direction.name}.json"
+    scores = json.loads(path.read_text()) if path.exists() else {}
+    for like in ("random", "new"):
+        todo = [m for m in methods if m not in scores.get(like, {})]
+        if not todo:
+            continue
+        (task, *_) = leave_out_tasks(direction.base, direction.donor, seed=0, like=like)
+        for spec in todo:
+            parsed = parse_method_spec(spec)
+            score = score_method(task, parsed.approximator, parsed.parameters)
+            scores.setdefault(like, {})[spec] = score.model_dump()
+            log(f"  leave-out ({like}) {spec}: mean cosine {score.mean_cosine:.4f}")
+            path.parent.mkdir(parents=True, exist_ok=True)
+            path.write_text(json.dumps(scores, indent=1) + "\n")
+    return scores
+
+
+def orders(results: dict, scores: dict, texts: list[str]) -> str:
+    """Methods ordered by mean bpb over the texts and by each leave-out score, side by side."""
+    methods = [m for m in results if m != "base"]
+    mean_bpb = {m: sum(whole(results[m][t]) for t in texts) / len(texts) for m in methods}
+    by_bpb = sorted(methods, key=mean_bpb.get)
+    lines = [
+        "",
+        "| rank | by bpb (mean of texts) | by leave-out, random anchors | by leave-out, anchors like the new tokens |",
+        "|---|---|---|---|",
+    ]
+    ranked = {
+        like: sorted(methods, key=lambda m: -scores[like][m]["mean_cosine"])
+        for like in ("random", "new")
+    }
+    for rank, method in enumerate(by_bpb):
+        cells = [f"{method} ({mean_bpb[method]:.4f})"]
+        for like in ("random", "new"):
+            other = ranked[like][rank]
+            cells.append(f"{other} ({scores[like][other]['mean_cosine']:.4f})")
+        lines.append(f"| {rank + 1} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
 def run_direction(name: str, args) -> str:
     texts = DEV_TEXTS if args.dev else TEXTS
     chosen = [t for t in args.texts.split(",") if t]
@@ -260,7 +301,10 @@ def run_direction(name: str, args) -> str:
             t: [direction.score(spec, t, i, h) for i, h in enumerate(split[t])] for t in chosen
         }
     reference = args.reference or methods[0]
-    return table(name, results, chosen, reference)
+    out = table(name, results, chosen, reference)
+    if args.leave_out:
+        out += orders(results, leave_out_scores(direction, methods, args), chosen)
+    return out
 
 
 def main() -> None:
@@ -272,13 +316,16 @@ def main() -> None:
     parser.add_argument("--texts", default="prose,code")
     parser.add_argument("--bytes", type=int, default=40_000, help="bytes of each text")
     parser.add_argument("--dev", action="store_true", help="score the design texts instead")
+    parser.add_argument(
+        "--leave-out", action="store_true", help="also rank by leave-out (random, like new)"
+    )
     parser.add_argument("--skip-base", action="store_true", help="no base-model row")
     parser.add_argument("--out", type=Path, default=Path("/tmp/mergekit-omp-quality"))
     args = parser.parse_args()
+    memoised_omp(args.out / "omp")
     if args.dev:
         args.out = args.out / "dev"
     args.out = args.out / f"{args.bytes}"
-    memoised_omp()
     names = list(DIRECTIONS) if args.direction == "both" else [args.direction]
     tables = [run_direction(name, args) for name in names]
     print("\n".join(tables))

@@ -78,10 +78,18 @@ def test_ridge_alpha_is_relative_to_the_anchor_scale_and_shrinks_towards_the_mea
     assert torch.allclose(huge, base.mean(dim=0).expand_as(huge), atol=1e-4)
 
 
-def test_ridge_rejects_a_negative_alpha():
-    anchors, targets, mapping, _ = linear_world()
-    with pytest.raises(TransplantError, match="alpha"):
-        get_approximator("ridge")(problem_of(targets, anchors, anchors @ mapping), alpha=-1.0)
+@pytest.mark.parametrize(
+    ("name", "parameters"),
+    [
+        ("ridge", {"alpha": -1.0}),
+        ("omp_ridge", {"k": 0}),
+        ("hybrid", {"omp_error_scale": 0.0}),
+        ("hybrid", {"alpha": -0.1}),
+    ],
+)
+def test_out_of_range_parameters_are_refused(name, parameters):
+    with pytest.raises(TransplantError, match=next(iter(parameters))):
+        get_approximator(name).validate_parameters(parameters)
 
 
 # ---------------------------------------------------------------- omp_ridge
