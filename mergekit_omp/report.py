@@ -25,6 +25,8 @@ class MatrixReport(BaseModel):
     counts: dict[str, int]
     anchors: int
     rows: int
+    choice: dict[str, Any] | None = None
+    """``-a auto``: the candidates, their validation scores and the one chosen."""
 
 
 class TransplantReport(BaseModel):
@@ -56,6 +58,11 @@ class TransplantReport(BaseModel):
         for m in self.matrices:
             counts = ", ".join(f"{k} {v}" for k, v in m.counts.items() if v)
             lines.append(f"  {m.matrix} ({m.tensor}): {counts}; {m.anchors} anchors; {m.method}")
+            if m.choice:
+                lines.append(
+                    f"    auto chose {m.choice['chosen']} by {m.choice['validation']}: "
+                    + ", ".join(f"{c} {s:.4f}" for c, s in m.choice["scores"].items())
+                )
         lines.append(f"  vocabulary size {self.vocab_size}; tied: {self.tied_embeddings}")
         lines.append("  seconds: " + ", ".join(f"{k} {v:.1f}" for k, v in self.seconds.items()))
         lines.extend(summary_lines(self.diagnostics))

@@ -22,14 +22,18 @@ from typing import Annotated
 import torch
 from pydantic import Field
 
-from mergekit_omp.approximators.base import Approximation, ApproximationProblem, approximator
+from mergekit_omp.approximators.base import (
+    Approximation,
+    ApproximationProblem,
+    approximator,
+    combine_anchor_rows,
+)
 from mergekit_omp.approximators.fvt import BasePieces, SubwordMethod, pooling_weights
 from mergekit_omp.approximators.omp import omp
 from mergekit_omp.approximators.omp_ridge import (
     DEFAULT_K,
     SparseK,
     add_mapped_residual,
-    combine_rows,
 )
 from mergekit_omp.approximators.ridge import DEFAULT_ALPHA, Alpha, problem_ridge_map
 from mergekit_omp.approximators.similarity import NORM_EPS, target_batches
@@ -100,9 +104,9 @@ def hybrid(
         )
     targets = problem.targets.to(omp_rows.dtype)
     e_omp = omp_error_scale * relative_error(
-        targets, combine_rows(problem.donor_anchors, sparse.indices, sparse.coeffs)
+        targets, combine_anchor_rows(problem.donor_anchors, sparse.indices, sparse.coeffs)
     )
-    e_fvt = relative_error(targets, combine_rows(problem.donor_anchors, indices, coeffs))
+    e_fvt = relative_error(targets, combine_anchor_rows(problem.donor_anchors, indices, coeffs))
     weight = fvt_weights(e_fvt, e_omp, composed).unsqueeze(1).to(omp_rows.dtype)
     rows = weight * fvt_rows + (1 - weight) * omp_rows
     return Approximation(rows=rows, indices=sparse.indices, coeffs=sparse.coeffs)

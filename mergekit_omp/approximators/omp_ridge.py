@@ -19,10 +19,10 @@ import torch
 from pydantic import Field
 
 from mergekit_omp.approximators.base import (
-    COMBINE_CHUNK,
     Approximation,
     ApproximationProblem,
     approximator,
+    combine_anchor_rows,
 )
 from mergekit_omp.approximators.omp import omp
 from mergekit_omp.approximators.ridge import DEFAULT_ALPHA, Alpha, RidgeMap, problem_ridge_map
@@ -31,23 +31,11 @@ SparseK = Annotated[int, Field(ge=1, le=4096)]
 DEFAULT_K = 16
 
 
-def combine_rows(
-    anchors: torch.Tensor, indices: torch.Tensor, coeffs: torch.Tensor
-) -> torch.Tensor:
-    """``coeffs[i] @ anchors[indices[i]]`` for each token, ``COMBINE_CHUNK`` tokens at a time."""
-    rows = coeffs.new_empty((indices.shape[0], anchors.shape[1]))
-    for start in range(0, indices.shape[0], COMBINE_CHUNK):
-        stop = start + COMBINE_CHUNK
-        selected = anchors[indices[start:stop]].to(coeffs.dtype)
-        rows[start:stop] = torch.bmm(coeffs[start:stop].unsqueeze(1), selected).squeeze(1)
-    return rows
-
-
 def add_mapped_residual(
     problem: ApproximationProblem, sparse: Approximation, mapping: RidgeMap
 ) -> torch.Tensor:
     """``sparse``'s base rows plus its donor residual mapped through ``mapping``."""
-    rebuilt = combine_rows(problem.donor_anchors, sparse.indices, sparse.coeffs)
+    rebuilt = combine_anchor_rows(problem.donor_anchors, sparse.indices, sparse.coeffs)
     residual = problem.targets.to(rebuilt.dtype) - rebuilt
     return sparse.rows + mapping.map_residual(residual).to(sparse.rows.dtype)
 

@@ -110,22 +110,36 @@ def nearest_anchor_votes(
 ) -> dict[int, int]:
     """base id -> how many new tokens (up to ``VOTERS``, seeded) have it as nearest anchor."""
     donor_ids, base_ids = match.anchors()
-    new_tokens = list(match.new_tokens)
-    if not new_tokens:
+    if not match.new_tokens:
         return {}
-    if len(new_tokens) > VOTERS:
-        generator = torch.Generator().manual_seed(seed)
-        picked = torch.randperm(len(new_tokens), generator=generator)[:VOTERS].sort().values
-        new_tokens = [new_tokens[i] for i in picked.tolist()]
     device = donor_rows.device
-    anchors = F.normalize(donor_rows[torch.tensor(donor_ids, device=device)].float(), dim=1)
+    counts = nearest_anchor_counts(
+        donor_rows[torch.tensor(match.new_tokens, device=device)],
+        donor_rows[torch.tensor(donor_ids, device=device)],
+        seed,
+    )
     votes: dict[int, int] = {}
-    for start in range(0, len(new_tokens), VOTE_BATCH):
-        ids = torch.tensor(new_tokens[start : start + VOTE_BATCH], device=device)
-        nearest = (F.normalize(donor_rows[ids].float(), dim=1) @ anchors.T).argmax(dim=1)
-        for j in nearest.tolist():
-            votes[base_ids[j]] = votes.get(base_ids[j], 0) + 1
+    for j in counts.nonzero().flatten().tolist():
+        votes[base_ids[j]] = votes.get(base_ids[j], 0) + int(counts[j])
     return votes
+
+
+def nearest_anchor_counts(
+    new_rows: torch.Tensor, anchor_rows: torch.Tensor, seed: int
+) -> torch.Tensor:
+    """For each anchor row, how many of ``new_rows`` (up to ``VOTERS``, a seeded sample)
+    have it as their nearest anchor by cosine."""
+    if new_rows.shape[0] > VOTERS:
+        generator = torch.Generator().manual_seed(seed)
+        picked = torch.randperm(new_rows.shape[0], generator=generator)[:VOTERS].sort().values
+        new_rows = new_rows[picked.to(new_rows.device)]
+    anchors = F.normalize(anchor_rows.float(), dim=1)
+    counts = torch.zeros(anchor_rows.shape[0], dtype=torch.long, device=anchor_rows.device)
+    for start in range(0, new_rows.shape[0], VOTE_BATCH):
+        batch = F.normalize(new_rows[start : start + VOTE_BATCH].float(), dim=1)
+        nearest = (batch @ anchors.T).argmax(dim=1)
+        counts += torch.bincount(nearest, minlength=anchor_rows.shape[0])
+    return counts
 
 
 def without_held_out(match: VocabularyMatch, held: HeldOut) -> VocabularyMatch:
