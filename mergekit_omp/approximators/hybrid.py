@@ -86,7 +86,7 @@ def hybrid(
     *,
     k: SparseK = DEFAULT_K,
     alpha: Alpha = DEFAULT_ALPHA,
-    omp_error_scale: ErrorScale = 1.0,
+    omp_error_scale: ErrorScale = 30.0,
     subword_method: SubwordMethod = "mean",
     fvt_residual: bool = True,
     memory_gb: float | None = None,
