@@ -87,3 +87,18 @@ def test_like_new_holds_out_other_anchors_than_random_and_hides_them(pair):
     problem = new_task.problem
     hidden = set(range(base.embed.shape[0])) - set(problem.base_vocab.forms)
     assert len(hidden) >= 1 and not hidden & set(problem.base_anchor_ids)
+
+
+def test_eval_command_holds_out_anchors_like_the_new_tokens_when_asked(pair):
+    from click.testing import CliRunner
+
+    from mergekit_omp.evaluate.cli import main
+
+    runner = CliRunner()
+    args = [str(pair[0]), str(pair[1]), "-a", "fvt", "-a", "omp:k=4", "--holdout", "20"]
+    like_new = runner.invoke(main, [*args, "--holdout-like", "new"])
+    random = runner.invoke(main, args)
+    assert like_new.exit_code == 0, like_new.output
+    assert "Held-out anchors (like the new tokens)" in like_new.output
+    assert "Held-out anchors (random)" in random.output
+    assert like_new.output.split("\n", 1)[1] != random.output.split("\n", 1)[1]

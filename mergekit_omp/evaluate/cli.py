@@ -49,6 +49,14 @@ def parse_holdout(value: str | None) -> float | None:
     "(5%). Default: 1,000 or 5% of the anchors, whichever is smaller.",
 )
 @click.option(
+    "--holdout-like",
+    type=click.Choice(["random", "new"]),
+    default="random",
+    show_default=True,
+    help="Which anchors to hold out: a seeded random sample, or those nearest (donor "
+    "space) to the most new tokens.",
+)
+@click.option(
     "--byte-match/--no-byte-match",
     default=False,
     show_default=True,
@@ -105,6 +113,7 @@ def main(
     donor: str,
     methods: tuple[str, ...],
     holdout: str | None,
+    holdout_like: str,
     byte_match: bool,
     batch_size: int,
     text_path: str | None,
@@ -130,6 +139,7 @@ def main(
         donor,
         specs,
         holdout=parse_holdout(holdout),
+        like=holdout_like,
         seed=merge_options.random_seed or 0,
         policy=MatchPolicy(byte_match=byte_match),
         batch_size=batch_size if batch_size > 0 else None,
