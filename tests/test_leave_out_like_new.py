@@ -6,7 +6,6 @@ from __future__ import annotations
 import pytest
 import tiny
 import torch
-from conftest import linear_pair
 from mergekit.options import MergeOptions
 
 from mergekit_omp.evaluate.leave_out import (
@@ -75,7 +74,7 @@ def test_like_new_samples_the_voters_when_there_are_many(monkeypatch):
 @pytest.fixture(scope="module")
 def pair(tmp_path_factory):
     root = tmp_path_factory.mktemp("like-new")
-    return linear_pair(root, tiny.byte_level_tokenizer(400), tiny.metaspace_tokenizer(300))
+    return tiny.linear_pair(root, tiny.byte_level_tokenizer(400), tiny.metaspace_tokenizer(300))
 
 
 def test_like_new_holds_out_other_anchors_than_random_and_hides_them(pair):
