@@ -34,6 +34,7 @@ from mergekit_omp.approximators.omp_ridge import (
     DEFAULT_K,
     SparseK,
     add_mapped_residual,
+    coefficients,
 )
 from mergekit_omp.approximators.ridge import DEFAULT_ALPHA, Alpha, problem_ridge_map
 from mergekit_omp.approximators.similarity import NORM_EPS, target_batches
@@ -51,8 +52,8 @@ def fvt_anchor_combinations(
     splits: list[list[int] | None] = []
     for batch in target_batches(problem, "FVT pieces"):
         for ids in splitter.batch(problem.target_ids[batch]):
-            anchors = [anchor_of.get(i) for i in ids]
-            splits.append(anchors if ids and None not in anchors else None)
+            all_anchors = bool(ids) and all(i in anchor_of for i in ids)
+            splits.append([anchor_of[i] for i in ids] if all_anchors else None)
     width = max((len(s) for s in splits if s), default=1)
     dtype = problem.targets.dtype
     indices = torch.zeros(len(splits), width, dtype=torch.long)
@@ -95,18 +96,17 @@ def hybrid(
     """FVT and OMP (each plus its mapped residual) mixed per token by their donor errors."""
     mapping = problem_ridge_map(problem, alpha)
     sparse = omp(problem, k=k, memory_gb=memory_gb, screen=screen)
-    omp_rows = add_mapped_residual(problem, sparse, mapping)
+    omp_indices, omp_coeffs = coefficients(sparse)
+    omp_rows = add_mapped_residual(problem, sparse.rows, omp_indices, omp_coeffs, mapping)
     indices, coeffs, composed = fvt_anchor_combinations(problem, subword_method)
     fvt_rows = problem.combine_base_anchors(indices, coeffs)
     if fvt_residual:
-        fvt_rows = add_mapped_residual(
-            problem, Approximation(rows=fvt_rows, indices=indices, coeffs=coeffs), mapping
-        )
+        fvt_rows = add_mapped_residual(problem, fvt_rows, indices, coeffs, mapping)
     targets = problem.targets.to(omp_rows.dtype)
     e_omp = omp_error_scale * relative_error(
-        targets, combine_anchor_rows(problem.donor_anchors, sparse.indices, sparse.coeffs)
+        targets, combine_anchor_rows(problem.donor_anchors, omp_indices, omp_coeffs)
     )
     e_fvt = relative_error(targets, combine_anchor_rows(problem.donor_anchors, indices, coeffs))
     weight = fvt_weights(e_fvt, e_omp, composed).unsqueeze(1).to(omp_rows.dtype)
     rows = weight * fvt_rows + (1 - weight) * omp_rows
-    return Approximation(rows=rows, indices=sparse.indices, coeffs=sparse.coeffs)
+    return Approximation(rows=rows, indices=omp_indices, coeffs=omp_coeffs)

@@ -31,13 +31,25 @@ SparseK = Annotated[int, Field(ge=1, le=4096)]
 DEFAULT_K = 16
 
 
+def coefficients(sparse: Approximation) -> tuple[torch.Tensor, torch.Tensor]:
+    """(indices, coefficients) of an anchor-combination method's answer."""
+    if sparse.indices is None or sparse.coeffs is None:
+        raise ValueError("the approximation has no anchor coefficients")
+    return sparse.indices, sparse.coeffs
+
+
 def add_mapped_residual(
-    problem: ApproximationProblem, sparse: Approximation, mapping: RidgeMap
+    problem: ApproximationProblem,
+    rows: torch.Tensor,
+    indices: torch.Tensor,
+    coeffs: torch.Tensor,
+    mapping: RidgeMap,
 ) -> torch.Tensor:
-    """``sparse``'s base rows plus its donor residual mapped through ``mapping``."""
-    rebuilt = combine_anchor_rows(problem.donor_anchors, sparse.indices, sparse.coeffs)
+    """``rows`` (``coeffs`` over anchors ``indices`` applied to the base anchors) plus the
+    donor residual of the same combination mapped through ``mapping``."""
+    rebuilt = combine_anchor_rows(problem.donor_anchors, indices, coeffs)
     residual = problem.targets.to(rebuilt.dtype) - rebuilt
-    return sparse.rows + mapping.map_residual(residual).to(sparse.rows.dtype)
+    return rows + mapping.map_residual(residual).to(rows.dtype)
 
 
 @approximator("omp_ridge", pretty_name="OMP plus the ridge-mapped residual")
@@ -52,5 +64,5 @@ def omp_ridge(
     """OMP's anchor combination plus what it leaves of the donor row, mapped by ridge."""
     sparse = omp(problem, k=k, memory_gb=memory_gb, screen=screen)
     mapping = problem_ridge_map(problem, alpha)
-    rows = add_mapped_residual(problem, sparse, mapping)
+    rows = add_mapped_residual(problem, sparse.rows, *coefficients(sparse), mapping)
     return Approximation(rows=rows, indices=sparse.indices, coeffs=sparse.coeffs)

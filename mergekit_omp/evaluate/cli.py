@@ -13,6 +13,7 @@ from mergekit_omp.approximators.base import DEFAULT_BATCH_SIZE
 from mergekit_omp.cli_support import run_cli_action
 from mergekit_omp.errors import TransplantError
 from mergekit_omp.evaluate.compare import compare_methods, parse_method_spec
+from mergekit_omp.evaluate.leave_out import HoldoutLike
 from mergekit_omp.match import MatchPolicy
 
 
@@ -113,7 +114,7 @@ def main(
     donor: str,
     methods: tuple[str, ...],
     holdout: str | None,
-    holdout_like: str,
+    holdout_like: HoldoutLike,
     byte_match: bool,
     batch_size: int,
     text_path: str | None,
