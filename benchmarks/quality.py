@@ -209,10 +209,8 @@ def table(direction: str, results: dict, texts: list[str], reference: str) -> st
     """Markdown: bpb per text and the per-half differences from ``reference``."""
     lines = [
         f"\n### {direction}\n",
-        "| method | "
-        + " | ".join(f"{t} bpb | {t} Δ halves vs {reference}" for t in texts)
-        + " | approximate s |",
-        "|---|" + "---|---|" * len(texts) + "---|",
+        "| method | " + " | ".join(f"{t} bpb | {t} Δ halves vs {reference}" for t in texts) + " |",
+        "|---|" + "---|---|" * len(texts),
     ]
     for spec, by_text in results.items():
         cells = []
@@ -225,8 +223,6 @@ def table(direction: str, results: dict, texts: list[str], reference: str) -> st
             ref = results[reference][text_name]
             deltas = [p["bpb"] - r["bpb"] for p, r in zip(parts, ref, strict=True)]
             cells.append(" / ".join(f"{d:+.4f}" for d in deltas))
-        stage = by_text[texts[0]][0].get("stages", {}).get("approximate")
-        cells.append("–" if stage is None else f"{stage:.1f}")
         lines.append(f"| {spec} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
@@ -300,6 +296,39 @@ def run_direction(name: str, args) -> str:
     return out
 
 
+def time_methods(name: str, methods: list[str], args) -> str:
+    """Each method's transplant timed as ``mergekit-omp`` runs it (no output written, no
+    shared OMP): seconds per stage from the report, in one process."""
+    from mergekit_omp import TransplantOptions, transplant
+    from mergekit_omp.evaluate.compare import parse_method_spec
+
+    base_name, donor_name = DIRECTIONS[name]
+    cache = args.cache.expanduser()
+    lines = [f"\n### {name}: seconds\n", "| method | load | match | approximate | total |"]
+    lines.append("|---|---|---|---|---|")
+    for spec in methods:
+        parsed = parse_method_spec(spec)
+        options = TransplantOptions(
+            base_model=str(cache / base_name),
+            donor=str(cache / donor_name),
+            method=parsed.approximator.name,
+            parameters=parsed.parameters,
+        )
+        start = time.perf_counter()
+        report = transplant(options, progress=False).report
+        total = time.perf_counter() - start
+        seconds = report.seconds
+        choice = report.matrices[0].choice
+        log(
+            f"  {spec}: {total:.1f} s {seconds}" + (f"; chose {choice['chosen']}" if choice else "")
+        )
+        lines.append(
+            f"| {spec} | {seconds.get('load', 0):.1f} | {seconds.get('match', 0):.1f} | "
+            f"{seconds.get('approximate', 0):.1f} | {total:.1f} |"
+        )
+    return "\n".join(lines)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--cache", type=Path, default=DEFAULT_CACHE)
@@ -310,16 +339,22 @@ def main() -> None:
     parser.add_argument("--bytes", type=int, default=40_000, help="bytes of each text")
     parser.add_argument("--dev", action="store_true", help="score the design texts instead")
     parser.add_argument(
+        "--time", nargs="+", default=None, metavar="SPEC", help="only time these methods"
+    )
+    parser.add_argument(
         "--leave-out", action="store_true", help="also rank by leave-out (random, like new)"
     )
     parser.add_argument("--skip-base", action="store_true", help="no base-model row")
     parser.add_argument("--out", type=Path, default=Path("/tmp/mergekit-omp-quality"))
     args = parser.parse_args()
+    names = list(DIRECTIONS) if args.direction == "both" else [args.direction]
+    if args.time:
+        print("\n".join(time_methods(name, args.time, args) for name in names))
+        return
     memoised_omp(args.out / "omp")
     if args.dev:
         args.out = args.out / "dev"
     args.out = args.out / f"{args.bytes}"
-    names = list(DIRECTIONS) if args.direction == "both" else [args.direction]
     tables = [run_direction(name, args) for name in names]
     print("\n".join(tables))
 
