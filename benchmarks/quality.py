@@ -270,7 +270,30 @@ def orders(results: dict, scores: dict, texts: list[str]) -> str:
             other = ranked[like][rank]
             cells.append(f"{other} ({scores[like][other]['mean_cosine']:.4f})")
         lines.append(f"| {rank + 1} | " + " | ".join(cells) + " |")
+    for like in ("random", "new"):
+        validation = {m: -scores[like][m]["mean_cosine"] for m in methods}
+        taus = [
+            f"{t} {kendall_tau({m: whole(results[m][t]) for m in methods}, validation):+.2f}"
+            for t in texts
+        ]
+        lines.append(
+            f"\nKendall's tau, bpb order against leave-out ({like}): "
+            + ", ".join(taus)
+            + f", mean of texts {kendall_tau(mean_bpb, validation):+.2f}"
+        )
     return "\n".join(lines)
+
+
+def kendall_tau(first: dict[str, float], second: dict[str, float]) -> float:
+    """Rank agreement of two orders of the same keys (lower is better in both): +1 same."""
+    keys = list(first)
+    pairs = [(a, b) for i, a in enumerate(keys) for b in keys[i + 1 :]]
+    agree = sum(
+        1 if (first[a] - first[b]) * (second[a] - second[b]) > 0 else -1
+        for a, b in pairs
+        if first[a] != first[b] and second[a] != second[b]
+    )
+    return agree / len(pairs)
 
 
 def run_direction(name: str, args) -> str:
