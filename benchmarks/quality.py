@@ -162,6 +162,7 @@ class Direction:
             "build_s": round(time.perf_counter() - start, 2),
             "stages": dict(report.seconds),
             "approximated": report.matrices[0].counts.get("approximated"),
+            "choice": report.matrices[0].choice,
         }
         self.in_memory.apply(matrices)
         self.tokenizer = plan.tokenizer
@@ -177,7 +178,8 @@ class Direction:
         result = bits_per_byte(self.in_memory.model, self.tokenizer, text, bos="auto")
         found = {**result.model_dump(), **self.seconds.get(spec, {})}
         path.write_text(json.dumps(found, indent=1) + "\n")
-        log(f"  {spec} {text_name}[{half}]: {found['bpb']:.4f} ({result.seconds:.0f} s)")
+        chose = f", chose {found['choice']['chosen']}" if found.get("choice") else ""
+        log(f"  {spec} {text_name}[{half}]: {found['bpb']:.4f} ({result.seconds:.0f} s{chose})")
         return found
 
     def score_base(self, text_name: str, half: int, text: str) -> dict:
