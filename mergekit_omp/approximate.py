@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 from typing import Any
 
 import torch
@@ -83,4 +84,4 @@ def approximate_new_rows(
         )
     if scale:
         rows = rows * scale
-    return Approximation(rows=rows, indices=result.indices, coeffs=result.coeffs)
+    return dataclasses.replace(result, rows=rows)  # keeps a method's extra fields

@@ -141,6 +141,12 @@ def method_note(matrices: list[MatrixReport]) -> str:
         )
         detail = f" ({params})" if params else ""
         lines.append(f"* {m.matrix}: {linked}{detail}{': ' + description if description else ''}")
+        if m.choice:
+            scores = ", ".join(f"`{c}` {s:.4f}" for c, s in m.choice["scores"].items())
+            lines.append(
+                f"  chosen by `auto` from {len(m.choice['scores'])} candidates, "
+                f"{m.choice['validation']} ({m.choice['held_out']} tokens): {scores}"
+            )
     if any(m.method == "omp" for m in matrices):
         lines.extend(["", OMP_NOTE.format(paper=PAPER)])
     else:

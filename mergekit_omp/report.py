@@ -25,6 +25,8 @@ class MatrixReport(BaseModel):
     counts: dict[str, int]
     anchors: int
     rows: int
+    choice: dict[str, Any] | None = None
+    """``-a auto``: the candidates, their validation scores and the one chosen."""
 
 
 class TransplantReport(BaseModel):
@@ -59,6 +61,7 @@ class TransplantReport(BaseModel):
         differences = tokenizer_differences(self.diagnostics)
         lines.append("  tokenizer: the donor's, " + ("; ".join(differences) or "unchanged"))
         lines.extend(self.count_lines())
+        lines.extend(self.choice_lines())
         if verbose:
             lines.append(f"  tied embeddings: {'yes' if self.tied_embeddings else 'no'}")
             seconds = ", ".join(f"{k} {v:.1f}" for k, v in self.seconds.items())
@@ -69,6 +72,15 @@ class TransplantReport(BaseModel):
             where = f"{out_path}/{REPORT_FILE}" if out_path else "--report PATH"
             lines.append(f"  details: -v, or {where}")
         return "\n".join(lines)
+
+    def choice_lines(self) -> list[str]:
+        """What ``auto`` chose per matrix, from which scores."""
+        return [
+            f"  {m.matrix}: auto chose {m.choice['chosen']} by {m.choice['validation']}: "
+            + ", ".join(f"{c} {s:.4f}" for c, s in m.choice["scores"].items())
+            for m in self.matrices
+            if m.choice
+        ]
 
     def headline(self, out_path: str | None) -> str:
         seconds = sum(self.seconds.values())

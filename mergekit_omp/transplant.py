@@ -90,6 +90,7 @@ def build_matrix(
             noise=options.new_vocab_noise,
             scale=options.new_vocab_scale,
         )
+    choice = getattr(approximation, "choice", None)
     with report.timed("audit"):
         approximation, diagnosis = audit_matrix(
             problem,
@@ -116,6 +117,7 @@ def build_matrix(
             counts=match.counts(),
             anchors=len(problem.donor_anchor_ids),
             rows=plan.out_rows,
+            choice=choice,
         )
     )
     return MatrixResult(

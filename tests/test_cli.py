@@ -140,7 +140,7 @@ def test_method_flags_reach_the_methods_that_take_them(
         (["-w", "barycentric"], "-w/--weight-scheme: method 'omp' takes no weight_scheme"),
         (
             ["-s", "sum"],
-            "-s/--subword-method: method 'omp' takes no subword_method (methods that do: fvt)",
+            "-s/--subword-method: method 'omp' takes no subword_method (methods that do: fvt, hybrid)",
         ),
     ],
 )
@@ -164,7 +164,7 @@ def test_each_command_lists_only_the_options_it_uses():
     eval_help = CliRunner().invoke(eval_main, ["--help"]).output
     assert "--window-prefix" in eval_help and "--bos [match_base|keep_donor]" in eval_help
     assert (
-        "each method's own: clp all, common_interpolation 64, mp_rope 64, omp 64, wechsel 10"
+        "each method's own: clp all, common_interpolation 64, hybrid 16, mp_rope 64, omp 64, omp_ridge 16, wechsel 10"
         in (" ".join(CliRunner().invoke(main, ["--help"]).output.split()))
     )
 

@@ -29,6 +29,7 @@ from mergekit_omp.cli.options import (
 )
 from mergekit_omp.errors import TransplantError
 from mergekit_omp.evaluate.compare import MethodSpec, compare_methods, default_method_specs
+from mergekit_omp.evaluate.leave_out import HoldoutLike
 
 
 def method_specs(methods: tuple[str, ...], knobs: dict[str, Any]) -> list[MethodSpec] | None:
@@ -97,6 +98,14 @@ def parse_holdout(value: str | None) -> float | None:
     help="Anchors to hold out: a count (1000), a fraction (0.05) or a percentage "
     "(5%). Default: 1,000 or 5% of the anchors, whichever is smaller.",
 )
+@click.option(
+    "--holdout-like",
+    type=click.Choice(["random", "new"]),
+    default="random",
+    show_default=True,
+    help="Which anchors to hold out: a seeded random sample, or those nearest (donor "
+    "space) to the most new tokens.",
+)
 @byte_match_option
 @prefix_match_option
 @bos_option
@@ -146,6 +155,7 @@ def main(
     donor: str,
     methods: tuple[str, ...],
     holdout: str | None,
+    holdout_like: HoldoutLike,
     byte_match: str,
     prefix_match: str,
     bos: str,
@@ -177,6 +187,7 @@ def main(
         donor,
         specs,
         holdout=parse_holdout(holdout),
+        like=holdout_like,
         seed=merge_options.random_seed or 0,
         batch_size=batch_size if batch_size > 0 else None,
         text_path=text_path,

@@ -22,7 +22,13 @@ from mergekit_omp.approximators import Approximator, approximator_names, get_app
 from mergekit_omp.approximators.base import DEFAULT_BATCH_SIZE
 from mergekit_omp.errors import TransplantError
 from mergekit_omp.evaluate.bpb import BitsPerByte, bits_per_byte, read_text, resolve_bos
-from mergekit_omp.evaluate.leave_out import LeaveOutTask, MatrixScore, leave_out_tasks, score_method
+from mergekit_omp.evaluate.leave_out import (
+    HoldoutLike,
+    LeaveOutTask,
+    MatrixScore,
+    leave_out_tasks,
+    score_method,
+)
 from mergekit_omp.evaluate.transplanted import InMemoryTransplant
 from mergekit_omp.load import LoadedModel
 from mergekit_omp.match import MatchPolicy
@@ -103,6 +109,8 @@ class EvaluationReport(BaseModel):
     seed: int
     anchors: dict[str, int]
     held_out: dict[str, int]
+    held_out_like: str = "random"
+    """Which anchors were held out: ``random`` or ``new`` (like the new tokens)."""
     ranked_by: str
     methods: list[MethodResult]
     text: str | None = None
@@ -258,6 +266,7 @@ def compare_methods(
     specs: list[MethodSpec] | None = None,
     *,
     holdout: float | None = None,
+    like: HoldoutLike = "random",
     seed: int = 0,
     policy: MatchPolicy | None = None,
     batch_size: int | None = DEFAULT_BATCH_SIZE,
@@ -287,7 +296,9 @@ def compare_methods(
     if text is not None:  # a bad --bos fails before any work
         resolve_bos(base.tokenizer, bos)
         resolve_bos(donor_model.tokenizer, bos)
-    tasks = leave_out_tasks(base, donor_model, options=options, holdout=holdout, seed=seed)
+    tasks = leave_out_tasks(
+        base, donor_model, options=options, holdout=holdout, seed=seed, like=like
+    )
     results = run_leave_out(tasks, specs, progress)
     base_bpb = None
     if text is not None:
@@ -309,6 +320,7 @@ def compare_methods(
         seed=seed,
         anchors={task.matrix: task.anchors for task in tasks},
         held_out={task.matrix: task.held_out for task in tasks},
+        held_out_like=like,
         ranked_by=ranked_by,
         methods=results,
         text=text_path,
@@ -350,5 +362,6 @@ def format_table(report: EvaluationReport) -> str:
         for line, note in zip(lines, notes, strict=True)
     ]
     held = ", ".join(f"{m} {n} of {report.anchors[m] + n}" for m, n in report.held_out.items())
-    title = f"Held-out anchors: {held} (seed {report.seed}); ranked by {report.ranked_by}"
+    like = "like the new tokens" if report.held_out_like == "new" else "random"
+    title = f"Held-out anchors ({like}): {held} (seed {report.seed}); ranked by {report.ranked_by}"
     return "\n".join([title, *rendered])

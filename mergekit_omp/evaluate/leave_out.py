@@ -1,8 +1,15 @@
 """Leave-out validation: how well would each method rebuild rows whose answer we know?
 
-A seeded random sample of the anchors (tokens both models share) is held out: removed from
-the anchor set and treated as new tokens. Each method approximates them from the remaining
-anchors, and its rows are compared with their true base rows. No model is run.
+A sample of the anchors (tokens both models share) is held out: removed from the anchor
+set and treated as new tokens. Each method approximates them from the remaining anchors,
+and its rows are compared with their true base rows. No model is run. Which anchors
+(``like``):
+
+* ``random``: a seeded random sample;
+* ``new``: the anchors that look most like the transplant's new tokens, i.e. those that are
+  the nearest anchor (cosine, in the donor space) of the most new tokens. Random anchors are
+  on average shorter and more frequent than new tokens, so their scores can rank methods
+  differently from bits per byte (docs/evaluate.md).
 
 The held-out tokens are hidden from every method, not only from the anchor set: their base
 rows are replaced by the mean of the other base rows (so the ``mean`` baseline and FOCUS's
@@ -16,7 +23,7 @@ import dataclasses
 import math
 import time
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Literal
 
 import torch
 import torch.nn.functional as F
@@ -34,6 +41,10 @@ from mergekit_omp.vocabulary import Vocabulary
 DEFAULT_HOLDOUT_COUNT = 1000
 DEFAULT_HOLDOUT_FRACTION = 0.05
 COSINE_EPS = 1e-12
+VOTERS = 8192
+"""New tokens (a seeded sample, if there are more) whose nearest anchors ``like="new"`` counts."""
+VOTE_BATCH = 1024
+HoldoutLike = Literal["random", "new"]
 
 
 def holdout_size(anchors: int, holdout: float | None) -> int:
@@ -64,20 +75,71 @@ class HeldOut:
     base_ids: list[int]
 
 
-def choose_held_out(match: VocabularyMatch, holdout: float | None, seed: int) -> HeldOut:
-    """A seeded random sample of the anchors, drawn by base token.
+def choose_held_out(
+    match: VocabularyMatch,
+    holdout: float | None,
+    seed: int,
+    *,
+    like: HoldoutLike = "random",
+    donor_rows: torch.Tensor | None = None,
+) -> HeldOut:
+    """The anchors to hold out, drawn by base token (``like``: module docstring).
 
     Every anchor matching a drawn base token is held out, so that no base row of a held-out
     token stays among the anchors through a second donor token with the same bytes.
+    ``like="new"`` needs the donor matrix (``donor_rows``) for its nearest anchors.
     """
     donor_ids, base_ids = match.anchors()
     distinct_base = sorted(set(base_ids))
     size = holdout_size(len(distinct_base), holdout)
     generator = torch.Generator().manual_seed(seed)
-    drawn = torch.randperm(len(distinct_base), generator=generator)[:size].tolist()
-    held_base = {distinct_base[i] for i in drawn}
+    order = torch.randperm(len(distinct_base), generator=generator).tolist()
+    if like == "new":
+        if donor_rows is None:
+            raise ValueError("like='new' needs the donor rows")
+        votes = nearest_anchor_votes(match, donor_rows, seed)
+        # Most-voted base tokens first; the random order breaks ties (and fills up).
+        order.sort(key=lambda i: -votes.get(distinct_base[i], 0))
+    held_base = {distinct_base[i] for i in order[:size]}
     pairs = [(d, b) for d, b in zip(donor_ids, base_ids, strict=True) if b in held_base]
     return HeldOut(donor_ids=[d for d, _ in pairs], base_ids=[b for _, b in pairs])
+
+
+def nearest_anchor_votes(
+    match: VocabularyMatch, donor_rows: torch.Tensor, seed: int
+) -> dict[int, int]:
+    """base id -> how many new tokens (up to ``VOTERS``, seeded) have it as nearest anchor."""
+    donor_ids, base_ids = match.anchors()
+    if not match.new_tokens:
+        return {}
+    device = donor_rows.device
+    counts = nearest_anchor_counts(
+        donor_rows[torch.tensor(match.new_tokens, device=device)],
+        donor_rows[torch.tensor(donor_ids, device=device)],
+        seed,
+    )
+    votes: dict[int, int] = {}
+    for j in counts.nonzero().flatten().tolist():
+        votes[base_ids[j]] = votes.get(base_ids[j], 0) + int(counts[j])
+    return votes
+
+
+def nearest_anchor_counts(
+    new_rows: torch.Tensor, anchor_rows: torch.Tensor, seed: int
+) -> torch.Tensor:
+    """For each anchor row, how many of ``new_rows`` (up to ``VOTERS``, a seeded sample)
+    have it as their nearest anchor by cosine."""
+    if new_rows.shape[0] > VOTERS:
+        generator = torch.Generator().manual_seed(seed)
+        picked = torch.randperm(new_rows.shape[0], generator=generator)[:VOTERS].sort().values
+        new_rows = new_rows[picked.to(new_rows.device)]
+    anchors = F.normalize(anchor_rows.float(), dim=1)
+    counts = torch.zeros(anchor_rows.shape[0], dtype=torch.long, device=anchor_rows.device)
+    for start in range(0, new_rows.shape[0], VOTE_BATCH):
+        batch = F.normalize(new_rows[start : start + VOTE_BATCH].float(), dim=1)
+        nearest = (batch @ anchors.T).argmax(dim=1)
+        counts += torch.bincount(nearest, minlength=anchor_rows.shape[0])
+    return counts
 
 
 def without_held_out(match: VocabularyMatch, held: HeldOut) -> VocabularyMatch:
@@ -131,6 +193,7 @@ def leave_out_tasks(
     options: TransplantOptions | None = None,
     holdout: float | None = None,
     seed: int = 0,
+    like: HoldoutLike = "random",
     progress: bool = False,
 ) -> list[LeaveOutTask]:
     """The held-out problem of each matrix the transplant ``options`` plan, one seed for all.
@@ -143,7 +206,7 @@ def leave_out_tasks(
     for matrix in plan.matrices:
         base_rows, donor_rows = matrix.base_rows(base), matrix.donor_rows(donor)
         match = plan.match(matrix, base, donor)
-        held = choose_held_out(match, holdout, seed)
+        held = choose_held_out(match, holdout, seed, like=like, donor_rows=donor_rows)
         problem = build_problem(
             hidden_base_rows(base_rows, held.base_ids),
             donor_rows,

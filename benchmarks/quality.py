@@ -1,0 +1,388 @@
+#!/usr/bin/env python
+"""Transplant quality on the real pair: bits per byte of every method, two texts, both
+directions, with the noise of the measurement.
+
+    python benchmarks/quality.py [--cache DIR] [--direction gemma-from-smollm]
+        [--methods omp fvt hybrid:k=16 ...] [--texts prose,code] [--bytes 40000] [--out DIR]
+
+For each direction (base <- donor tokenizer) the base is loaded once; each method's
+vocabulary matrices are built by ``transplant.build_matrices`` (exactly the rows
+``mergekit-omp`` writes, output tokenizer and BOS handling included) and put into the
+in-memory base model (``evaluate/transplanted.py``), which is scored by
+``evaluate/bpb.py`` with the output tokenizer (``bos="auto"``). Methods that start from
+the same OMP run (``omp``, ``omp_ridge``, ``hybrid`` with the same k) share it: the OMP
+result is computed once per k and direction (same numbers, less time).
+
+Texts (held back: none of them was used while designing the methods; see
+docs/results.md):
+
+* ``prose``: ``english.txt`` (Shakespeare) from byte 100,000 on;
+* ``code``: the running interpreter's standard library modules ``fractions.py`` then
+  ``graphlib.py``, concatenated (Python 3.11.7 here).
+
+Each text is cut to ``--bytes`` (on a character boundary) and scored as two halves; the
+table gives the whole text's bpb (total bits over total bytes) and, for each method, the
+difference from a reference method on each half: a difference whose sign and size hold on
+both halves is larger than the measurement's noise. ``--dev`` scores the design texts
+instead (``english.txt`` from byte 0; ``textwrap.py`` and ``shlex.py``).
+
+Results are cached as JSON under ``OUT/<direction>/`` (one file per method, text and half;
+the base model's own bpb too), so a rerun only scores what is new.
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import math
+import os
+import sysconfig
+import time
+from pathlib import Path
+
+DEFAULT_CACHE = Path(os.environ.get("MERGEKIT_OMP_CACHE", "~/.cache/mergekit-omp/real"))
+GEMMA, SMOLLM = "gemma-3-270m", "smollm2-135m"
+DIRECTIONS = {"gemma-from-smollm": (GEMMA, SMOLLM), "smollm-from-gemma": (SMOLLM, GEMMA)}
+SINGLE = ["fvt", "wechsel", "zero", "mean", "ridge", "omp_ridge", "hybrid"]
+DEFAULT_METHODS = {
+    "gemma-from-smollm": ["omp", "omp:k=16", *SINGLE, "hybrid:omp_error_scale=1", "auto"],
+    # omp with k = 64 takes about 25 min for this direction's 216,122 new tokens: k = 16.
+    "smollm-from-gemma": ["omp:k=16", *SINGLE, "hybrid:omp_error_scale=1", "auto"],
+}
+TEXTS = {
+    "prose": ("english.txt", 100_000),
+    "code": ("fractions.py+graphlib.py", 0),
+}
+DEV_TEXTS = {
+    "prose": ("english.txt", 0),
+    "code": ("textwrap.py+shlex.py", 0),
+}
+
+
+def log(message: str) -> None:
+    print(f"[quality {time.strftime('%H:%M:%S')}] {message}", flush=True)
+
+
+def read_source(cache: Path, source: str, offset: int, size: int) -> str:
+    """``size`` bytes of the named text from ``offset``, cut on a character boundary."""
+    if source == "english.txt":
+        data = (cache.expanduser() / source).read_bytes()
+    else:
+        stdlib = Path(sysconfig.get_paths()["stdlib"])
+        data = b"".join((stdlib / name).read_bytes() for name in source.split("+"))
+    return data[offset : offset + size].decode("utf-8", errors="ignore")
+
+
+def halves(text: str) -> tuple[str, str]:
+    """The text split near its middle, at a line break, so both halves are whole lines."""
+    middle = len(text) // 2
+    cut = text.rfind("\n", 0, middle) + 1 or middle
+    return text[:cut], text[cut:]
+
+
+def memoised_omp(store: Path) -> None:
+    """Make ``batch_omp`` (as the omp approximator calls it) remember its answers, in
+    memory and as files under ``store``.
+
+    Keyed by the inputs' shapes, k and a digest of their bytes, so ``omp``, ``omp_ridge``
+    and ``hybrid`` with the same k share one OMP run per direction, across runs too."""
+    import torch
+
+    import mergekit_omp.approximators.omp as omp_module
+
+    original = omp_module.batch_omp
+    answers: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
+
+    def digest(tensor: torch.Tensor) -> str:
+        return hashlib.sha1(tensor.contiguous().numpy().tobytes()).hexdigest()[:16]
+
+    def batch_omp(targets, candidates, k, **kwargs):
+        key = f"omp-k{k}-{targets.shape[0]}-{digest(targets)}-{digest(candidates)}"
+        path = store / f"{key}.pt"
+        if key not in answers and path.exists():
+            answers[key] = torch.load(path)
+        if key not in answers:
+            start = time.perf_counter()
+            answers[key] = original(targets, candidates, k, **kwargs)
+            log(f"  OMP k={k} on {targets.shape[0]} targets: {time.perf_counter() - start:.1f} s")
+            store.mkdir(parents=True, exist_ok=True)
+            torch.save(answers[key], path)
+        indices, coeffs = answers[key]
+        return indices.clone(), coeffs.clone()
+
+    omp_module.batch_omp = batch_omp
+
+
+class Direction:
+    """One base model given one donor's tokenizer, ready to score method after method."""
+
+    def __init__(self, name: str, args) -> None:
+        from mergekit.options import MergeOptions
+
+        from mergekit_omp.evaluate.transplanted import InMemoryTransplant
+        from mergekit_omp.plan import load_pair
+
+        base_name, donor_name = DIRECTIONS[name]
+        self.name = name
+        self.cache = args.cache.expanduser()
+        self.base_path = str(self.cache / base_name)
+        self.donor_path = str(self.cache / donor_name)
+        self.out = args.out / name
+        self.out.mkdir(parents=True, exist_ok=True)
+        self.base, self.donor = load_pair(self.base_path, self.donor_path, MergeOptions())
+        self.in_memory = InMemoryTransplant(self.base)
+        self.tokenizer = None
+        self.built_label: str | None = None
+        self.seconds: dict[str, dict] = {}
+
+    def build(self, spec: str) -> None:
+        """Put ``spec``'s matrices into the in-memory model (unless they are already there):
+        the plan and rows ``mergekit-omp BASE DONOR OUT -a NAME -p ...`` writes."""
+        from mergekit_omp.evaluate.compare import parse_method_spec
+        from mergekit_omp.options import TransplantOptions
+        from mergekit_omp.plan import plan_transplant
+        from mergekit_omp.report import TransplantReport
+        from mergekit_omp.transplant import build_matrices
+
+        if self.built_label == spec:
+            return
+        parsed = parse_method_spec(spec)
+        options = TransplantOptions(
+            base_model=self.base_path,
+            donor=self.donor_path,
+            method=parsed.approximator.name,
+            parameters=parsed.parameters,
+        )
+        report = TransplantReport(base_model=self.base_path, donor=self.donor_path, options={})
+        start = time.perf_counter()
+        plan = plan_transplant(options, self.base, self.donor)
+        matrices = build_matrices(plan, self.base, self.donor, report, progress=False)
+        self.seconds[spec] = {
+            "build_s": round(time.perf_counter() - start, 2),
+            "stages": dict(report.seconds),
+            "approximated": report.matrices[0].counts.get("approximated"),
+            "choice": report.matrices[0].choice,
+        }
+        self.in_memory.apply(matrices)
+        self.tokenizer = plan.tokenizer
+        self.built_label = spec
+
+    def score(self, spec: str, text_name: str, half: int, text: str) -> dict:
+        path = self.out / f"{safe(spec)}.{text_name}.{half}.json"
+        if path.exists():
+            return json.loads(path.read_text())
+        from mergekit_omp.evaluate.bpb import bits_per_byte
+
+        self.build(spec)
+        result = bits_per_byte(self.in_memory.model, self.tokenizer, text, bos="auto")
+        found = {**result.model_dump(), **self.seconds.get(spec, {})}
+        path.write_text(json.dumps(found, indent=1) + "\n")
+        chose = f", chose {found['choice']['chosen']}" if found.get("choice") else ""
+        log(f"  {spec} {text_name}[{half}]: {found['bpb']:.4f} ({result.seconds:.0f} s{chose})")
+        return found
+
+    def score_base(self, text_name: str, half: int, text: str) -> dict:
+        """The base model with its own tokenizer (its original vocabulary matrices)."""
+        path = self.out / f"base.{text_name}.{half}.json"
+        if path.exists():
+            return json.loads(path.read_text())
+        import torch
+        from transformers import AutoModelForCausalLM
+
+        from mergekit_omp.evaluate.bpb import bits_per_byte
+
+        model = AutoModelForCausalLM.from_pretrained(self.base_path, dtype=torch.float32).eval()
+        result = bits_per_byte(model, self.base.tokenizer, text, bos="auto")
+        path.write_text(json.dumps(result.model_dump(), indent=1) + "\n")
+        log(f"  base {text_name}[{half}]: {result.bpb:.4f} ({result.seconds:.0f} s)")
+        return result.model_dump()
+
+
+def safe(spec: str) -> str:
+    return spec.replace(":", "_").replace("=", "").replace(",", "_").replace("/", "_")
+
+
+def whole(parts: list[dict]) -> float:
+    return sum(p["nll_nats"] for p in parts) / math.log(2) / sum(p["bytes"] for p in parts)
+
+
+def table(direction: str, results: dict, texts: list[str], reference: str) -> str:
+    """Markdown: bpb per text and the per-half differences from ``reference``."""
+    lines = [
+        f"\n### {direction}\n",
+        "| method | " + " | ".join(f"{t} bpb | {t} Δ halves vs {reference}" for t in texts) + " |",
+        "|---|" + "---|---|" * len(texts),
+    ]
+    for spec, by_text in results.items():
+        cells = []
+        for text_name in texts:
+            parts = by_text[text_name]
+            cells.append(f"{whole(parts):.4f}")
+            if spec == "base" or reference not in results:
+                cells.append("–")
+                continue
+            ref = results[reference][text_name]
+            deltas = [p["bpb"] - r["bpb"] for p, r in zip(parts, ref, strict=True)]
+            cells.append(" / ".join(f"{d:+.4f}" for d in deltas))
+        lines.append(f"| {spec} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def leave_out_scores(direction: Direction, methods: list[str], args) -> dict[str, dict]:
+    """Leave-out mean cosine of each method, anchors held out at random and like the new
+    tokens (``evaluate/leave_out.py``), cached in ``leave-out.json``."""
+    from mergekit_omp.evaluate.compare import parse_method_spec
+    from mergekit_omp.evaluate.leave_out import leave_out_tasks, score_method
+
+    path = direction.out.parent.parent / "leave-out" / f"{direction.name}.json"
+    scores = json.loads(path.read_text()) if path.exists() else {}
+    for like in ("random", "new"):
+        todo = [m for m in methods if m not in scores.get(like, {})]
+        if not todo:
+            continue
+        (task, *_) = leave_out_tasks(direction.base, direction.donor, seed=0, like=like)
+        for spec in todo:
+            parsed = parse_method_spec(spec)
+            score = score_method(task, parsed.approximator, parsed.parameters)
+            scores.setdefault(like, {})[spec] = score.model_dump()
+            log(f"  leave-out ({like}) {spec}: mean cosine {score.mean_cosine:.4f}")
+            path.parent.mkdir(parents=True, exist_ok=True)
+            path.write_text(json.dumps(scores, indent=1) + "\n")
+    return scores
+
+
+def orders(results: dict, scores: dict, texts: list[str]) -> str:
+    """Methods ordered by mean bpb over the texts and by each leave-out score, side by side."""
+    methods = [m for m in results if m != "base"]
+    mean_bpb = {m: sum(whole(results[m][t]) for t in texts) / len(texts) for m in methods}
+    by_bpb = sorted(methods, key=mean_bpb.get)
+    lines = [
+        "",
+        "| rank | by bpb (mean of texts) | by leave-out, random anchors | by leave-out, anchors like the new tokens |",
+        "|---|---|---|---|",
+    ]
+    ranked = {
+        like: sorted(methods, key=lambda m: -scores[like][m]["mean_cosine"])
+        for like in ("random", "new")
+    }
+    for rank, method in enumerate(by_bpb):
+        cells = [f"{method} ({mean_bpb[method]:.4f})"]
+        for like in ("random", "new"):
+            other = ranked[like][rank]
+            cells.append(f"{other} ({scores[like][other]['mean_cosine']:.4f})")
+        lines.append(f"| {rank + 1} | " + " | ".join(cells) + " |")
+    for like in ("random", "new"):
+        validation = {m: -scores[like][m]["mean_cosine"] for m in methods}
+        taus = [
+            f"{t} {kendall_tau({m: whole(results[m][t]) for m in methods}, validation):+.2f}"
+            for t in texts
+        ]
+        lines.append(
+            f"\nKendall's tau, bpb order against leave-out ({like}): "
+            + ", ".join(taus)
+            + f", mean of texts {kendall_tau(mean_bpb, validation):+.2f}"
+        )
+    return "\n".join(lines)
+
+
+def kendall_tau(first: dict[str, float], second: dict[str, float]) -> float:
+    """Rank agreement of two orders of the same keys (lower is better in both): +1 same."""
+    keys = list(first)
+    pairs = [(a, b) for i, a in enumerate(keys) for b in keys[i + 1 :]]
+    agree = sum(
+        1 if (first[a] - first[b]) * (second[a] - second[b]) > 0 else -1
+        for a, b in pairs
+        if first[a] != first[b] and second[a] != second[b]
+    )
+    return agree / len(pairs)
+
+
+def run_direction(name: str, args) -> str:
+    texts = DEV_TEXTS if args.dev else TEXTS
+    chosen = [t for t in args.texts.split(",") if t]
+    split = {t: halves(read_source(args.cache, *texts[t], args.bytes)) for t in chosen}
+    log(f"{name}: " + ", ".join(f"{t} {sum(len(h.encode()) for h in split[t])} B" for t in chosen))
+    direction = Direction(name, args)
+    methods = args.methods or DEFAULT_METHODS[name]
+    results: dict[str, dict[str, list[dict]]] = {}
+    if not args.skip_base:
+        results["base"] = {
+            t: [direction.score_base(t, i, h) for i, h in enumerate(split[t])] for t in chosen
+        }
+    for spec in methods:
+        results[spec] = {
+            t: [direction.score(spec, t, i, h) for i, h in enumerate(split[t])] for t in chosen
+        }
+    reference = args.reference or methods[0]
+    out = table(name, results, chosen, reference)
+    if args.leave_out:
+        out += orders(results, leave_out_scores(direction, methods, args), chosen)
+    return out
+
+
+def time_methods(name: str, methods: list[str], args) -> str:
+    """Each method's transplant timed as ``mergekit-omp`` runs it (no output written, no
+    shared OMP): seconds per stage from the report, in one process."""
+    from mergekit_omp import TransplantOptions, transplant
+    from mergekit_omp.evaluate.compare import parse_method_spec
+
+    base_name, donor_name = DIRECTIONS[name]
+    cache = args.cache.expanduser()
+    lines = [f"\n### {name}: seconds\n", "| method | load | match | approximate | total |"]
+    lines.append("|---|---|---|---|---|")
+    for spec in methods:
+        parsed = parse_method_spec(spec)
+        options = TransplantOptions(
+            base_model=str(cache / base_name),
+            donor=str(cache / donor_name),
+            method=parsed.approximator.name,
+            parameters=parsed.parameters,
+        )
+        start = time.perf_counter()
+        report = transplant(options, progress=False).report
+        total = time.perf_counter() - start
+        seconds = report.seconds
+        choice = report.matrices[0].choice
+        log(
+            f"  {spec}: {total:.1f} s {seconds}" + (f"; chose {choice['chosen']}" if choice else "")
+        )
+        lines.append(
+            f"| {spec} | {seconds.get('load', 0):.1f} | {seconds.get('match', 0):.1f} | "
+            f"{seconds.get('approximate', 0):.1f} | {total:.1f} |"
+        )
+    return "\n".join(lines)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--cache", type=Path, default=DEFAULT_CACHE)
+    parser.add_argument("--direction", choices=[*DIRECTIONS, "both"], default="both")
+    parser.add_argument("--methods", nargs="+", default=None, help="NAME[:P=V,...] specs")
+    parser.add_argument("--reference", default=None, help="method the Δ columns compare with")
+    parser.add_argument("--texts", default="prose,code")
+    parser.add_argument("--bytes", type=int, default=40_000, help="bytes of each text")
+    parser.add_argument("--dev", action="store_true", help="score the design texts instead")
+    parser.add_argument(
+        "--time", nargs="+", default=None, metavar="SPEC", help="only time these methods"
+    )
+    parser.add_argument(
+        "--leave-out", action="store_true", help="also rank by leave-out (random, like new)"
+    )
+    parser.add_argument("--skip-base", action="store_true", help="no base-model row")
+    parser.add_argument("--out", type=Path, default=Path("/tmp/mergekit-omp-quality"))
+    args = parser.parse_args()
+    names = list(DIRECTIONS) if args.direction == "both" else [args.direction]
+    if args.time:
+        print("\n".join(time_methods(name, args.time, args) for name in names))
+        return
+    memoised_omp(args.out / "omp")
+    if args.dev:
+        args.out = args.out / "dev"
+    args.out = args.out / f"{args.bytes}"
+    tables = [run_direction(name, args) for name in names]
+    print("\n".join(tables))
+
+
+if __name__ == "__main__":
+    main()

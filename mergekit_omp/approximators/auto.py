@@ -1,0 +1,154 @@
+"""Choose the method for this matrix by leave-out validation on anchors like its new tokens.
+
+Before any new token is approximated, ``holdout`` anchors are set aside as a validation
+set: the anchors that are the nearest (cosine, donor space) of the most new tokens
+(``evaluate/leave_out.py``, ``like="new"``), since random anchors are shorter and more
+frequent than new tokens and rank methods differently from bits per byte. They are hidden
+as in ``mergekit-omp-eval``'s leave-out: removed from the anchors, their base rows replaced
+by the mean of the others, dropped from the base vocabulary (so FVT cannot spell a token
+with itself). Each candidate approximates them from the remaining anchors; the one whose
+rows have the highest mean cosine with the true base rows is then run on the real new
+tokens. The candidates, their scores and the choice are returned with the rows
+(``ChosenApproximation.choice``) and go into the report and the model card.
+
+Cost: the candidates on ``holdout`` tokens, then one method on all new tokens. The default
+candidates share k = 16, so the chosen one costs at most an OMP with k = 16 plus FVT's
+splits.
+"""
+
+import dataclasses
+import logging
+import time
+from dataclasses import dataclass
+from typing import Annotated, Any
+
+import torch
+import torch.nn.functional as F
+from pydantic import Field
+
+from mergekit_omp.approximators.base import Approximation, ApproximationProblem, approximator
+from mergekit_omp.errors import TransplantError
+
+LOG = logging.getLogger(__name__)
+
+CANDIDATES = (
+    "hybrid",
+    "hybrid:omp_error_scale=1",
+    "omp_ridge",
+    "fvt",
+    "omp:k=16",
+)
+"""``NAME[:PARAM=VALUE,...]`` specs, in order of preference on equal scores."""
+HoldoutCount = Annotated[int, Field(ge=1, le=100_000)]
+
+
+@dataclass(frozen=True)
+class ChosenApproximation(Approximation):
+    """The chosen method's rows, and the validation that chose it."""
+
+    choice: dict[str, Any] = dataclasses.field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class Validation:
+    """A held-out problem cut from a real one, and the true base rows of its targets."""
+
+    problem: ApproximationProblem
+    truth: torch.Tensor
+
+
+def held_out_positions(problem: ApproximationProblem, size: int, seed: int) -> list[int]:
+    """Anchor positions to hold out: the base tokens nearest the most new tokens first,
+    then a seeded random order; every anchor position of a chosen base token."""
+    from mergekit_omp.evaluate.leave_out import nearest_anchor_counts
+
+    counts = nearest_anchor_counts(problem.targets, problem.donor_anchors, seed).tolist()
+    votes: dict[int, int] = {}
+    for position, base_id in enumerate(problem.base_anchor_ids):
+        votes[base_id] = votes.get(base_id, 0) + counts[position]
+    distinct = sorted(votes)
+    size = max(1, min(size, len(distinct) - 1))
+    order = torch.randperm(len(distinct), generator=torch.Generator().manual_seed(seed)).tolist()
+    order.sort(key=lambda i: -votes[distinct[i]])
+    chosen = {distinct[i] for i in order[:size]}
+    return [j for j, base_id in enumerate(problem.base_anchor_ids) if base_id in chosen]
+
+
+def validation_problem(problem: ApproximationProblem, size: int, seed: int) -> Validation:
+    """The problem with ``held_out_positions`` as its targets, hidden from every method."""
+    import mergekit_omp.evaluate.leave_out as leave_out
+
+    held = held_out_positions(problem, size, seed)
+    held_set = set(held)
+    keep = [j for j in range(len(problem.base_anchor_ids)) if j not in held_set]
+    held_base = [problem.base_anchor_ids[j] for j in held]
+    device = problem.donor_anchors.device
+    keep_t, held_t = torch.tensor(keep, device=device), torch.tensor(held, device=device)
+    validation = dataclasses.replace(
+        problem,
+        targets=problem.donor_anchors[held_t],
+        donor_anchors=problem.donor_anchors[keep_t],
+        base_anchors=problem.base_anchors[keep_t],
+        base_matrix=leave_out.hidden_base_rows(problem.base_matrix, held_base),
+        target_ids=[problem.donor_anchor_ids[j] for j in held],
+        donor_anchor_ids=[problem.donor_anchor_ids[j] for j in keep],
+        base_anchor_ids=[problem.base_anchor_ids[j] for j in keep],
+        base_vocab=leave_out.vocabulary_without(problem.base_vocab, held_base),
+        progress=False,
+    )
+    return Validation(validation, problem.base_anchors[held_t])
+
+
+def score_candidates(validation: Validation, candidates: tuple[str, ...]) -> dict[str, float]:
+    """Mean cosine of each candidate's rows with the held-out true rows (failures: -inf)."""
+    from mergekit_omp.evaluate.compare import parse_method_spec
+
+    scores: dict[str, float] = {}
+    for spec in candidates:
+        parsed = parse_method_spec(spec)
+        try:
+            rows = parsed.approximator(validation.problem, **parsed.parameters).rows
+        except TransplantError as exc:
+            LOG.warning("auto: candidate %s failed on the validation set: %s", spec, exc)
+            scores[spec] = float("-inf")
+            continue
+        cosine = F.cosine_similarity(rows.double(), validation.truth.double(), dim=1, eps=1e-12)
+        scores[spec] = round(cosine.mean().item(), 6)
+    return scores
+
+
+@approximator("auto", pretty_name="Chosen by leave-out validation")
+def auto(
+    problem: ApproximationProblem,
+    *,
+    candidates: tuple[str, ...] = CANDIDATES,
+    holdout: HoldoutCount = 1000,
+) -> Approximation:
+    """The candidate that rebuilds held-out anchors like the new tokens best, run on them."""
+    from mergekit_omp.evaluate.compare import parse_method_spec
+
+    if not candidates:
+        raise TransplantError("auto needs at least one candidate method")
+    for spec in candidates:
+        if parse_method_spec(spec).approximator.name == "auto":
+            raise TransplantError("auto cannot be its own candidate")
+    start = time.perf_counter()
+    validation = validation_problem(problem, holdout, problem.seed)
+    scores = score_candidates(validation, tuple(candidates))
+    best = max(candidates, key=lambda spec: scores[spec])  # first of equals wins
+    validation_seconds = round(time.perf_counter() - start, 3)
+    LOG.info("auto: leave-out mean cosine %s; chose %s", scores, best)
+    parsed = parse_method_spec(best)
+    result = parsed.approximator(problem, **parsed.parameters)
+    choice = {
+        "chosen": best,
+        "method": parsed.approximator.name,
+        "parameters": parsed.parameters,
+        "scores": scores,
+        "validation": "leave-out mean cosine, anchors like the new tokens",
+        "held_out": validation.problem.num_targets,
+        "validation_seconds": validation_seconds,
+    }
+    return ChosenApproximation(
+        rows=result.rows, indices=result.indices, coeffs=result.coeffs, choice=choice
+    )

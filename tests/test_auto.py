@@ -1,0 +1,120 @@
+"""auto: the validation set it cuts from a problem, and that it runs the best candidate."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from mergekit_omp.approximators import ApproximationProblem, get_approximator
+from mergekit_omp.approximators.auto import (
+    ChosenApproximation,
+    held_out_positions,
+    validation_problem,
+)
+from mergekit_omp.errors import TransplantError
+from mergekit_omp.vocabulary import Encoding, TokenForm, TokenKind, Vocabulary
+
+EMPTY_VOCAB = Vocabulary(forms={}, strings={}, special_ids={}, encoding=Encoding.PLAIN)
+
+
+def linear_world(anchors: int, targets: int, seed: int = 0):
+    """Donor rows X, a known map A and offset b (float64): base rows are X A + b."""
+    generator = torch.Generator().manual_seed(seed)
+    donor = torch.randn(anchors + targets, 8, generator=generator, dtype=torch.float64)
+    mapping = torch.randn(8, 5, generator=generator, dtype=torch.float64)
+    offset = torch.randn(5, generator=generator, dtype=torch.float64)
+    return donor[:anchors], donor[anchors:], mapping, offset
+
+
+def problem_of(targets, donor_anchors, base_anchors, **fields) -> ApproximationProblem:
+    fields.setdefault("base_matrix", base_anchors)
+    return ApproximationProblem(
+        targets=targets,
+        donor_anchors=donor_anchors,
+        base_anchors=base_anchors,
+        target_ids=list(range(targets.shape[0])),
+        donor_anchor_ids=list(range(donor_anchors.shape[0])),
+        base_anchor_ids=list(range(base_anchors.shape[0])),
+        donor_vocab=fields.pop("donor_vocab", EMPTY_VOCAB),
+        base_vocab=fields.pop("base_vocab", EMPTY_VOCAB),
+        **fields,
+    )
+
+
+def vocab_of(ids: range) -> Vocabulary:
+    forms = {i: TokenForm(TokenKind.TEXT, f"t{i}".encode()) for i in ids}
+    return Vocabulary(
+        forms=forms, strings={i: f"t{i}" for i in ids}, special_ids={}, encoding=Encoding.PLAIN
+    )
+
+
+def linear_problem(seed: int = 0):
+    anchors, targets, mapping, offset = linear_world(anchors=60, targets=9, seed=seed)
+    base = anchors @ mapping + offset
+    return problem_of(targets, anchors, base, base_vocab=vocab_of(range(60))), mapping, offset
+
+
+def test_the_anchors_nearest_the_new_tokens_are_held_out_first():
+    anchors = torch.eye(6, dtype=torch.float64)
+    targets = torch.tensor([[0.0, 0, 3, 0.1, 0, 0], [0.1, 0, 2, 0, 0, 0], [0, 0, 0, 0, 1, 0.2]])
+    problem = problem_of(targets, anchors, torch.randn(6, 2, dtype=torch.float64))
+    assert held_out_positions(problem, 1, seed=0) == [2]
+    assert sorted(held_out_positions(problem, 2, seed=0)) == [2, 4]
+    assert len(held_out_positions(problem, 100, seed=0)) == 5  # at least one anchor stays
+
+
+def test_held_out_anchors_are_hidden_from_the_methods():
+    problem, _, _ = linear_problem()
+    validation = validation_problem(problem, 7, seed=0)
+    held = validation.problem.target_ids
+    assert len(held) == 7 and not set(held) & set(validation.problem.base_anchor_ids)
+    assert not set(held) & set(validation.problem.base_vocab.forms)
+    kept = [i for i in range(60) if i not in set(held)]
+    hidden_rows = validation.problem.base_matrix[held]
+    assert torch.allclose(hidden_rows, problem.base_matrix[kept].mean(dim=0).expand_as(hidden_rows))
+    assert torch.equal(validation.truth, problem.base_anchors[held])
+    assert torch.equal(validation.problem.targets, problem.donor_anchors[held])
+
+
+def test_auto_runs_the_candidate_that_rebuilds_the_held_out_anchors_best():
+    problem, mapping, offset = linear_problem()
+    result = get_approximator("auto")(
+        problem, candidates=("zero", "ridge:alpha=0", "mean"), holdout=10
+    )
+    assert isinstance(result, ChosenApproximation)
+    assert result.choice["chosen"] == "ridge:alpha=0"
+    assert result.choice["method"] == "ridge"
+    assert result.choice["scores"]["ridge:alpha=0"] == pytest.approx(1.0)
+    assert result.choice["scores"]["zero"] == 0.0
+    assert result.choice["held_out"] == 10
+    assert torch.allclose(result.rows, problem.targets @ mapping + offset, atol=1e-9)
+
+
+def test_auto_prefers_the_first_of_equal_candidates_and_refuses_itself():
+    problem, _, _ = linear_problem()
+    result = get_approximator("auto")(problem, candidates=("zero", "zero:"), holdout=5)
+    assert result.choice["chosen"] == "zero"
+    with pytest.raises(TransplantError, match="its own candidate"):
+        get_approximator("auto")(problem, candidates=("auto",))
+
+
+def test_a_transplant_with_auto_records_the_choice_in_report_and_card(tmp_path, mixed_pair):
+    from mergekit_omp import TransplantOptions, transplant
+
+    base, donor = mixed_pair
+    options = TransplantOptions(
+        base_model=str(base),
+        donor=str(donor),
+        method="auto",
+        parameters={"candidates": ["omp:k=4", "fvt", "zero"], "holdout": 20},
+    )
+    result = transplant(options, tmp_path / "out", progress=False)
+    for matrix in result.report.matrices:
+        assert matrix.method == "auto"
+        assert set(matrix.choice["scores"]) == {"omp:k=4", "fvt", "zero"}
+        assert matrix.choice["chosen"] == max(
+            matrix.choice["scores"], key=matrix.choice["scores"].get
+        )
+    card = (tmp_path / "out" / "README.md").read_text()
+    assert card.count("chosen by `auto` from 3 candidates") == len(result.report.matrices)
+    assert "auto chose" in result.report.summary()
