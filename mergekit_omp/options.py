@@ -98,7 +98,10 @@ class TransplantOptions(BaseModel):
         None, description="Output dtype of the new matrices (default: the base's)"
     )
     seed: int = Field(
-        0, ge=0, lt=2**63, description="Seed for methods and noise that draw random numbers"
+        0,
+        ge=0,
+        lt=2**32,  # numpy's seeds, which mergekit's --random-seed also sets
+        description="Seed for methods and noise that draw random numbers",
     )
     guard: GuardMode = Field(
         "off",

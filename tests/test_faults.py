@@ -549,6 +549,14 @@ def test_seed_out_of_range_in_a_recipe(m, tmp_path):
     error_line(result, "seed", "less than")
 
 
+@pytest.mark.parametrize("seed", ["-5", str(2**32)])
+def test_random_seed_out_of_numpys_range_is_a_usage_error(m, tmp_path, seed):
+    result = run(m / "base", m / "donor", tmp_path / "out", "--random-seed", seed)
+    assert result.exit_code == 2, result.output
+    assert "--random-seed" in result.stderr and len(result.stderr.strip().splitlines()) == 1
+    assert not (tmp_path / "out").exists()
+
+
 def test_eval_bos_id_out_of_range(m, tmp_path):
     result = invoke(
         eval_cli.main, m / "base", m / "donor", "-a", "mean", "--text", EXAMPLES / "README.md",

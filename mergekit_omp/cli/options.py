@@ -119,6 +119,8 @@ def merge_option(
         field_type = next(t for t in typing.get_args(field_type) if t is not type(None))
     if name == "out_shard_size":
         field_type = ShardSizeParamType()
+    if name == "random_seed":  # mergekit passes it to numpy, which takes 0 .. 2**32 - 1
+        field_type = click.IntRange(0, 2**32 - 1)
     flag = name.replace("_", "-")
     declarations = [f"--{flag}/--no-{flag}" if field_type is bool else f"--{flag}"]
     extra: dict[str, Any] = {}
