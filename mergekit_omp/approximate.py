@@ -41,7 +41,7 @@ def build_problem(
         targets=donor_matrix[targets].to(dtype),
         donor_anchors=donor_matrix[torch.tensor(donor_ids, device=donor_matrix.device)].to(dtype),
         base_anchors=base_matrix[torch.tensor(base_ids, device=base_matrix.device)].to(dtype),
-        base_matrix=base_matrix.to(dtype),
+        base_matrix=base_matrix,
         target_ids=list(match.new_tokens),
         donor_anchor_ids=donor_ids,
         base_anchor_ids=base_ids,
@@ -68,10 +68,10 @@ def approximate_new_rows(
 ) -> Approximation:
     """Run ``method`` on ``problem`` and apply mergekit's ``-nvn``/``-nvs`` post-processing."""
     if problem.num_targets == 0:
-        empty = problem.base_matrix.new_zeros(0, problem.base_dim)
+        empty = problem.new_rows(0)
         return Approximation(rows=empty)
     result = method(problem, **parameters)
-    rows = result.rows.to(problem.base_matrix.dtype)
+    rows = result.rows.to(problem.work_dtype)
     if rows.shape != (problem.num_targets, problem.base_dim):
         raise TransplantError(
             f"method '{method.name}' returned rows of shape {tuple(rows.shape)}, "

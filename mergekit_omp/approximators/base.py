@@ -41,10 +41,15 @@ def combine_anchor_rows(
 class ApproximationProblem:
     """Everything a method may use to make base rows for the donor's new tokens.
 
-    Rows are float32 (float64 if the inputs were) on the work device. ``targets[i]`` is the
-    donor row of donor token ``target_ids[i]``; ``donor_anchors[j]`` and ``base_anchors[j]``
-    are the rows of the j-th shared token (donor id ``donor_anchor_ids[j]``, base id
-    ``base_anchor_ids[j]``) in the two models.
+    Rows are in ``work_dtype`` (float32, float64 if the inputs were) on the work device.
+    ``targets[i]`` is the donor row of donor token ``target_ids[i]``; ``donor_anchors[j]`` and
+    ``base_anchors[j]`` are the rows of the j-th shared token (donor id
+    ``donor_anchor_ids[j]``, base id ``base_anchor_ids[j]``) in the two models.
+
+    ``base_matrix`` is the base's whole matrix as loaded, in its own dtype and not copied: a
+    float32 copy of a large vocabulary (262,144 x 3,840) would be 4 GB, more than the rest of
+    a transplant holds. Methods read it through ``base_rows``, ``base_mean`` or, when they
+    need all of it in the work dtype, ``work_base_matrix``.
     """
 
     targets: torch.Tensor
@@ -72,6 +77,26 @@ class ApproximationProblem:
     @property
     def base_dim(self) -> int:
         return self.base_matrix.shape[1]
+
+    @property
+    def work_dtype(self) -> torch.dtype:
+        return self.base_anchors.dtype
+
+    def base_rows(self, ids: torch.Tensor) -> torch.Tensor:
+        """Rows ``ids`` of the base matrix in the work dtype."""
+        return self.base_matrix[ids.to(self.base_matrix.device)].to(self.work_dtype)
+
+    def base_mean(self) -> torch.Tensor:
+        """The mean base row, accumulated in the work dtype."""
+        return self.base_matrix.mean(dim=0, dtype=self.work_dtype)
+
+    def work_base_matrix(self) -> torch.Tensor:
+        """The whole base matrix in the work dtype (a copy unless it is stored so)."""
+        return self.base_matrix.to(self.work_dtype)
+
+    def new_rows(self, count: int) -> torch.Tensor:
+        """``count`` zero rows in the work dtype, on the work device."""
+        return self.base_anchors.new_zeros(count, self.base_dim)
 
     def combine_base_anchors(self, indices: torch.Tensor, coeffs: torch.Tensor) -> torch.Tensor:
         """Apply per-token coefficients over anchor ``indices`` to the base anchor rows."""

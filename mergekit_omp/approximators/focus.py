@@ -75,11 +75,11 @@ def sparse_sparsemax(
 
 def normal_like_base_rows(problem: ApproximationProblem, count: int) -> torch.Tensor:
     """``count`` rows drawn from N(mean, std) of the base rows, per dimension, seeded."""
-    mean = problem.base_matrix.mean(dim=0).cpu()
-    std = problem.base_matrix.std(dim=0).cpu()
+    base = problem.work_base_matrix()
+    mean, std = base.mean(dim=0).cpu(), base.std(dim=0).cpu()
     generator = torch.Generator(device="cpu").manual_seed(problem.seed)
     draws = torch.normal(mean.expand(count, -1), std.expand(count, -1), generator=generator)
-    return draws.to(problem.base_matrix.device)
+    return draws.to(problem.base_anchors.device)
 
 
 @approximator(
@@ -94,7 +94,7 @@ def focus(problem: ApproximationProblem) -> Approximation:
     usable_anchor = nonzero_rows(problem.donor_anchors)
     usable_target = nonzero_rows(problem.targets) & usable_anchor.any()
     similarity = AnchorSimilarity(problem)
-    rows = problem.base_matrix.new_zeros(problem.num_targets, problem.base_dim)
+    rows = problem.new_rows(problem.num_targets)
     parts = []
     for batch in target_batches(problem, "FOCUS"):
         scores = similarity(batch).masked_fill(~usable_anchor, float("-inf"))

@@ -157,9 +157,8 @@ def pooling_weights(count: int, method: SubwordMethod, is_lm_head: bool) -> torc
 def fvt(problem: ApproximationProblem, *, subword_method: SubwordMethod = "mean") -> Approximation:
     """Pooled base rows of the pieces the base tokenizer splits the new token into."""
     splitter = BasePieces(problem)
-    base = problem.base_matrix
-    fallback = base.mean(dim=0)
-    rows = base.new_zeros(problem.num_targets, problem.base_dim)
+    fallback = problem.base_mean()
+    rows = problem.new_rows(problem.num_targets)
     for batch in target_batches(problem, "FVT"):
         token_ids = problem.target_ids[batch]
         for offset, ids in enumerate(splitter.batch(token_ids)):
@@ -167,7 +166,5 @@ def fvt(problem: ApproximationProblem, *, subword_method: SubwordMethod = "mean"
                 rows[batch.start + offset] = fallback
                 continue
             weights = pooling_weights(len(ids), subword_method, problem.is_lm_head)
-            rows[batch.start + offset] = (
-                weights.to(base) @ base[torch.tensor(ids, device=base.device)]
-            )
+            rows[batch.start + offset] = weights.to(rows) @ problem.base_rows(torch.tensor(ids))
     return Approximation(rows=rows)

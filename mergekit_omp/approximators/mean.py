@@ -6,5 +6,5 @@ from mergekit_omp.approximators.base import Approximation, ApproximationProblem,
 @approximator("mean", pretty_name="Mean")
 def mean(problem: ApproximationProblem) -> Approximation:
     """Every new token gets the mean of all base rows."""
-    row = problem.base_matrix.mean(dim=0, keepdim=True)
+    row = problem.base_mean().unsqueeze(0)
     return Approximation(rows=row.expand(problem.num_targets, -1).clone())

@@ -120,7 +120,7 @@ def common_interpolation(
 )
 def randn(problem: ApproximationProblem) -> Approximation:
     """Standard normal rows, seeded by --random-seed (mergekit's randn)."""
-    base = problem.base_matrix
+    base = problem.work_base_matrix()
     with seeded_global_generator(problem):
         rows = [
             torch.randn(
@@ -146,7 +146,7 @@ def positive_definite_covariance(matrix: torch.Tensor) -> bool:
 )
 def john_hewitt(problem: ApproximationProblem) -> Approximation:
     """Rows drawn from a normal with the base rows' mean and covariance (mergekit's code)."""
-    base = problem.base_matrix
+    base = problem.work_base_matrix()
     pd = positive_definite_covariance(base)
     rows = []
     with seeded_global_generator(problem):

@@ -79,4 +79,4 @@ def ridge(
 ) -> Approximation:
     """One linear map from donor to base space, ridge least squares on all anchor pairs."""
     mapping = problem_ridge_map(problem, alpha, center)
-    return Approximation(rows=mapping(problem.targets).to(problem.base_matrix.dtype))
+    return Approximation(rows=mapping(problem.targets).to(problem.work_dtype))

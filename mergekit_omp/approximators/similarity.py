@@ -35,7 +35,7 @@ def nonzero_rows(matrix: torch.Tensor) -> torch.Tensor:
 
 def no_targets(problem: ApproximationProblem) -> Approximation:
     """The answer to a problem with nothing to approximate."""
-    rows = problem.base_matrix.new_zeros(0, problem.base_dim)
+    rows = problem.new_rows(0)
     empty = torch.zeros(0, 0, dtype=torch.long, device=rows.device)
     return Approximation(rows=rows, indices=empty, coeffs=rows.new_zeros(0, 0))
 

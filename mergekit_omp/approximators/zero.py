@@ -6,5 +6,5 @@ from mergekit_omp.approximators.base import Approximation, ApproximationProblem,
 @approximator("zero", pretty_name="Zero")
 def zero(problem: ApproximationProblem) -> Approximation:
     """Every new token gets an all-zero row."""
-    rows = problem.base_matrix.new_zeros(problem.num_targets, problem.base_dim)
+    rows = problem.new_rows(problem.num_targets)
     return Approximation(rows=rows)

@@ -222,7 +222,7 @@ def leave_out_tasks(
             problem, base_vocab=vocabulary_without(base.vocabulary, held.base_ids)
         )
         truth = base_rows[torch.tensor(held.base_ids, device=base_rows.device)].to(
-            problem.base_matrix.dtype
+            problem.work_dtype
         )
         tasks.append(
             LeaveOutTask(matrix.name, problem, truth, anchors=len(problem.donor_anchor_ids))
