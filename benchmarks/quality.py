@@ -153,6 +153,7 @@ class Direction:
             donor=self.donor_path,
             method=parsed.approximator.name,
             parameters=parsed.parameters,
+            bos="match_base",
         )
         report = TransplantReport(base_model=self.base_path, donor=self.donor_path, options={})
         start = time.perf_counter()
@@ -252,34 +253,90 @@ def leave_out_scores(direction: Direction, methods: list[str], args) -> dict[str
     return scores
 
 
+def text_validation_scores(direction: Direction, methods: list[str]) -> dict[str, dict]:
+    """``auto``'s validation of each method (``evaluate/validation.py``: bits per byte of
+    the transplanted base on the validation text, the donor's tokenizer), on parts 0 (what
+    ``auto`` uses) and 1 of the validation texts, cached in ``validation.json``."""
+    from mergekit_omp.approximate import build_problem
+    from mergekit_omp.approximators.omp import shared_omp_runs
+    from mergekit_omp.evaluate.compare import parse_method_spec
+    from mergekit_omp.evaluate.validation import TextScorer, validation_texts
+    from mergekit_omp.options import TransplantOptions
+    from mergekit_omp.plan import plan_transplant
+
+    path = direction.out.parent.parent / "validation" / f"{direction.name}.json"
+    scores = json.loads(path.read_text()) if path.exists() else {}
+    options = TransplantOptions(
+        base_model=direction.base_path, donor=direction.donor_path, bos="match_base"
+    )
+    plan = plan_transplant(options, direction.base, direction.donor)
+    (matrix, *_) = plan.matrices
+    problem = None
+    for part in ("0", "1"):
+        todo = [m for m in methods if m not in scores.get(part, {})]
+        if not todo:
+            continue
+        if problem is None:
+            problem = build_problem(
+                matrix.base_rows(direction.base),
+                matrix.donor_rows(direction.donor),
+                plan.match(matrix, direction.base, direction.donor),
+                direction.base,
+                direction.donor,
+                is_lm_head=False,
+                batch_size=None,
+                progress=False,
+                seed=0,
+            )
+        scorer = TextScorer(problem, validation_texts(part=int(part)))
+        for spec in todo:
+            parsed = parse_method_spec(spec)
+            start = time.perf_counter()
+            with shared_omp_runs():
+                rows = parsed.approximator(problem, **parsed.parameters).rows
+            bpb = scorer.bits_per_byte(rows)
+            scores.setdefault(part, {})[spec] = bpb
+            log(
+                f"  validation text [{part}] {spec}: {bpb:.4f} ({time.perf_counter() - start:.0f} s)"
+            )
+            path.parent.mkdir(parents=True, exist_ok=True)
+            path.write_text(json.dumps(scores, indent=1) + "\n")
+    return scores
+
+
 def orders(results: dict, scores: dict, texts: list[str]) -> str:
-    """Methods ordered by mean bpb over the texts and by each leave-out score, side by side."""
-    methods = [m for m in results if m != "base"]
+    """Methods ordered by mean bpb over the texts, by each leave-out score and by the
+    validation text's bpb (parts 0 and 1), side by side; ``auto`` is left out (it is the
+    chooser)."""
+    methods = [m for m in results if m not in ("base", "auto")]
     mean_bpb = {m: sum(whole(results[m][t]) for t in texts) / len(texts) for m in methods}
     by_bpb = sorted(methods, key=mean_bpb.get)
+    columns = {
+        "leave-out, random anchors": {m: -scores["random"][m]["mean_cosine"] for m in methods},
+        "leave-out, anchors like the new tokens": {
+            m: -scores["new"][m]["mean_cosine"] for m in methods
+        },
+        "validation text bpb (part 0)": {m: scores["text"]["0"][m] for m in methods},
+        "validation text bpb (part 1)": {m: scores["text"]["1"][m] for m in methods},
+    }
     lines = [
         "",
-        "| rank | by bpb (mean of texts) | by leave-out, random anchors | by leave-out, anchors like the new tokens |",
-        "|---|---|---|---|",
+        "| rank | by bpb (mean of texts) | " + " | ".join(f"by {c}" for c in columns) + " |",
+        "|---|---|" + "---|" * len(columns),
     ]
-    ranked = {
-        like: sorted(methods, key=lambda m: -scores[like][m]["mean_cosine"])
-        for like in ("random", "new")
-    }
     for rank, method in enumerate(by_bpb):
         cells = [f"{method} ({mean_bpb[method]:.4f})"]
-        for like in ("random", "new"):
-            other = ranked[like][rank]
-            cells.append(f"{other} ({scores[like][other]['mean_cosine']:.4f})")
+        for values in columns.values():
+            other = sorted(methods, key=values.get)[rank]
+            cells.append(f"{other} ({abs(values[other]):.4f})")
         lines.append(f"| {rank + 1} | " + " | ".join(cells) + " |")
-    for like in ("random", "new"):
-        validation = {m: -scores[like][m]["mean_cosine"] for m in methods}
+    for like, validation in columns.items():
         taus = [
             f"{t} {kendall_tau({m: whole(results[m][t]) for m in methods}, validation):+.2f}"
             for t in texts
         ]
         lines.append(
-            f"\nKendall's tau, bpb order against leave-out ({like}): "
+            f"\nKendall's tau, bpb order against {like}: "
             + ", ".join(taus)
             + f", mean of texts {kendall_tau(mean_bpb, validation):+.2f}"
         )
@@ -317,7 +374,9 @@ def run_direction(name: str, args) -> str:
     reference = args.reference or methods[0]
     out = table(name, results, chosen, reference)
     if args.leave_out:
-        out += orders(results, leave_out_scores(direction, methods, args), chosen)
+        scores = leave_out_scores(direction, methods, args)
+        scores["text"] = text_validation_scores(direction, [m for m in methods if m != "auto"])
+        out += orders(results, scores, chosen)
     return out
 
 
@@ -367,7 +426,9 @@ def main() -> None:
         "--time", nargs="+", default=None, metavar="SPEC", help="only time these methods"
     )
     parser.add_argument(
-        "--leave-out", action="store_true", help="also rank by leave-out (random, like new)"
+        "--leave-out",
+        action="store_true",
+        help="also rank by leave-out (random, like new) and by auto's validation text",
     )
     parser.add_argument("--skip-base", action="store_true", help="no base-model row")
     parser.add_argument("--out", type=Path, default=Path("/tmp/mergekit-omp-quality"))

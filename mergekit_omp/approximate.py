@@ -55,6 +55,8 @@ def build_problem(
         seed=seed,
         base_config=base.config,
         donor_config=donor.config,
+        base_path=base.path,
+        matched_ids=(list(match.matched), [b for b, _ in match.matched.values()]),
     )
 
 

@@ -144,8 +144,8 @@ def method_note(matrices: list[MatrixReport]) -> str:
         if m.choice:
             scores = ", ".join(f"`{c}` {s:.4f}" for c, s in m.choice["scores"].items())
             lines.append(
-                f"  chosen by `auto` from {len(m.choice['scores'])} candidates, "
-                f"{m.choice['validation']} ({m.choice['held_out']} tokens): {scores}"
+                f"  `auto` chose `{m.choice['chosen']}` from {len(m.choice['scores'])} "
+                f"candidates by {m.choice['validation']} ({m.choice['evidence']}): {scores}"
             )
     if any(m.method == "omp" for m in matrices):
         lines.extend(["", OMP_NOTE.format(paper=PAPER)])

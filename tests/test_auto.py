@@ -7,6 +7,7 @@ import torch
 
 from mergekit_omp.approximators import ApproximationProblem, get_approximator
 from mergekit_omp.approximators.auto import (
+    TEXT_VALIDATION,
     ChosenApproximation,
     held_out_positions,
     validation_problem,
@@ -80,13 +81,15 @@ def test_auto_runs_the_candidate_that_rebuilds_the_held_out_anchors_best():
     problem, mapping, offset = linear_problem()
     result = get_approximator("auto")(
         problem, candidates=("zero", "ridge:alpha=0", "mean"), holdout=10
-    )
+    )  # no base model to run: leave-out validation
     assert isinstance(result, ChosenApproximation)
     assert result.choice["chosen"] == "ridge:alpha=0"
     assert result.choice["method"] == "ridge"
     assert result.choice["scores"]["ridge:alpha=0"] == pytest.approx(1.0)
     assert result.choice["scores"]["zero"] == 0.0
-    assert result.choice["held_out"] == 10
+    assert result.choice["evidence"] == "10 held-out tokens"
+    assert result.choice["validation"].startswith("leave-out mean cosine")
+    assert "could not be run: the problem has no base model path" in result.choice["validation"]
     assert torch.allclose(result.rows, problem.targets @ mapping + offset, atol=1e-9)
 
 
@@ -109,12 +112,15 @@ def test_a_transplant_with_auto_records_the_choice_in_report_and_card(tmp_path, 
         parameters={"candidates": ["omp:k=4", "fvt", "zero"], "holdout": 20},
     )
     result = transplant(options, tmp_path / "out", progress=False)
+    card = (tmp_path / "out" / "README.md").read_text()
+    assert result.report.matrices
     for matrix in result.report.matrices:
         assert matrix.method == "auto"
         assert set(matrix.choice["scores"]) == {"omp:k=4", "fvt", "zero"}
-        assert matrix.choice["chosen"] == max(
-            matrix.choice["scores"], key=matrix.choice["scores"].get
-        )
-    card = (tmp_path / "out" / "README.md").read_text()
-    assert card.count("chosen by `auto` from 3 candidates") == len(result.report.matrices)
+        scores = matrix.choice["scores"]
+        assert matrix.choice["validation"] == TEXT_VALIDATION
+        assert matrix.choice["chosen"] == min(scores, key=scores.get)
+        assert all(0 < score < 100 for score in scores.values())  # bits per byte
+        chosen = matrix.choice["chosen"]
+        assert f"`auto` chose `{chosen}` from 3 candidates by bits per byte" in card
     assert "auto chose" in result.report.summary()

@@ -1,26 +1,33 @@
-"""Choose the method for this matrix by leave-out validation on anchors like its new tokens.
+"""Choose the method for this matrix by running the model: each candidate's transplant is
+scored by bits per byte on a validation text, and the lowest wins.
 
-Before any new token is approximated, ``holdout`` anchors are set aside as a validation
-set: the anchors that are the nearest (cosine, donor space) of the most new tokens
-(``evaluate/leave_out.py``, ``like="new"``), since random anchors are shorter and more
-frequent than new tokens and rank methods differently from bits per byte. They are hidden
-as in ``mergekit-omp-eval``'s leave-out: removed from the anchors, their base rows replaced
-by the mean of the others, dropped from the base vocabulary (so FVT cannot spell a token
-with itself). Each candidate approximates them from the remaining anchors; the one whose
-rows have the highest mean cosine with the true base rows is then run on the real new
-tokens. The candidates, their scores and the choice are returned with the rows
+Each candidate approximates the new tokens; its rows are put into the base model, which is
+run with the donor's tokenizer on a text every Python installation has (prose and code,
+``evaluate/validation.py``). The candidate with the lowest bits per byte is kept: its rows
+are the answer, nothing runs twice. Candidates built on OMP with the same k share one OMP
+run (``omp.shared_omp_runs``). Where the model cannot be run (no base model path, no
+validation text, a model ``transformers`` cannot build) or ``validation="leave_out"``, the
+choice falls back to leave-out validation on anchors like the new tokens (below), and the
+record says why.
+
+Leave-out: ``holdout`` anchors are set aside as a validation set: the anchors that are the
+nearest (cosine, donor space) of the most new tokens (``evaluate/leave_out.py``,
+``like="new"``). They are hidden as in ``mergekit-omp-eval``'s leave-out: removed from the
+anchors, their base rows replaced by the mean of the others, dropped from the base
+vocabulary (so FVT cannot spell a token with itself). Each candidate approximates them from
+the remaining anchors; the one whose rows have the highest mean cosine with the true base
+rows is then run on the real new tokens.
+
+The candidates, their scores and the choice are returned with the rows
 (``ChosenApproximation.choice``) and go into the report and the model card.
-
-Cost: the candidates on ``holdout`` tokens, then one method on all new tokens. The default
-candidates share k = 16, so the chosen one costs at most an OMP with k = 16 plus FVT's
-splits.
 """
 
 import dataclasses
 import logging
+import math
 import time
 from dataclasses import dataclass
-from typing import Annotated, Any
+from typing import Annotated, Any, Literal
 
 import torch
 import torch.nn.functional as F
@@ -40,6 +47,9 @@ CANDIDATES = (
 )
 """``NAME[:PARAM=VALUE,...]`` specs, in order of preference on equal scores."""
 HoldoutCount = Annotated[int, Field(ge=1, le=100_000)]
+ValidationKind = Literal["text", "leave_out"]
+TEXT_VALIDATION = "bits per byte on the validation text (lower is better)"
+LEAVE_OUT_VALIDATION = "leave-out mean cosine, anchors like the new tokens (higher is better)"
 
 
 @dataclass(frozen=True)
@@ -117,14 +127,7 @@ def score_candidates(validation: Validation, candidates: tuple[str, ...]) -> dic
     return scores
 
 
-@approximator("auto", pretty_name="Chosen by leave-out validation")
-def auto(
-    problem: ApproximationProblem,
-    *,
-    candidates: tuple[str, ...] = CANDIDATES,
-    holdout: HoldoutCount = 1000,
-) -> Approximation:
-    """The candidate that rebuilds held-out anchors like the new tokens best, run on them."""
+def check_candidates(candidates: tuple[str, ...]) -> None:
     from mergekit_omp.evaluate.compare import parse_method_spec
 
     if not candidates:
@@ -132,23 +135,88 @@ def auto(
     for spec in candidates:
         if parse_method_spec(spec).approximator.name == "auto":
             raise TransplantError("auto cannot be its own candidate")
+
+
+def by_text_bits_per_byte(
+    problem: ApproximationProblem, candidates: tuple[str, ...], scorer: Any
+) -> tuple[str, Approximation, dict[str, float]]:
+    """Each candidate run on the new tokens and scored by ``scorer`` (a
+    ``validation.TextScorer``); the lowest bits per byte wins (the first of equals)."""
+    from mergekit_omp.approximators.omp import shared_omp_runs
+    from mergekit_omp.evaluate.compare import parse_method_spec
+
+    scores: dict[str, float] = {}
+    best: tuple[str, Approximation] | None = None
+    with shared_omp_runs():
+        for spec in candidates:
+            parsed = parse_method_spec(spec)
+            try:
+                result = parsed.approximator(problem, **parsed.parameters)
+            except TransplantError as exc:
+                LOG.warning("auto: candidate %s failed: %s", spec, exc)
+                scores[spec] = float("inf")
+                continue
+            score = scorer.bits_per_byte(result.rows)
+            scores[spec] = round(score, 6) if math.isfinite(score) else float("inf")
+            LOG.info("auto: %s scores %.4f bits per byte on the validation text", spec, score)
+            if best is None or scores[spec] < scores[best[0]]:
+                best = (spec, result)
+    if best is None:
+        raise TransplantError(f"auto: every candidate failed ({', '.join(candidates)})")
+    return best[0], best[1], scores
+
+
+def text_scorer(problem: ApproximationProblem) -> tuple[Any, str | None]:
+    """(the text scorer, None), or (None, why the model cannot be run)."""
+    from mergekit_omp.evaluate.validation import TextScorer, ValidationUnavailable
+
+    try:
+        return TextScorer(problem), None
+    except ValidationUnavailable as exc:
+        LOG.warning("auto: %s; choosing by leave-out validation instead", exc)
+        return None, str(exc)
+
+
+@approximator("auto", pretty_name="Chosen by validation")
+def auto(
+    problem: ApproximationProblem,
+    *,
+    candidates: tuple[str, ...] = CANDIDATES,
+    validation: ValidationKind = "text",
+    holdout: HoldoutCount = 1000,
+) -> Approximation:
+    """The candidate whose transplant scores the lowest bits per byte on a validation text."""
+    from mergekit_omp.evaluate.compare import parse_method_spec
+
+    candidates = tuple(candidates)
+    check_candidates(candidates)
     start = time.perf_counter()
-    validation = validation_problem(problem, holdout, problem.seed)
-    scores = score_candidates(validation, tuple(candidates))
-    best = max(candidates, key=lambda spec: scores[spec])  # first of equals wins
-    validation_seconds = round(time.perf_counter() - start, 3)
-    LOG.info("auto: leave-out mean cosine %s; chose %s", scores, best)
+    scorer, unavailable = text_scorer(problem) if validation == "text" else (None, None)
+    if scorer is not None:
+        best, result, scores = by_text_bits_per_byte(problem, candidates, scorer)
+        evidence = f"{sum(len(t.encode()) for t in scorer.texts.values())} bytes of text"
+        how = TEXT_VALIDATION
+    else:
+        held = validation_problem(problem, holdout, problem.seed)
+        scores = score_candidates(held, candidates)
+        best = max(candidates, key=lambda spec: scores[spec])  # first of equals wins
+        parsed = parse_method_spec(best)
+        result = parsed.approximator(problem, **parsed.parameters)
+        evidence = f"{held.problem.num_targets} held-out tokens"
+        how = LEAVE_OUT_VALIDATION
+        if unavailable:
+            how += f"; the model could not be run: {unavailable}"
     parsed = parse_method_spec(best)
-    result = parsed.approximator(problem, **parsed.parameters)
     choice = {
         "chosen": best,
         "method": parsed.approximator.name,
         "parameters": parsed.parameters,
         "scores": scores,
-        "validation": "leave-out mean cosine, anchors like the new tokens",
-        "held_out": validation.problem.num_targets,
-        "validation_seconds": validation_seconds,
+        "validation": how,
+        "evidence": evidence,
+        "seconds": round(time.perf_counter() - start, 3),
     }
+    LOG.info("auto: %s %s; chose %s", how, scores, best)
     return ChosenApproximation(
         rows=result.rows, indices=result.indices, coeffs=result.coeffs, choice=choice
     )

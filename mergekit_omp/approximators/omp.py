@@ -5,8 +5,12 @@ Each new token's donor row is written as a k-sparse combination of donor anchor 
 base row.
 """
 
+from collections.abc import Iterator
+from contextlib import contextmanager
+from contextvars import ContextVar
 from typing import Annotated
 
+import torch
 from pydantic import Field
 
 from mergekit_omp.approximators.base import Approximation, ApproximationProblem, approximator
@@ -15,6 +19,20 @@ from mergekit_omp.kernels.omp import batch_omp
 
 DEFAULT_K = 64
 """Anchors per new token (mergekit-tokensurgeon's ``-k`` default)."""
+SHARED_RUNS: ContextVar[dict[tuple, tuple[torch.Tensor, torch.Tensor]] | None] = ContextVar(
+    "shared_omp_runs", default=None
+)
+
+
+@contextmanager
+def shared_omp_runs() -> Iterator[None]:
+    """Within this block, ``omp`` on the same problem tensors with the same k and screening
+    runs once: methods built on OMP (``omp_ridge``, ``hybrid``) share it (``auto``)."""
+    token = SHARED_RUNS.set({})
+    try:
+        yield
+    finally:
+        SHARED_RUNS.reset(token)
 
 
 @approximator(
@@ -44,14 +62,21 @@ def omp(
         raise TransplantError(
             f"k={k} is larger than the number of shared anchor tokens ({anchors})"
         )
-    indices, coeffs = batch_omp(
-        problem.targets,
-        problem.donor_anchors,
-        k,
-        memory_budget_bytes=None if memory_gb is None else int(memory_gb * 1024**3),
-        batch_size=problem.batch_size,
-        screen=screen,
-        progress=problem.progress,
-    )
+    runs = SHARED_RUNS.get()
+    key = (id(problem.targets), id(problem.donor_anchors), k, screen)
+    if runs is not None and key in runs:
+        indices, coeffs = (t.clone() for t in runs[key])
+    else:
+        indices, coeffs = batch_omp(
+            problem.targets,
+            problem.donor_anchors,
+            k,
+            memory_budget_bytes=None if memory_gb is None else int(memory_gb * 1024**3),
+            batch_size=problem.batch_size,
+            screen=screen,
+            progress=problem.progress,
+        )
+        if runs is not None:
+            runs[key] = (indices.clone(), coeffs.clone())
     rows = problem.combine_base_anchors(indices, coeffs)
     return Approximation(rows=rows, indices=indices, coeffs=coeffs)

@@ -1,0 +1,160 @@
+"""Validation text bits per byte: ``auto``'s way of scoring a candidate method by running
+the model.
+
+The base model is loaded with ``transformers`` once; its vocabulary matrices are made
+donor-sized, as the transplant writes them (each anchor's base row at its donor id). A
+candidate's rows for the new tokens go into the matrix being validated (the embedding,
+tied LM head included, or an untied LM head), and the model's bits per byte
+(``evaluate/bpb.py``) is measured with the donor's tokenizer on a validation text that every
+Python installation has, so it needs nothing downloaded:
+
+* prose: the language reference in English (``pydoc_data.topics``, the topics in sorted
+  order), which has indented code in it as well;
+* code: the standard library's ``calendar.py``.
+
+``VALIDATION_BYTES`` bytes of each (``part`` p takes the p-th such slice; part 0 is what
+``auto`` uses), cut on a character boundary. Lower is better. The held-back texts of
+``benchmarks/quality.py`` are other texts (docs/evaluate.md).
+
+Where the base's tokenizer inserts BOS, the base's own BOS row is put in front of every
+window (``bos_embedding``), whatever the donor's tokenizer does: the model is scored as it
+was trained to run (``--bos match_base``), so that a missing BOS does not drown the
+difference between candidates. Elsewhere nothing is put in front.
+
+In an untied model the other matrix keeps the base rows of the anchors and zero rows for
+the new tokens while one matrix is validated.
+"""
+
+from __future__ import annotations
+
+import math
+import sysconfig
+from pathlib import Path
+from typing import cast
+
+import torch
+
+from mergekit_omp.approximators.base import ApproximationProblem
+from mergekit_omp.errors import TransplantError
+
+VALIDATION_BYTES = 3000
+"""Bytes of each validation text (prose, code)."""
+CODE_MODULE = "calendar.py"
+
+
+class ValidationUnavailable(TransplantError):
+    """The model cannot be run on the validation text (no text, no model, no tokenizer)."""
+
+
+def validation_texts(size: int = VALIDATION_BYTES, part: int = 0) -> dict[str, str]:
+    """``{"prose": ..., "code": ...}``: bytes ``part * size`` to ``(part + 1) * size`` of
+    each validation text (module docstring)."""
+    try:
+        from pydoc_data.topics import topics
+
+        prose = "\n\n".join(topics[name] for name in sorted(topics)).encode("utf-8")
+        code = (Path(sysconfig.get_paths()["stdlib"]) / CODE_MODULE).read_bytes()
+    except (ImportError, OSError) as exc:
+        raise ValidationUnavailable(f"no validation text in this Python: {exc}") from None
+    texts = {}
+    for name, data in (("prose", prose), ("code", code)):
+        text = data[part * size : (part + 1) * size].decode("utf-8", errors="ignore")
+        if not text:
+            raise ValidationUnavailable(f"the {name} validation text has no part {part}")
+        texts[name] = text
+    return texts
+
+
+def donor_sized(
+    weight: torch.Tensor, problem: ApproximationProblem, size: int, *, validated: bool
+) -> torch.Tensor:
+    """A ``size``-row matrix laid out as the transplant assembles it: each matched donor id
+    with its base token's row (of ``problem.base_matrix`` for the validated matrix, of
+    ``weight`` for the other), zero elsewhere (the new tokens' rows come later)."""
+    donor_ids, base_ids = problem.matched_ids or (
+        problem.donor_anchor_ids,
+        problem.base_anchor_ids,
+    )
+    source = problem.base_matrix if validated else weight
+    matrix = weight.new_zeros(size, weight.shape[1])
+    matrix[torch.tensor(donor_ids, dtype=torch.long)] = source[torch.tensor(base_ids)].to(weight)
+    return matrix
+
+
+class TextScorer:
+    """The base model, ready to score one candidate's new-token rows after another."""
+
+    def __init__(self, problem: ApproximationProblem, texts: dict[str, str] | None = None) -> None:
+        if problem.base_path is None or problem.donor_tokenizer is None:
+            raise ValidationUnavailable("the problem has no base model path or donor tokenizer")
+        self.texts = texts if texts is not None else validation_texts()
+        self.tokenizer = problem.donor_tokenizer
+        self.targets = torch.tensor(problem.target_ids)
+        donor_ids = problem.matched_ids[0] if problem.matched_ids else problem.donor_anchor_ids
+        size = max(len(self.tokenizer), 1 + max(problem.target_ids + donor_ids))
+        self.model = load_base(problem.base_path)
+        inputs = self.model.get_input_embeddings()
+        output = self.model.get_output_embeddings()
+        self.bos_row = base_bos_row(self.model, problem)
+        tied = output is None or output.weight is inputs.weight
+        matrices = {"input": inputs.weight.detach()}
+        if not tied:
+            matrices["output"] = output.weight.detach()
+        bias = getattr(output, "bias", None) if output is not None else None
+        validated = "output" if problem.is_lm_head and not tied else "input"
+        donor_matrices = {
+            name: donor_sized(weight, problem, size, validated=name == validated)
+            for name, weight in matrices.items()
+        }
+        donor_bias = (
+            None
+            if bias is None
+            else donor_sized(bias.detach()[:, None], problem, size, validated=False)[:, 0]
+        )
+        self.model.resize_token_embeddings(size, mean_resizing=False)
+        inputs = self.model.get_input_embeddings()
+        output = self.model.get_output_embeddings()
+        with torch.no_grad():
+            inputs.weight.copy_(donor_matrices["input"])
+            if "output" in donor_matrices:
+                output.weight.copy_(donor_matrices["output"])
+            if donor_bias is not None:
+                output.bias.copy_(donor_bias)
+        self.matrix = (output if validated == "output" else inputs).weight
+
+    @torch.no_grad()
+    def bits_per_byte(self, rows: torch.Tensor) -> float:
+        """The model's bits per byte on the validation texts (total bits over total bytes)
+        with ``rows`` as the new tokens' rows of the validated matrix."""
+        from mergekit_omp.evaluate.bpb import bits_per_byte
+
+        self.matrix[self.targets] = rows.to(self.matrix)
+        nll, n_bytes = 0.0, 0
+        for text in self.texts.values():
+            result = bits_per_byte(
+                self.model, self.tokenizer, text, bos="none", bos_embedding=self.bos_row
+            )
+            nll, n_bytes = nll + result.nll_nats, n_bytes + result.bytes
+        return nll / math.log(2) / n_bytes
+
+
+@torch.no_grad()
+def base_bos_row(model, problem: ApproximationProblem) -> torch.Tensor | None:
+    """The base's BOS row as its embedding module outputs it, if its tokenizer inserts BOS."""
+    from mergekit_omp.evaluate.bpb import tokenizer_adds_bos
+
+    tokenizer = problem.base_tokenizer
+    if tokenizer is None or not tokenizer_adds_bos(tokenizer):
+        return None
+    bos = torch.tensor([tokenizer.bos_token_id])
+    return model.get_input_embeddings()(bos).detach().clone()
+
+
+def load_base(path: str):
+    from transformers import AutoModelForCausalLM, PreTrainedModel
+
+    try:
+        model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
+    except Exception as exc:
+        raise ValidationUnavailable(f"cannot run {path} as a causal LM: {exc}") from None
+    return cast(PreTrainedModel, model).eval()

@@ -1,0 +1,183 @@
+"""auto's validation by running the model: the validation text, the scorer, the choice."""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import pytest
+import tiny
+import torch
+import transformers
+from mergekit.options import MergeOptions
+
+import mergekit_omp.approximators.omp as omp_module
+from mergekit_omp import TransplantOptions, transplant
+from mergekit_omp.approximate import build_problem
+from mergekit_omp.approximators import get_approximator
+from mergekit_omp.approximators.auto import LEAVE_OUT_VALIDATION, TEXT_VALIDATION
+from mergekit_omp.approximators.omp import shared_omp_runs
+from mergekit_omp.evaluate.bpb import bits_per_byte
+from mergekit_omp.evaluate.compare import parse_method_spec
+from mergekit_omp.evaluate.validation import (
+    VALIDATION_BYTES,
+    TextScorer,
+    ValidationUnavailable,
+    validation_texts,
+)
+from mergekit_omp.plan import load_pair, plan_transplant
+
+CANDIDATES = ("zero", "mean", "ridge:alpha=0", "omp:k=4", "fvt")
+
+
+def tied_pair_of(root: Path, base_adds_bos: bool) -> tuple[Path, Path]:
+    """A tied byte-level base (inserting BOS or not) given a byte-level donor with a larger
+    vocabulary that inserts none."""
+    base, donor, _, _ = tiny.linear_pair(
+        root, tiny.byte_level_tokenizer(400), tiny.byte_level_tokenizer(300)
+    )
+    tokenizer = tiny.byte_level_tokenizer(300)
+    tokenizer.add_bos_token = base_adds_bos
+    tied = tiny.tiny_llama(
+        tokenizer,
+        root / "tied",
+        hidden_size=20,
+        tied=True,
+        embed=tiny.load_tensors(base)["model.embed_tokens.weight"],
+    )
+    return tied, donor
+
+
+def problem_of(base_path: Path, donor_path: Path, bos: str = "keep_donor"):
+    """The embedding's problem as ``mergekit-omp --bos BOS`` builds it."""
+    base, donor = load_pair(str(base_path), str(donor_path), MergeOptions())
+    options = TransplantOptions(base_model=str(base_path), donor=str(donor_path), bos=bos)
+    plan = plan_transplant(options, base, donor)
+    (matrix,) = plan.matrices
+    return build_problem(
+        matrix.base_rows(base),
+        matrix.donor_rows(donor),
+        plan.match(matrix, base, donor),
+        base,
+        donor,
+        is_lm_head=False,
+        batch_size=None,
+        progress=False,
+        seed=0,
+    )
+
+
+@pytest.fixture(scope="module")
+def tied_pair(tmp_path_factory) -> tuple[Path, Path]:
+    return tied_pair_of(tmp_path_factory.mktemp("validation"), base_adds_bos=True)
+
+
+@pytest.fixture(scope="module")
+def problem(tied_pair):
+    return problem_of(*tied_pair)
+
+
+def rows_of(problem, spec: str) -> torch.Tensor:
+    parsed = parse_method_spec(spec)
+    return parsed.approximator(problem, **parsed.parameters).rows
+
+
+def test_the_validation_text_is_fixed_prose_and_code_from_the_python_installation():
+    texts = validation_texts()
+    assert set(texts) == {"prose", "code"}
+    assert texts == validation_texts()
+    assert all(0 < len(t.encode()) <= VALIDATION_BYTES for t in texts.values())
+    assert texts["prose"].startswith('The "assert" statement')
+    assert "def " in texts["code"] or "class " in texts["code"]
+    other = validation_texts(part=1)
+    assert other["prose"] != texts["prose"] and other["code"] != texts["code"]
+    with pytest.raises(ValidationUnavailable, match="no part"):
+        validation_texts(part=10**6)
+
+
+@pytest.mark.parametrize("base_adds_bos", [True, False])
+def test_the_scorer_scores_as_the_written_transplant(base_adds_bos, tmp_path):
+    base, donor = tied_pair_of(tmp_path, base_adds_bos)
+    problem = problem_of(base, donor, bos="match_base")
+    out = tmp_path / "out"
+    options = TransplantOptions(
+        base_model=str(base), donor=str(donor), method="wechsel", bos="match_base"
+    )
+    transplant(options, out, progress=False)
+    written = transformers.AutoModelForCausalLM.from_pretrained(out).eval()
+    tokenizer = transformers.AutoTokenizer.from_pretrained(out)
+    texts = validation_texts()
+    total = [bits_per_byte(written, tokenizer, text) for text in texts.values()]
+    assert all((r.bos_id is not None) == base_adds_bos for r in total)
+    expected = sum(r.nll_nats for r in total) / sum(r.bytes for r in total) / math.log(2)
+    scorer = TextScorer(problem, texts)
+    assert (scorer.bos_row is not None) == base_adds_bos
+    assert scorer.bits_per_byte(rows_of(problem, "wechsel")) == pytest.approx(expected, rel=1e-5)
+
+
+def test_only_the_new_tokens_rows_change(problem):
+    scorer = TextScorer(problem)
+    before = scorer.matrix.detach().clone()
+    rows = torch.randn(problem.num_targets, problem.base_dim, dtype=torch.float64)
+    scorer.bits_per_byte(rows)
+    after = scorer.matrix.detach()
+    new = torch.zeros(after.shape[0], dtype=torch.bool)
+    new[problem.target_ids] = True
+    assert torch.equal(after[~new], before[~new])
+    assert torch.equal(after[new], rows.float())
+    anchors = torch.tensor(problem.donor_anchor_ids)
+    assert torch.equal(after[anchors], problem.base_anchors.float())
+
+
+def test_validation_is_deterministic_and_garbage_rows_score_worse_than_true_rows(problem):
+    scorer = TextScorer(problem)
+    exact = rows_of(problem, "ridge:alpha=0")  # the linear pair's true rows
+    garbage = 100 * torch.randn(exact.shape, generator=torch.Generator().manual_seed(0))
+    assert scorer.bits_per_byte(exact) == scorer.bits_per_byte(exact)
+    assert scorer.bits_per_byte(garbage) > scorer.bits_per_byte(exact) + 1.0
+
+
+def test_auto_keeps_the_candidate_with_the_lowest_bits_per_byte_and_records_all(problem):
+    result = get_approximator("auto")(problem, candidates=CANDIDATES)
+    scores = result.choice["scores"]
+    scorer = TextScorer(problem)
+    for spec in CANDIDATES:
+        assert scores[spec] == pytest.approx(scorer.bits_per_byte(rows_of(problem, spec)), abs=1e-6)
+    assert result.choice["chosen"] == min(CANDIDATES, key=scores.get)
+    assert result.choice["validation"] == TEXT_VALIDATION
+    assert result.choice["evidence"] == f"{2 * VALIDATION_BYTES} bytes of text"
+    assert torch.equal(result.rows, rows_of(problem, result.choice["chosen"]))
+    again = get_approximator("auto")(problem, candidates=CANDIDATES)
+    assert again.choice["scores"] == scores and torch.equal(again.rows, result.rows)
+
+
+def test_auto_falls_back_to_leave_out_where_the_model_cannot_run_and_says_why(problem, tmp_path):
+    import dataclasses
+
+    broken = dataclasses.replace(problem, base_path=str(tmp_path))
+    result = get_approximator("auto")(broken, candidates=("zero", "ridge:alpha=0"), holdout=20)
+    assert result.choice["validation"].startswith(LEAVE_OUT_VALIDATION)
+    assert f"the model could not be run: cannot run {tmp_path}" in result.choice["validation"]
+    assert result.choice["evidence"] == "20 held-out tokens"
+    chosen = get_approximator("auto")(
+        problem, candidates=("zero", "ridge:alpha=0"), validation="leave_out", holdout=20
+    )
+    assert chosen.choice["validation"] == LEAVE_OUT_VALIDATION
+
+
+def test_methods_built_on_omp_share_one_run_inside_shared_omp_runs(problem, monkeypatch):
+    calls = []
+    original = omp_module.batch_omp
+
+    def counting(*args, **kwargs):
+        calls.append(args[2])
+        return original(*args, **kwargs)
+
+    monkeypatch.setattr(omp_module, "batch_omp", counting)
+    alone = rows_of(problem, "omp_ridge:k=4")
+    assert calls == [4]
+    with shared_omp_runs():
+        shared = [rows_of(problem, spec) for spec in ("omp:k=4", "omp_ridge:k=4", "omp:k=3")]
+        again = rows_of(problem, "omp_ridge:k=4")
+    assert calls == [4, 4, 3]
+    assert torch.equal(shared[1], alone) and torch.equal(again, alone)
