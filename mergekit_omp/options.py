@@ -77,7 +77,7 @@ class TransplantOptions(BaseModel):
 
     base_model: str = Field(description="Model whose weights are kept (path)")
     donor: str = Field(description="Model whose tokenizer is transplanted (path)")
-    method: str = Field("omp", description="Approximator for tokens the base lacks")
+    method: str = Field("auto", description="Approximator for tokens the base lacks")
     parameters: dict[str, Any] = Field(default_factory=dict, description="Method parameters")
     embed: MatrixOverride | None = Field(None, description="Overrides for input embeddings")
     lm_head: MatrixOverride | None = Field(None, description="Overrides for the LM head")

@@ -113,5 +113,7 @@ def matrix_counts(matrix: MatrixReport) -> str:
     )
     approximated = matrix.counts.get("approximated", 0)
     params = ", ".join(f"{k}={v}" for k, v in matrix.parameters.items() if v is not None)
+    if matrix.choice:  # the candidates and the choice have a line of their own
+        params = f"{len(matrix.choice['scores'])} candidates"
     method = f"{matrix.method} ({params})" if params else matrix.method
     return f"{counts}, {approximated} approximated by {method} from {matrix.anchors} anchors"

@@ -281,7 +281,7 @@ def planted_pair(tmp_path_factory):
 @pytest.mark.parametrize("guard", ["off", "clip", "shrink"])
 def test_transplant_flags_the_planted_breaker_and_the_guard_bounds_it(planted_pair, guard):
     base, donor, breaker = planted_pair
-    options = TransplantOptions(base_model=base, donor=donor, parameters={"k": 2}, guard=guard)
+    options = TransplantOptions(base_model=base, donor=donor, method="omp", parameters={"k": 2}, guard=guard)
     result = transplant(options, progress=False)
     audit = result.report.diagnostics["audit"]["embed"]
     assert [r["id"] for r in audit["flagged_tokens"]] == [breaker]
@@ -308,6 +308,8 @@ def test_guard_flag_reaches_the_written_model(planted_pair, tmp_path):
         base,
         donor,
         str(tmp_path / "out"),
+        "-a",
+        "omp",
         "-k",
         "2",
         "--guard",
@@ -328,7 +330,9 @@ def test_report_command_writes_no_model(planted_pair, tmp_path):
     base, donor, breaker = planted_pair
     report = tmp_path / "report.json"
     result = CliRunner().invoke(
-        report_main, [base, donor, "-k", "2", "--json", str(report)], catch_exceptions=False
+        report_main,
+        [base, donor, "-a", "omp", "-k", "2", "--json", str(report)],
+        catch_exceptions=False,
     )
     assert result.exit_code == 0, result.output
     assert "audit embed: " in result.output and "BREAKER" in result.output
@@ -343,7 +347,7 @@ def test_report_command_plots_the_distributions(planted_pair, tmp_path):
     base, donor, _ = planted_pair
     png = tmp_path / "audit.png"
     result = CliRunner().invoke(
-        report_main, [base, donor, "-k", "2", "--plot", str(png)], catch_exceptions=False
+        report_main, [base, donor, "-a", "omp", "-k", "2", "--plot", str(png)], catch_exceptions=False
     )
     assert result.exit_code == 0, result.output
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"

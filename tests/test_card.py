@@ -40,6 +40,7 @@ def transplanted(tmp_path_factory, mixed_pair):
     options = TransplantOptions(
         base_model=str(base),
         donor=str(donor),
+        method="omp",
         parameters={"k": 8},
         lm_head={"method": "mean"},
         byte_match="yes",

@@ -146,7 +146,7 @@ def test_method_flags_reach_the_methods_that_take_them(
 )
 def test_method_flags_are_refused_where_unused(mixed_pair, tmp_path, flags, message):
     base, donor = mixed_pair
-    result = invoke(base, donor, tmp_path / "out", *flags)
+    result = invoke(base, donor, tmp_path / "out", "-a", "omp", *flags)
     assert_one_line_error(result, message)
 
 
@@ -216,7 +216,7 @@ def test_corrupt_weight_file(mixed_pair, tmp_path):
 
 def test_k_larger_than_the_anchors(mixed_pair, tmp_path):
     base, donor = mixed_pair
-    result = invoke(base, donor, tmp_path / "out", "-k", "100000")
+    result = invoke(base, donor, tmp_path / "out", "-a", "omp", "-k", "100000")
     assert_one_line_error(result, "k=100000", "anchor")
     assert not (tmp_path / "out").exists()
     assert no_leftovers(tmp_path)
@@ -290,7 +290,9 @@ def test_unknown_method_parameter(mixed_pair, tmp_path):
 
 def test_writes_loadable_model_with_method_parameter(mixed_pair, tmp_path):
     base, donor = mixed_pair
-    result = invoke(base, donor, tmp_path / "out", "-p", "k=5", "--dtype", "bfloat16")
+    result = invoke(
+        base, donor, tmp_path / "out", "-a", "omp", "-p", "k=5", "--dtype", "bfloat16"
+    )
     assert result.exit_code == 0, result.output
     tensors = load_file(tmp_path / "out" / "model.safetensors")
     assert tensors["model.embed_tokens.weight"].dtype == torch.bfloat16

@@ -49,7 +49,11 @@ def test_plan_holds_the_bos_decision_and_its_forced_pair(bos_pair):
     base_path, donor_path = bos_pair
     base, donor = load_pair(str(base_path), str(donor_path), MergeOptions())
     options = TransplantOptions(
-        base_model=str(base_path), donor=str(donor_path), byte_match="yes", bos="match_base"
+        base_model=str(base_path),
+        donor=str(donor_path),
+        method="omp",
+        byte_match="yes",
+        bos="match_base",
     )
     plan = plan_transplant(options, base, donor)
     assert plan.bos_diagnostics() == {
@@ -78,6 +82,7 @@ def test_eval_path_scores_the_model_mergekit_omp_writes(bos_pair, tmp_path, monk
     options = TransplantOptions(
         base_model=str(base),
         donor=str(donor),
+        method="omp",
         byte_match="yes",
         prefix_match="yes",
         bos="match_base",
@@ -135,9 +140,9 @@ def test_lm_head_tensors_are_laid_out_by_the_lm_head_match(bos_pair):
 @pytest.mark.parametrize(
     ("flags", "expected"),
     [
-        (["-k", "0"], "parameters.k: Input should be greater than or equal to 1 (method 'omp')"),
+        (["-a", "omp", "-k", "0"], "parameters.k: Input should be greater than or equal to 1 (method 'omp')"),
         (
-            ["-p", "memory_gb=nan"],
+            ["-a", "omp", "-p", "memory_gb=nan"],
             "parameters.memory_gb: Input should be a finite number (method 'omp')",
         ),
         (
@@ -146,7 +151,10 @@ def test_lm_head_tensors_are_laid_out_by_the_lm_head_match(bos_pair):
         ),
         (["-nvs", "nan"], "new_vocab_scale: Input should be a finite number"),
         (["-nvn", "inf"], "new_vocab_noise: Input should be a finite number"),
-        (["-p", "kk=3"], "parameters.kk: method 'omp' takes no such parameter (did you mean 'k'?)"),
+        (
+            ["-a", "omp", "-p", "kk=3"],
+            "parameters.kk: method 'omp' takes no such parameter (did you mean 'k'?)",
+        ),
     ],
 )
 def test_bad_values_are_refused_in_one_line_before_loading(tmp_path, flags, expected):

@@ -66,7 +66,7 @@ def test_recipe_yaml_round_trips_every_option(tmp_path):
 
 def test_recipe_of_default_options_names_only_models_and_method():
     options = TransplantOptions(base_model="a", donor="b")
-    assert recipe_dict(options) == {"base_model": "a", "donor": "b", "method": "omp"}
+    assert recipe_dict(options) == {"base_model": "a", "donor": "b", "method": "auto"}
 
 
 def test_yaml_yes_and_no_are_match_scopes(tmp_path):
@@ -91,11 +91,11 @@ def test_yaml_yes_and_no_are_match_scopes(tmp_path):
             "byte_match: Input should be 'no', 'yes', 'embed' or 'lm_head'",
         ),
         (
-            "base_model: a\ndonor: b\nparameters: {k: many}\n",
+            "base_model: a\ndonor: b\nmethod: omp\nparameters: {k: many}\n",
             "parameters.k: Input should be a valid integer",
         ),
         (
-            "base_model: a\ndonor: b\nparameters: {kk: 3}\n",
+            "base_model: a\ndonor: b\nmethod: omp\nparameters: {kk: 3}\n",
             "parameters.kk: method 'omp' takes no such parameter (did you mean 'k'?)",
         ),
         (
@@ -142,7 +142,7 @@ def test_model_path_resolution_rules(tmp_path, monkeypatch):
 
 def test_bad_parameters_fail_before_any_model_is_read(tmp_path):
     message = recipe_error(
-        tmp_path, "base_model: /no/such/base\ndonor: /no/such/donor\nparameters: {k: 0.5}\n"
+        tmp_path, "base_model: /no/such/base\ndonor: /no/such/donor\nmethod: omp\nparameters: {k: 0.5}\n"
     )
     assert message.startswith("parameters.k: Input should be a valid integer")
 
@@ -160,7 +160,8 @@ def test_recipe_command_reports_bad_recipe_on_one_line(tmp_path):
 
 def test_cli_rejects_bad_param_before_reading_models(tmp_path):
     result = CliRunner().invoke(
-        cli.main, ["/no/such/base", "/no/such/donor", str(tmp_path / "out"), "-p", "k=x"]
+        cli.main,
+        ["/no/such/base", "/no/such/donor", str(tmp_path / "out"), "-a", "omp", "-p", "k=x"],
     )
     assert result.exit_code == 1
     assert "parameters.k: Input should be a valid integer" in result.stderr

@@ -36,10 +36,13 @@ import torch
 
 from mergekit_omp.approximators.base import ApproximationProblem
 from mergekit_omp.errors import TransplantError
+from mergekit_omp.evaluate.bpb import effective_window
 
 VALIDATION_BYTES = 3000
 """Bytes of each validation text (prose, code)."""
 CODE_MODULE = "calendar.py"
+LOGITS_BYTES = 512 * 1024**2
+"""Most float32 logits one forward pass of the scorer makes (windows are batched up to it)."""
 
 
 class ValidationUnavailable(TransplantError):
@@ -121,21 +124,64 @@ class TextScorer:
             if donor_bias is not None:
                 output.bias.copy_(donor_bias)
         self.matrix = (output if validated == "output" else inputs).weight
+        size = effective_window(self.model, None)
+        self.windows = {
+            name: text_windows(
+                self.tokenizer(text, add_special_tokens=False)["input_ids"],
+                size,
+                self.bos_row is not None,
+            )
+            for name, text in self.texts.items()
+        }
+        self.bytes = sum(len(text.encode("utf-8")) for text in self.texts.values())
 
     @torch.no_grad()
     def bits_per_byte(self, rows: torch.Tensor) -> float:
         """The model's bits per byte on the validation texts (total bits over total bytes)
         with ``rows`` as the new tokens' rows of the validated matrix."""
-        from mergekit_omp.evaluate.bpb import bits_per_byte
-
         self.matrix[self.targets] = rows.to(self.matrix)
-        nll, n_bytes = 0.0, 0
-        for text in self.texts.values():
-            result = bits_per_byte(
-                self.model, self.tokenizer, text, bos="none", bos_embedding=self.bos_row
-            )
-            nll, n_bytes = nll + result.nll_nats, n_bytes + result.bytes
-        return nll / math.log(2) / n_bytes
+        nll = sum(self.nll(windows) for windows in self.windows.values())
+        return nll / math.log(2) / self.bytes
+
+    def nll(self, windows: list[list[int]]) -> float:
+        """Summed NLL in nats of the tokens of ``windows`` after the first (all of them when
+        a BOS row goes in front), windows of one length in one batch, as
+        ``bpb.bits_per_byte`` scores them one by one."""
+        device = self.matrix.device
+        total = 0.0
+        for length in sorted({len(w) for w in windows}):
+            batch = torch.tensor([w for w in windows if len(w) == length], device=device)
+            for start in range(0, batch.shape[0], self.batch_limit(length)):
+                total += self.batch_nll(batch[start : start + self.batch_limit(length)])
+        return total
+
+    def batch_nll(self, inputs: torch.Tensor) -> float:
+        import torch.nn.functional as F
+
+        if self.bos_row is None:
+            logits, targets = self.model(input_ids=inputs).logits[:, :-1], inputs[:, 1:]
+        else:
+            embedded = self.model.get_input_embeddings()(inputs)
+            bos = self.bos_row.to(embedded).expand(inputs.shape[0], 1, -1)
+            logits = self.model(inputs_embeds=torch.cat([bos, embedded], dim=1)).logits[:, :-1]
+            targets = inputs
+        return F.cross_entropy(logits.flatten(0, 1).float(), targets.flatten(), reduction="sum").item()
+
+    def batch_limit(self, length: int) -> int:
+        """Windows per forward pass: their logits within ``LOGITS_BYTES``."""
+        return max(1, LOGITS_BYTES // (4 * (length + 1) * self.matrix.shape[0]))
+
+
+def text_windows(ids: list[int], size: int, bos: bool) -> list[list[int]]:
+    """The model inputs ``bpb.bits_per_byte`` makes of ``ids``: windows of ``size`` tokens;
+    without a BOS row, each window after the first starts with the last token before it."""
+    windows = []
+    for start in range(0, len(ids), size):
+        prefix = [] if bos or start == 0 else [ids[start - 1]]
+        window = prefix + ids[start : start + size]
+        if bos or len(window) >= 2:
+            windows.append(window)
+    return windows
 
 
 @torch.no_grad()
@@ -152,9 +198,15 @@ def base_bos_row(model, problem: ApproximationProblem) -> torch.Tensor | None:
 
 def load_base(path: str):
     from transformers import AutoModelForCausalLM, PreTrainedModel
+    from transformers.utils import logging as transformers_logging
 
+    bars = transformers_logging.is_progress_bar_enabled()
+    transformers_logging.disable_progress_bar()  # the transplant's own output stays as it is
     try:
         model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
     except Exception as exc:
         raise ValidationUnavailable(f"cannot run {path} as a causal LM: {exc}") from None
+    finally:
+        if bars:
+            transformers_logging.enable_progress_bar()
     return cast(PreTrainedModel, model).eval()
