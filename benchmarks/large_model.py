@@ -107,7 +107,8 @@ def model_bytes(directory: Path) -> tuple[int, int]:
 
 def run_ours(base: Path, donor: Path, out: Path, k: int) -> dict:
     report = out.with_name(out.name + ".report.json")
-    command = ["mergekit-omp", str(base), str(donor), str(out), "-k", str(k), "--overwrite"]
+    command = ["mergekit-omp", str(base), str(donor), str(out), "-a", "omp", "-k", str(k)]
+    command.append("--overwrite")
     command += ["--report", str(report)]
     code, wall, cpu, rss = run_timed(command, out.with_name(out.name + ".log"))
     seconds = json.loads(report.read_text()).get("seconds", {}) if code == 0 else {}

@@ -9,9 +9,14 @@ For each direction (base <- donor tokenizer) the base is loaded once; each metho
 vocabulary matrices are built by ``transplant.build_matrices`` (exactly the rows
 ``mergekit-omp`` writes, output tokenizer and BOS handling included) and put into the
 in-memory base model (``evaluate/transplanted.py``), which is scored by
-``evaluate/bpb.py`` with the output tokenizer (``bos="auto"``). Methods that start from
-the same OMP run (``omp``, ``omp_ridge``, ``hybrid`` with the same k) share it: the OMP
-result is computed once per k and direction (same numbers, less time).
+``evaluate/bpb.py`` with the output tokenizer (``bos="auto"``). Every transplant is made
+with ``--bos match_base`` (the model on its own, BOS inserted as the base was trained).
+Methods that start from the same OMP run (``omp``, ``omp_ridge``, ``hybrid`` with the same
+k) share it: the OMP result is computed once per k and direction (same numbers, less time).
+
+``--leave-out`` adds, beside the order by bits per byte, the orders by leave-out (random
+anchors and anchors like the new tokens) and by ``auto``'s validation (bits per byte on
+parts 0 and 1 of ``evaluate/validation.py``'s text), each with Kendall's tau.
 
 Texts (held back: none of them was used while designing the methods; see
 docs/results.md):

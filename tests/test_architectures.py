@@ -70,7 +70,9 @@ TEXT_ARCHITECTURES: dict[str, tuple[str, dict]] = {
 
 def options(base: Path, donor: Path) -> TransplantOptions:
     """k = 8: the approximation is not what this matrix tests, and OMP's k sets its cost."""
-    return TransplantOptions(base_model=str(base), donor=str(donor), method="omp", parameters={"k": 8})
+    return TransplantOptions(
+        base_model=str(base), donor=str(donor), method="omp", parameters={"k": 8}
+    )
 
 
 def tiny_base(model_type: str, overrides: dict, tokenizer, directory: Path) -> Path:

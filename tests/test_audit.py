@@ -281,7 +281,9 @@ def planted_pair(tmp_path_factory):
 @pytest.mark.parametrize("guard", ["off", "clip", "shrink"])
 def test_transplant_flags_the_planted_breaker_and_the_guard_bounds_it(planted_pair, guard):
     base, donor, breaker = planted_pair
-    options = TransplantOptions(base_model=base, donor=donor, method="omp", parameters={"k": 2}, guard=guard)
+    options = TransplantOptions(
+        base_model=base, donor=donor, method="omp", parameters={"k": 2}, guard=guard
+    )
     result = transplant(options, progress=False)
     audit = result.report.diagnostics["audit"]["embed"]
     assert [r["id"] for r in audit["flagged_tokens"]] == [breaker]
@@ -347,7 +349,9 @@ def test_report_command_plots_the_distributions(planted_pair, tmp_path):
     base, donor, _ = planted_pair
     png = tmp_path / "audit.png"
     result = CliRunner().invoke(
-        report_main, [base, donor, "-a", "omp", "-k", "2", "--plot", str(png)], catch_exceptions=False
+        report_main,
+        [base, donor, "-a", "omp", "-k", "2", "--plot", str(png)],
+        catch_exceptions=False,
     )
     assert result.exit_code == 0, result.output
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"

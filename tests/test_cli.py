@@ -290,9 +290,7 @@ def test_unknown_method_parameter(mixed_pair, tmp_path):
 
 def test_writes_loadable_model_with_method_parameter(mixed_pair, tmp_path):
     base, donor = mixed_pair
-    result = invoke(
-        base, donor, tmp_path / "out", "-a", "omp", "-p", "k=5", "--dtype", "bfloat16"
-    )
+    result = invoke(base, donor, tmp_path / "out", "-a", "omp", "-p", "k=5", "--dtype", "bfloat16")
     assert result.exit_code == 0, result.output
     tensors = load_file(tmp_path / "out" / "model.safetensors")
     assert tensors["model.embed_tokens.weight"].dtype == torch.bfloat16

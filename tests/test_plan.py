@@ -140,7 +140,10 @@ def test_lm_head_tensors_are_laid_out_by_the_lm_head_match(bos_pair):
 @pytest.mark.parametrize(
     ("flags", "expected"),
     [
-        (["-a", "omp", "-k", "0"], "parameters.k: Input should be greater than or equal to 1 (method 'omp')"),
+        (
+            ["-a", "omp", "-k", "0"],
+            "parameters.k: Input should be greater than or equal to 1 (method 'omp')",
+        ),
         (
             ["-a", "omp", "-p", "memory_gb=nan"],
             "parameters.memory_gb: Input should be a finite number (method 'omp')",

@@ -67,7 +67,11 @@ def omp_output(assets, tmp_path_factory) -> Path:
 
     out = tmp_path_factory.mktemp("real") / "gemma-smollm-omp"
     options = TransplantOptions(
-        base_model=str(GEMMA), donor=str(SMOLLM), method="omp", parameters={"k": 64}, bos="match_base"
+        base_model=str(GEMMA),
+        donor=str(SMOLLM),
+        method="omp",
+        parameters={"k": 64},
+        bos="match_base",
     )
     transplant(options, out, progress=False)
     return out

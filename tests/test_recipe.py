@@ -142,7 +142,8 @@ def test_model_path_resolution_rules(tmp_path, monkeypatch):
 
 def test_bad_parameters_fail_before_any_model_is_read(tmp_path):
     message = recipe_error(
-        tmp_path, "base_model: /no/such/base\ndonor: /no/such/donor\nmethod: omp\nparameters: {k: 0.5}\n"
+        tmp_path,
+        "base_model: /no/such/base\ndonor: /no/such/donor\nmethod: omp\nparameters: {k: 0.5}\n",
     )
     assert message.startswith("parameters.k: Input should be a valid integer")
 

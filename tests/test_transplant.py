@@ -31,7 +31,9 @@ def test_omp_recovers_a_linear_map_exactly_when_k_spans_the_donor_space(
 ):
     base, donor, donor_embed, mapping = known_answer
     result = transplant(
-        TransplantOptions(base_model=str(base), donor=str(donor), method="omp", parameters={"k": 12}),
+        TransplantOptions(
+            base_model=str(base), donor=str(donor), method="omp", parameters={"k": 12}
+        ),
         progress=False,
     )
     ids, expected = true_new_rows(result, donor_embed, mapping, matrix, scale)
@@ -45,7 +47,9 @@ def test_omp_error_is_the_donor_residual_mapped_through_a(known_answer):
     base, donor, donor_embed, mapping = known_answer
     k = 4
     result = transplant(
-        TransplantOptions(base_model=str(base), donor=str(donor), method="omp", parameters={"k": k}),
+        TransplantOptions(
+            base_model=str(base), donor=str(donor), method="omp", parameters={"k": k}
+        ),
         progress=False,
     )
     ids, expected = true_new_rows(result, donor_embed, mapping)
@@ -82,7 +86,9 @@ def test_output_loads_generates_and_round_trips_text(mixed_pair, tmp_path):
     out = tmp_path / "out"
     report = tmp_path / "report.json"
     transplant(
-        TransplantOptions(base_model=str(base), donor=str(donor), method="omp", parameters={"k": 8}),
+        TransplantOptions(
+            base_model=str(base), donor=str(donor), method="omp", parameters={"k": 8}
+        ),
         out,
         report_path=report,
         progress=False,
@@ -168,7 +174,9 @@ def test_same_inputs_same_bytes(mixed_pair, tmp_path):
 def test_omp_rows_are_batch_omp_applied_to_base_anchors(mixed_pair):
     base, donor = mixed_pair
     result = transplant(
-        TransplantOptions(base_model=str(base), donor=str(donor), method="omp", parameters={"k": 6}),
+        TransplantOptions(
+            base_model=str(base), donor=str(donor), method="omp", parameters={"k": 6}
+        ),
         progress=False,
     )
     base_embed = load_tensors(base)["model.embed_tokens.weight"]

@@ -165,7 +165,9 @@ class TextScorer:
             bos = self.bos_row.to(embedded).expand(inputs.shape[0], 1, -1)
             logits = self.model(inputs_embeds=torch.cat([bos, embedded], dim=1)).logits[:, :-1]
             targets = inputs
-        return F.cross_entropy(logits.flatten(0, 1).float(), targets.flatten(), reduction="sum").item()
+        return F.cross_entropy(
+            logits.flatten(0, 1).float(), targets.flatten(), reduction="sum"
+        ).item()
 
     def batch_limit(self, length: int) -> int:
         """Windows per forward pass: their logits within ``LOGITS_BYTES``."""
