@@ -191,9 +191,16 @@ def auto(
     candidates = tuple(candidates)
     check_candidates(candidates)
     start = time.perf_counter()
+    from mergekit_omp.evaluate.validation import ValidationUnavailable
+
     scorer, unavailable = text_scorer(problem) if validation == "text" else (None, None)
     if scorer is not None:
-        best, result, scores = by_text_bits_per_byte(problem, candidates, scorer)
+        try:
+            best, result, scores = by_text_bits_per_byte(problem, candidates, scorer)
+        except ValidationUnavailable as exc:
+            LOG.warning("auto: %s; choosing by leave-out validation instead", exc)
+            scorer, unavailable = None, str(exc)
+    if scorer is not None:
         evidence = f"{sum(len(t.encode()) for t in scorer.texts.values())} bytes of text"
         how = TEXT_VALIDATION
     else:

@@ -96,9 +96,29 @@ class TextScorer:
         donor_ids = problem.matched_ids[0] if problem.matched_ids else problem.donor_anchor_ids
         size = max(len(self.tokenizer), 1 + max(problem.target_ids + donor_ids))
         self.model = load_base(problem.base_path)
+        self.bos_row = base_bos_row(self.model, problem)
+        try:
+            self.matrix = self.prepare(problem, size)
+        except Exception as exc:  # an architecture transformers cannot resize or rewrite
+            raise ValidationUnavailable(
+                f"cannot give the model the donor's vocabulary: {exc}"
+            ) from None
+        size = effective_window(self.model, None)
+        self.windows = {
+            name: text_windows(
+                self.tokenizer(text, add_special_tokens=False)["input_ids"],
+                size,
+                self.bos_row is not None,
+            )
+            for name, text in self.texts.items()
+        }
+        self.bytes = sum(len(text.encode("utf-8")) for text in self.texts.values())
+
+    def prepare(self, problem: ApproximationProblem, size: int) -> torch.Tensor:
+        """Make the model's vocabulary matrices donor-sized, as the transplant lays them out;
+        the matrix being validated."""
         inputs = self.model.get_input_embeddings()
         output = self.model.get_output_embeddings()
-        self.bos_row = base_bos_row(self.model, problem)
         tied = output is None or output.weight is inputs.weight
         matrices = {"input": inputs.weight.detach()}
         if not tied:
@@ -123,24 +143,17 @@ class TextScorer:
                 output.weight.copy_(donor_matrices["output"])
             if donor_bias is not None:
                 output.bias.copy_(donor_bias)
-        self.matrix = (output if validated == "output" else inputs).weight
-        size = effective_window(self.model, None)
-        self.windows = {
-            name: text_windows(
-                self.tokenizer(text, add_special_tokens=False)["input_ids"],
-                size,
-                self.bos_row is not None,
-            )
-            for name, text in self.texts.items()
-        }
-        self.bytes = sum(len(text.encode("utf-8")) for text in self.texts.values())
+        return (output if validated == "output" else inputs).weight
 
     @torch.no_grad()
     def bits_per_byte(self, rows: torch.Tensor) -> float:
         """The model's bits per byte on the validation texts (total bits over total bytes)
         with ``rows`` as the new tokens' rows of the validated matrix."""
         self.matrix[self.targets] = rows.to(self.matrix)
-        nll = sum(self.nll(windows) for windows in self.windows.values())
+        try:
+            nll = sum(self.nll(windows) for windows in self.windows.values())
+        except Exception as exc:  # the model itself fails on the text
+            raise ValidationUnavailable(f"cannot run the model on the text: {exc}") from None
         return nll / math.log(2) / self.bytes
 
     def nll(self, windows: list[list[int]]) -> float:
