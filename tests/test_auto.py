@@ -64,6 +64,13 @@ def test_the_anchors_nearest_the_new_tokens_are_held_out_first():
     assert len(held_out_positions(problem, 100, seed=0)) == 5  # at least one anchor stays
 
 
+def test_by_default_the_smaller_of_1000_and_5_percent_of_the_anchors_are_held_out():
+    problem, _, _ = linear_problem()  # 60 anchors
+    assert len(held_out_positions(problem, None, seed=0)) == 3
+    result = get_approximator("auto")(problem, candidates=("zero", "mean"))
+    assert result.choice["evidence"] == "3 held-out tokens"
+
+
 def test_held_out_anchors_are_hidden_from_the_methods():
     problem, _, _ = linear_problem()
     validation = validation_problem(problem, 7, seed=0)

@@ -48,8 +48,8 @@ CANDIDATES = (
 """``NAME[:PARAM=VALUE,...]`` specs, in order of preference on equal scores."""
 HoldoutCount = Annotated[int, Field(ge=1, le=100_000)]
 ValidationKind = Literal["text", "leave_out"]
-TEXT_VALIDATION = "bits per byte on the validation text (lower is better)"
-LEAVE_OUT_VALIDATION = "leave-out mean cosine, anchors like the new tokens (higher is better)"
+TEXT_VALIDATION = "bits per byte on the validation text, lower is better"
+LEAVE_OUT_VALIDATION = "leave-out mean cosine on anchors like the new tokens, higher is better"
 
 
 @dataclass(frozen=True)
@@ -67,24 +67,25 @@ class Validation:
     truth: torch.Tensor
 
 
-def held_out_positions(problem: ApproximationProblem, size: int, seed: int) -> list[int]:
-    """Anchor positions to hold out: the base tokens nearest the most new tokens first,
-    then a seeded random order; every anchor position of a chosen base token."""
-    from mergekit_omp.evaluate.leave_out import nearest_anchor_counts
+def held_out_positions(problem: ApproximationProblem, size: int | None, seed: int) -> list[int]:
+    """Anchor positions to hold out (``size`` base tokens, by default the smaller of 1,000
+    and 5% of them, ``leave_out.holdout_size``): the base tokens nearest the most new tokens
+    first, then a seeded random order; every anchor position of a chosen base token."""
+    from mergekit_omp.evaluate.leave_out import holdout_size, nearest_anchor_counts
 
     counts = nearest_anchor_counts(problem.targets, problem.donor_anchors, seed).tolist()
     votes: dict[int, int] = {}
     for position, base_id in enumerate(problem.base_anchor_ids):
         votes[base_id] = votes.get(base_id, 0) + counts[position]
     distinct = sorted(votes)
-    size = max(1, min(size, len(distinct) - 1))
+    size = holdout_size(len(distinct), size)
     order = torch.randperm(len(distinct), generator=torch.Generator().manual_seed(seed)).tolist()
     order.sort(key=lambda i: -votes[distinct[i]])
     chosen = {distinct[i] for i in order[:size]}
     return [j for j, base_id in enumerate(problem.base_anchor_ids) if base_id in chosen]
 
 
-def validation_problem(problem: ApproximationProblem, size: int, seed: int) -> Validation:
+def validation_problem(problem: ApproximationProblem, size: int | None, seed: int) -> Validation:
     """The problem with ``held_out_positions`` as its targets, hidden from every method."""
     import mergekit_omp.evaluate.leave_out as leave_out
 
@@ -183,7 +184,7 @@ def auto(
     *,
     candidates: tuple[str, ...] = CANDIDATES,
     validation: ValidationKind = "text",
-    holdout: HoldoutCount = 1000,
+    holdout: HoldoutCount | None = None,
 ) -> Approximation:
     """The candidate whose transplant scores the lowest bits per byte on a validation text."""
     from mergekit_omp.evaluate.compare import parse_method_spec
