@@ -178,6 +178,20 @@ def text_scorer(problem: ApproximationProblem) -> tuple[Any, str | None]:
         return None, str(exc)
 
 
+def by_leave_out(
+    problem: ApproximationProblem, candidates: tuple[str, ...], holdout: int | None
+) -> tuple[str, Approximation, dict[str, float], int]:
+    """The candidate with the best leave-out mean cosine, run on the new tokens; and how many
+    anchors were held out."""
+    from mergekit_omp.evaluate.compare import parse_method_spec
+
+    held = validation_problem(problem, holdout, problem.seed)
+    scores = score_candidates(held, candidates)
+    best = max(candidates, key=lambda spec: scores[spec])  # first of equals wins
+    parsed = parse_method_spec(best)
+    return best, parsed.approximator(problem, **parsed.parameters), scores, held.problem.num_targets
+
+
 @approximator("auto", pretty_name="Chosen by validation")
 def auto(
     problem: ApproximationProblem,
@@ -188,37 +202,30 @@ def auto(
 ) -> Approximation:
     """The candidate whose transplant scores the lowest bits per byte on a validation text."""
     from mergekit_omp.evaluate.compare import parse_method_spec
+    from mergekit_omp.evaluate.validation import ValidationUnavailable
 
     candidates = tuple(candidates)
     check_candidates(candidates)
     start = time.perf_counter()
-    from mergekit_omp.evaluate.validation import ValidationUnavailable
-
     scorer, unavailable = text_scorer(problem) if validation == "text" else (None, None)
     if scorer is not None:
         try:
             best, result, scores = by_text_bits_per_byte(problem, candidates, scorer)
+            evidence = f"{sum(len(t.encode()) for t in scorer.texts.values())} bytes of text"
+            how = TEXT_VALIDATION
         except ValidationUnavailable as exc:
             LOG.warning("auto: %s; choosing by leave-out validation instead", exc)
             scorer, unavailable = None, str(exc)
-    if scorer is not None:
-        evidence = f"{sum(len(t.encode()) for t in scorer.texts.values())} bytes of text"
-        how = TEXT_VALIDATION
-    else:
-        held = validation_problem(problem, holdout, problem.seed)
-        scores = score_candidates(held, candidates)
-        best = max(candidates, key=lambda spec: scores[spec])  # first of equals wins
-        parsed = parse_method_spec(best)
-        result = parsed.approximator(problem, **parsed.parameters)
-        evidence = f"{held.problem.num_targets} held-out tokens"
+    if scorer is None:
+        best, result, scores, held_out = by_leave_out(problem, candidates, holdout)
+        evidence = f"{held_out} held-out tokens"
         how = LEAVE_OUT_VALIDATION
         if unavailable:
             how += f"; the model could not be run: {unavailable}"
-    parsed = parse_method_spec(best)
     choice = {
         "chosen": best,
-        "method": parsed.approximator.name,
-        "parameters": parsed.parameters,
+        "method": parse_method_spec(best).approximator.name,
+        "parameters": parse_method_spec(best).parameters,
         "scores": scores,
         "validation": how,
         "evidence": evidence,
