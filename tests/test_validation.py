@@ -23,6 +23,7 @@ from mergekit_omp.evaluate.validation import (
     VALIDATION_BYTES,
     TextScorer,
     ValidationUnavailable,
+    checkpoint_parameters,
     validation_texts,
 )
 from mergekit_omp.plan import load_pair, plan_transplant
@@ -181,3 +182,18 @@ def test_methods_built_on_omp_share_one_run_inside_shared_omp_runs(problem, monk
         again = rows_of(problem, "omp_ridge:k=4")
     assert calls == [4, 4, 3]
     assert torch.equal(shared[1], alone) and torch.equal(again, alone)
+
+
+def test_a_base_larger_than_auto_runs_falls_back_to_leave_out(tied_pair, problem):
+    base, _ = tied_pair
+    parameters = sum(t.numel() for t in tiny.load_tensors(base).values())
+    assert checkpoint_parameters(str(base)) == parameters
+    result = get_approximator("auto")(
+        problem, candidates=("zero", "mean"), max_run_parameters=parameters - 1
+    )
+    assert result.choice["validation"].startswith(LEAVE_OUT_VALIDATION)
+    assert "more than the" in result.choice["validation"]
+    kept = get_approximator("auto")(
+        problem, candidates=("zero", "mean"), max_run_parameters=parameters
+    )
+    assert kept.choice["validation"] == TEXT_VALIDATION

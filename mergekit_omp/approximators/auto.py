@@ -167,12 +167,12 @@ def by_text_bits_per_byte(
     return best[0], best[1], scores
 
 
-def text_scorer(problem: ApproximationProblem) -> tuple[Any, str | None]:
+def text_scorer(problem: ApproximationProblem, max_parameters: int) -> tuple[Any, str | None]:
     """(the text scorer, None), or (None, why the model cannot be run)."""
     from mergekit_omp.evaluate.validation import TextScorer, ValidationUnavailable
 
     try:
-        return TextScorer(problem), None
+        return TextScorer(problem, max_parameters=max_parameters), None
     except ValidationUnavailable as exc:
         LOG.warning("auto: %s; choosing by leave-out validation instead", exc)
         return None, str(exc)
@@ -199,6 +199,7 @@ def auto(
     candidates: tuple[str, ...] = CANDIDATES,
     validation: ValidationKind = "text",
     holdout: HoldoutCount | None = None,
+    max_run_parameters: Annotated[int, Field(ge=0)] = 1_000_000_000,
 ) -> Approximation:
     """The candidate whose transplant scores the lowest bits per byte on a validation text."""
     from mergekit_omp.evaluate.compare import parse_method_spec
@@ -207,7 +208,10 @@ def auto(
     candidates = tuple(candidates)
     check_candidates(candidates)
     start = time.perf_counter()
-    scorer, unavailable = text_scorer(problem) if validation == "text" else (None, None)
+    if validation == "text":
+        scorer, unavailable = text_scorer(problem, max_run_parameters)
+    else:
+        scorer, unavailable = None, None
     if scorer is not None:
         try:
             best, result, scores = by_text_bits_per_byte(problem, candidates, scorer)

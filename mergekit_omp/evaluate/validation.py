@@ -41,6 +41,12 @@ from mergekit_omp.evaluate.bpb import effective_window
 VALIDATION_BYTES = 3000
 """Bytes of each validation text (prose, code)."""
 CODE_MODULE = "calendar.py"
+MAX_RUN_PARAMETERS = 1_000_000_000
+"""The largest base (parameters, from its safetensors headers) that is run by default: its
+float32 copy takes 4 GB, and five passes over the validation text a minute or two on a
+CPU. Larger bases fall back to leave-out (``auto``'s ``max_run_parameters``)."""
+MEMORY_FRACTION = 0.5
+"""The float32 copy of the base may take at most this share of the available memory."""
 LOGITS_BYTES = 512 * 1024**2
 """Most float32 logits one forward pass of the scorer makes (windows are batched up to it)."""
 
@@ -87,9 +93,16 @@ def donor_sized(
 class TextScorer:
     """The base model, ready to score one candidate's new-token rows after another."""
 
-    def __init__(self, problem: ApproximationProblem, texts: dict[str, str] | None = None) -> None:
+    def __init__(
+        self,
+        problem: ApproximationProblem,
+        texts: dict[str, str] | None = None,
+        *,
+        max_parameters: int = MAX_RUN_PARAMETERS,
+    ) -> None:
         if problem.base_path is None or problem.donor_tokenizer is None:
             raise ValidationUnavailable("the problem has no base model path or donor tokenizer")
+        check_size(problem.base_path, max_parameters)
         self.texts = texts if texts is not None else validation_texts()
         self.tokenizer = problem.donor_tokenizer
         self.targets = torch.tensor(problem.target_ids)
@@ -197,6 +210,43 @@ def text_windows(ids: list[int], size: int, bos: bool) -> list[list[int]]:
         if bos or len(window) >= 2:
             windows.append(window)
     return windows
+
+
+def checkpoint_parameters(path: str) -> int | None:
+    """Parameters in the safetensors shards at ``path`` (read from their headers), or None
+    if there are none."""
+    from safetensors import safe_open
+
+    total, shards = 0, sorted(Path(path).glob("*.safetensors"))
+    for shard in shards:
+        with safe_open(shard, "pt") as handle:
+            for name in handle.keys():
+                total += math.prod(handle.get_slice(name).get_shape())
+    return total if shards else None
+
+
+def check_size(path: str, max_parameters: int) -> None:
+    """Refuse (``ValidationUnavailable``) a base too large to be run: more than
+    ``max_parameters``, or a float32 copy beyond ``MEMORY_FRACTION`` of the free memory."""
+    parameters = checkpoint_parameters(path)
+    if parameters is None:
+        return
+    if parameters > max_parameters:
+        raise ValidationUnavailable(
+            f"the base has {parameters / 1e9:.2f} B parameters, more than the "
+            f"{max_parameters / 1e9:.2f} B it runs (max_run_parameters)"
+        )
+    try:
+        import psutil
+
+        available = psutil.virtual_memory().available
+    except ImportError:
+        return
+    if 4 * parameters > MEMORY_FRACTION * available:
+        raise ValidationUnavailable(
+            f"running the base takes {4 * parameters / 1024**3:.1f} GiB in float32, "
+            f"{available / 1024**3:.1f} GiB are free"
+        )
 
 
 @torch.no_grad()
