@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import multiprocessing
 import shutil
 import sys
 import time
@@ -97,6 +98,14 @@ def build_base(gemma: Path, out: Path, layers: int) -> Path:
     return out
 
 
+def build_base_apart(gemma: Path, out: Path, layers: int) -> Path:
+    """``build_base`` in a process of its own. Linux folds a process's high-water RSS into
+    the ``ru_maxrss`` of every child it forks afterwards, so a parent that once held the
+    synthetic weights would lend its peak to both tools' timed runs."""
+    with multiprocessing.get_context("spawn").Pool(1) as pool:
+        return pool.apply(build_base, (gemma, out, layers))
+
+
 def model_bytes(directory: Path) -> tuple[int, int]:
     """(bytes of all shards, bytes of the shards holding a vocabulary tensor)."""
     weight_map = json.loads((directory / "model.safetensors.index.json").read_text())["weight_map"]
@@ -147,7 +156,7 @@ def main() -> None:
     results: dict = {"ours": {}, "mergekit": None}
     try:
         for layers in counts:
-            base = build_base(cache / GEMMA, work / f"base-{layers}", layers)
+            base = build_base_apart(cache / GEMMA, work / f"base-{layers}", layers)
             total, vocab = model_bytes(base)
             row = run_ours(base, donor, work / f"ours-{layers}", args.k)
             row.update(model_gb=total / 1e9, vocabulary_shards_gb=vocab / 1e9)
