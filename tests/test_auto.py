@@ -4,8 +4,9 @@ from __future__ import annotations
 
 import pytest
 import torch
+from tiny import linear_world, problem_of
 
-from mergekit_omp.approximators import ApproximationProblem, get_approximator
+from mergekit_omp.approximators import get_approximator
 from mergekit_omp.approximators.auto import (
     TEXT_VALIDATION,
     ChosenApproximation,
@@ -14,32 +15,6 @@ from mergekit_omp.approximators.auto import (
 )
 from mergekit_omp.errors import TransplantError
 from mergekit_omp.vocabulary import Encoding, TokenForm, TokenKind, Vocabulary
-
-EMPTY_VOCAB = Vocabulary(forms={}, strings={}, special_ids={}, encoding=Encoding.PLAIN)
-
-
-def linear_world(anchors: int, targets: int, seed: int = 0):
-    """Donor rows X, a known map A and offset b (float64): base rows are X A + b."""
-    generator = torch.Generator().manual_seed(seed)
-    donor = torch.randn(anchors + targets, 8, generator=generator, dtype=torch.float64)
-    mapping = torch.randn(8, 5, generator=generator, dtype=torch.float64)
-    offset = torch.randn(5, generator=generator, dtype=torch.float64)
-    return donor[:anchors], donor[anchors:], mapping, offset
-
-
-def problem_of(targets, donor_anchors, base_anchors, **fields) -> ApproximationProblem:
-    fields.setdefault("base_matrix", base_anchors)
-    return ApproximationProblem(
-        targets=targets,
-        donor_anchors=donor_anchors,
-        base_anchors=base_anchors,
-        target_ids=list(range(targets.shape[0])),
-        donor_anchor_ids=list(range(donor_anchors.shape[0])),
-        base_anchor_ids=list(range(base_anchors.shape[0])),
-        donor_vocab=fields.pop("donor_vocab", EMPTY_VOCAB),
-        base_vocab=fields.pop("base_vocab", EMPTY_VOCAB),
-        **fields,
-    )
 
 
 def vocab_of(ids: range) -> Vocabulary:

@@ -8,6 +8,7 @@ import math
 import pytest
 import tiny
 import torch
+from tiny import problem_of
 
 from mergekit_omp.approximators import ApproximationProblem, get_approximator
 from mergekit_omp.approximators.focus import sparse_sparsemax, sparsemax
@@ -20,29 +21,6 @@ from mergekit_omp.vocabulary import (
     Vocabulary,
     vocabulary_of,
 )
-
-EMPTY_VOCAB = Vocabulary(forms={}, strings={}, special_ids={}, encoding=Encoding.PLAIN)
-
-
-def problem_of(
-    targets: torch.Tensor,
-    donor_anchors: torch.Tensor,
-    base_anchors: torch.Tensor,
-    **fields,
-) -> ApproximationProblem:
-    """A problem over given rows; the base matrix is the base anchors unless given."""
-    fields.setdefault("base_matrix", base_anchors)
-    return ApproximationProblem(
-        targets=targets,
-        donor_anchors=donor_anchors,
-        base_anchors=base_anchors,
-        target_ids=list(range(targets.shape[0])),
-        donor_anchor_ids=list(range(donor_anchors.shape[0])),
-        base_anchor_ids=list(range(base_anchors.shape[0])),
-        donor_vocab=fields.pop("donor_vocab", EMPTY_VOCAB),
-        base_vocab=fields.pop("base_vocab", EMPTY_VOCAB),
-        **fields,
-    )
 
 
 def unit_circle(angles_degrees: list[float]) -> torch.Tensor:

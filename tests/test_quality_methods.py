@@ -5,6 +5,7 @@ from __future__ import annotations
 import pytest
 import tiny
 import torch
+from tiny import linear_world, problem_of
 
 from mergekit_omp.approximators import ApproximationProblem, get_approximator
 from mergekit_omp.approximators.fvt import BasePieces
@@ -12,33 +13,6 @@ from mergekit_omp.approximators.hybrid import fvt_anchor_combinations, fvt_weigh
 from mergekit_omp.approximators.ridge import fit_ridge_map
 from mergekit_omp.errors import TransplantError
 from mergekit_omp.vocabulary import Encoding, TokenForm, TokenKind, Vocabulary, vocabulary_of
-
-EMPTY_VOCAB = Vocabulary(forms={}, strings={}, special_ids={}, encoding=Encoding.PLAIN)
-
-
-def linear_world(anchors: int = 60, targets: int = 9, seed: int = 0):
-    """Donor rows X, a known map A and offset b, base rows Y = X A + b (float64)."""
-    generator = torch.Generator().manual_seed(seed)
-    donor = torch.randn(anchors + targets, 8, generator=generator, dtype=torch.float64)
-    mapping = torch.randn(8, 5, generator=generator, dtype=torch.float64)
-    offset = torch.randn(5, generator=generator, dtype=torch.float64)
-    return donor[:anchors], donor[anchors:], mapping, offset
-
-
-def problem_of(targets, donor_anchors, base_anchors, **fields) -> ApproximationProblem:
-    fields.setdefault("base_matrix", base_anchors)
-    return ApproximationProblem(
-        targets=targets,
-        donor_anchors=donor_anchors,
-        base_anchors=base_anchors,
-        target_ids=list(range(targets.shape[0])),
-        donor_anchor_ids=list(range(donor_anchors.shape[0])),
-        base_anchor_ids=list(range(base_anchors.shape[0])),
-        donor_vocab=fields.pop("donor_vocab", EMPTY_VOCAB),
-        base_vocab=fields.pop("base_vocab", EMPTY_VOCAB),
-        **fields,
-    )
-
 
 # ---------------------------------------------------------------- ridge
 

@@ -23,6 +23,9 @@ from tiny_models import (
     tiny_llama_model,
 )
 
+from mergekit_omp.approximators import ApproximationProblem
+from mergekit_omp.vocabulary import Encoding, Vocabulary
+
 __all__ = [
     "BYTE_LEVEL_SPECIALS",
     "CORPUS",
@@ -77,3 +80,36 @@ def linear_pair(
         donor_tok, root / "donor", hidden_size=donor_dim, embed=donor_embed, lm_head=donor_embed * 2
     )
     return base, donor, donor_embed, mapping
+
+
+EMPTY_VOCAB = Vocabulary(forms={}, strings={}, special_ids={}, encoding=Encoding.PLAIN)
+
+
+def problem_of(
+    targets: torch.Tensor,
+    donor_anchors: torch.Tensor,
+    base_anchors: torch.Tensor,
+    **fields,
+) -> ApproximationProblem:
+    """A problem over given rows; the base matrix is the base anchors unless given."""
+    fields.setdefault("base_matrix", base_anchors)
+    return ApproximationProblem(
+        targets=targets,
+        donor_anchors=donor_anchors,
+        base_anchors=base_anchors,
+        target_ids=list(range(targets.shape[0])),
+        donor_anchor_ids=list(range(donor_anchors.shape[0])),
+        base_anchor_ids=list(range(base_anchors.shape[0])),
+        donor_vocab=fields.pop("donor_vocab", EMPTY_VOCAB),
+        base_vocab=fields.pop("base_vocab", EMPTY_VOCAB),
+        **fields,
+    )
+
+
+def linear_world(anchors: int = 60, targets: int = 9, seed: int = 0):
+    """Donor rows X, a known map A and offset b, base rows Y = X A + b (float64)."""
+    generator = torch.Generator().manual_seed(seed)
+    donor = torch.randn(anchors + targets, 8, generator=generator, dtype=torch.float64)
+    mapping = torch.randn(8, 5, generator=generator, dtype=torch.float64)
+    offset = torch.randn(5, generator=generator, dtype=torch.float64)
+    return donor[:anchors], donor[anchors:], mapping, offset
