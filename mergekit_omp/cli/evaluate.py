@@ -22,7 +22,6 @@ from mergekit_omp.cli.options import (
     merge_options,
     method_knob_options,
     parameters_for,
-    parse_method_spec,
     prefix_match_option,
     report_flag,
     report_path_of,
@@ -30,6 +29,7 @@ from mergekit_omp.cli.options import (
 from mergekit_omp.errors import TransplantError
 from mergekit_omp.evaluate.compare import MethodSpec, compare_methods, default_method_specs
 from mergekit_omp.evaluate.leave_out import HoldoutLike
+from mergekit_omp.options import split_method_spec
 
 
 def method_specs(methods: tuple[str, ...], knobs: dict[str, Any]) -> list[MethodSpec] | None:
@@ -42,7 +42,7 @@ def method_specs(methods: tuple[str, ...], knobs: dict[str, Any]) -> list[Method
             spec_of(spec.approximator.name, {}, knobs_taken(spec.approximator.name, knobs))
             for spec in default_method_specs()
         ]
-    return [spec_of(*parse_method_spec(method), knobs) for method in methods]
+    return [spec_of(*split_method_spec(method), knobs) for method in methods]
 
 
 def knobs_taken(method: str, knobs: dict[str, Any]) -> dict[str, Any]:

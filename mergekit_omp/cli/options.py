@@ -21,7 +21,6 @@ from collections.abc import Callable
 from typing import Any, Literal, Union, get_args, get_origin
 
 import click
-import yaml
 from mergekit.options import OPTION_HELP, MergeOptions, ShardSizeParamType
 from mergekit.tokensurgeon import SubwordMethod, WeightingScheme
 
@@ -136,21 +135,6 @@ def merge_option(
         show_default=name not in ("out_shard_size", "verbosity"),
         **extra,
     )
-
-
-def parse_method_spec(spec: str) -> tuple[str, dict[str, Any]]:
-    """``NAME`` or ``NAME:PARAM=VALUE,...`` (values read as YAML scalars): an installed
-    method and parameters for it."""
-    name, _, raw = spec.strip().partition(":")
-    name = name.strip()
-    get_approximator(name)  # an unknown name is one line listing the known ones
-    parameters: dict[str, Any] = {}
-    for item in filter(None, (part.strip() for part in raw.split(","))):
-        key, sep, value = item.partition("=")
-        if not sep or not key.strip():
-            raise TransplantError(f"bad method '{spec}': expected NAME:PARAM=VALUE[,PARAM=VALUE]")
-        parameters[key.strip()] = yaml.safe_load(value)
-    return name, parameters
 
 
 METHOD_METAVAR = "NAME[:PARAM=VALUE,...]"

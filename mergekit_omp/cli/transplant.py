@@ -38,7 +38,6 @@ from mergekit_omp.cli.options import (
     option_choices,
     option_default,
     parameters_for,
-    parse_method_spec,
     prefix_match_option,
 )
 from mergekit_omp.errors import TransplantError
@@ -47,6 +46,7 @@ from mergekit_omp.options import (
     TransplantOptions,
     describe_validation_error,
     recipe_yaml,
+    split_method_spec,
 )
 from mergekit_omp.transplant import transplant
 
@@ -75,7 +75,7 @@ def method_parameters(
 def transplant_options_from_cli(
     ctx: click.Context, base: str, donor: str, values: dict[str, Any], merge_options: MergeOptions
 ) -> TransplantOptions:
-    method, spec = parse_method_spec(values["approximation_method"])
+    method, spec = split_method_spec(values["approximation_method"])
     try:
         return _options(ctx, base, donor, method, spec, values, merge_options)
     except ValidationError as exc:

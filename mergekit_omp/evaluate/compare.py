@@ -14,7 +14,6 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import tqdm
-import yaml
 from mergekit.options import MergeOptions
 from pydantic import BaseModel, Field
 
@@ -32,7 +31,7 @@ from mergekit_omp.evaluate.leave_out import (
 from mergekit_omp.evaluate.transplanted import InMemoryTransplant
 from mergekit_omp.load import LoadedModel
 from mergekit_omp.match import MatchPolicy
-from mergekit_omp.options import MatchScope, TransplantOptions
+from mergekit_omp.options import MatchScope, TransplantOptions, split_method_spec
 from mergekit_omp.plan import TransplantPlan, load_pair, plan_transplant
 from mergekit_omp.report import TransplantReport
 from mergekit_omp.transplant import MatrixResult, build_matrices
@@ -51,14 +50,8 @@ class MethodSpec:
 
 def parse_method_spec(spec: str) -> MethodSpec:
     """``omp`` or ``omp:k=32`` or ``wechsel:k=5,temperature=0.05`` (values read as YAML)."""
-    name, _, raw = spec.strip().partition(":")
-    method = get_approximator(name.strip())
-    parameters: dict[str, Any] = {}
-    for item in filter(None, (part.strip() for part in raw.split(","))):
-        key, sep, value = item.partition("=")
-        if not sep or not key.strip():
-            raise TransplantError(f"bad method '{spec}': expected NAME:PARAM=VALUE[,PARAM=VALUE]")
-        parameters[key.strip()] = yaml.safe_load(value)
+    name, parameters = split_method_spec(spec)
+    method = get_approximator(name)
     return MethodSpec(spec.strip(), method, method.validate_parameters(parameters))
 
 
