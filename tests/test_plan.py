@@ -202,7 +202,7 @@ def future_mean(
     rounds: int = 1,
 ) -> Approximation:
     """Scaled mean."""
-    row = problem.base_matrix.mean(dim=0, keepdim=True) * factor
+    row = problem.base_mean().unsqueeze(0) * factor
     return Approximation(rows=row.expand(problem.num_targets, -1).clone())
 '''
 
