@@ -61,7 +61,7 @@ class TransplantReport(BaseModel):
         differences = tokenizer_differences(self.diagnostics)
         lines.append("  tokenizer: the donor's, " + ("; ".join(differences) or "unchanged"))
         lines.extend(self.count_lines())
-        lines.extend(self.choice_lines())
+        lines.extend(self.choice_lines(verbose))
         if verbose:
             lines.append(f"  tied embeddings: {'yes' if self.tied_embeddings else 'no'}")
             seconds = ", ".join(f"{k} {v:.1f}" for k, v in self.seconds.items())
@@ -73,14 +73,26 @@ class TransplantReport(BaseModel):
             lines.append(f"  details: -v, or {where}")
         return "\n".join(lines)
 
-    def choice_lines(self) -> list[str]:
-        """What ``auto`` chose per matrix, from which scores."""
-        return [
-            f"  {m.matrix}: auto chose {m.choice['chosen']} by {m.choice['validation']}: "
-            + ", ".join(f"{c} {s:.4f}" for c, s in m.choice["scores"].items())
-            for m in self.matrices
-            if m.choice
-        ]
+    def choice_lines(self, verbose: bool = False) -> list[str]:
+        """What ``auto`` chose per matrix: its score, and with ``verbose`` every candidate's
+        and the whole validation note (the report always has them)."""
+        lines = []
+        for m in self.matrices:
+            if not m.choice:
+                continue
+            chosen, scores = m.choice["chosen"], m.choice["scores"]
+            if verbose:
+                listed = ", ".join(f"{c} {s:.4f}" for c, s in scores.items())
+                lines.append(
+                    f"  {m.matrix}: auto chose {chosen} by {m.choice['validation']}: {listed}"
+                )
+                continue
+            measure = m.choice["validation"].split(",")[0].split(";")[0]
+            lines.append(
+                f"  {m.matrix}: auto chose {chosen} ({measure} {scores[chosen]:.4f}, "
+                f"best of {len(scores)})"
+            )
+        return lines
 
     def headline(self, out_path: str | None) -> str:
         seconds = sum(self.seconds.values())

@@ -105,4 +105,10 @@ def test_a_transplant_with_auto_records_the_choice_in_report_and_card(tmp_path, 
         assert all(0 < score < 100 for score in scores.values())  # bits per byte
         chosen = matrix.choice["chosen"]
         assert f"`auto` chose `{chosen}` from 3 candidates by bits per byte" in card
-    assert "auto chose" in result.report.summary()
+    short = [line for line in result.report.summary().splitlines() if "auto chose" in line]
+    assert len(short) == len(result.report.matrices)
+    assert all("best of 3)" in line and len(line) <= 100 for line in short)
+    full = [
+        line for line in result.report.summary(verbose=True).splitlines() if "auto chose" in line
+    ]
+    assert all(all(spec in line for spec in ("omp:k=4", "fvt", "zero")) for line in full)
