@@ -11,10 +11,12 @@ shard of its own, then one shard per layer (448 MB each). The donor is the real 
     python benchmarks/large_model.py [--cache DIR] [--work DIR] [--layers 2,6] [--k 64]
         [--skip-mergekit] [--keep]
 
-For each layer count ``mergekit-omp BASE DONOR OUT -k 64`` runs as its own subprocess (wall
-time, CPU time and peak RSS of that child, as in ``real_pair.py``), and its report gives the
-seconds of the approximate stage: the time outside OMP is the rest. mergekit-tokensurgeon
-runs once, on the largest base. Prints the figures, the ratios, and model bytes against
+For each layer count ``mergekit-omp BASE DONOR OUT -a omp -k 64`` runs as its own subprocess
+(wall time, CPU time and peak RSS of that child, as in ``real_pair.py``), and its report gives
+the seconds of each stage: the time outside OMP is the wall time less the approximate stage's;
+``write`` is the rewrite of the vocabulary shard plus any wait for the copy of the other
+shards, which runs beside the approximation (``copy (overlapped)``, not part of the wall time
+by itself). mergekit-tokensurgeon runs once, on the largest base. Prints the figures, the ratios, and model bytes against
 vocabulary-shard bytes. The synthetic models and outputs are deleted at the end unless
 ``--keep`` (they take about 3 GB per base and as much per output).
 """
@@ -129,6 +131,8 @@ def run_ours(base: Path, donor: Path, out: Path, k: int) -> dict:
         peak_rss_gb=rss,
         omp_s=omp,
         outside_omp_s=wall - omp,
+        write_s=seconds.get("write", 0.0),
+        copy_overlapped_s=seconds.get("copy (overlapped)", 0.0),
         stages=seconds,
     )
 
@@ -183,13 +187,14 @@ def main() -> None:
 def print_summary(results: dict) -> None:
     print(
         f"{'tool':<24}{'layers':>7}{'model GB':>10}{'vocab GB':>10}{'wall s':>9}"
-        f"{'CPU s':>8}{'RSS GiB':>9}{'OMP s':>8}{'other s':>9}"
+        f"{'CPU s':>8}{'RSS GiB':>9}{'OMP s':>8}{'other s':>9}{'write s':>9}{'copy s':>8}"
     )
     for layers, row in results["ours"].items():
         print(
             f"{'mergekit-omp':<24}{layers:>7}{row['model_gb']:>10.2f}"
             f"{row['vocabulary_shards_gb']:>10.2f}{row['wall_s']:>9.1f}{row['cpu_s']:>8.1f}"
             f"{row['peak_rss_gb']:>9.2f}{row['omp_s']:>8.1f}{row['outside_omp_s']:>9.1f}"
+            f"{row['write_s']:>9.1f}{row['copy_overlapped_s']:>8.1f}"
         )
     theirs = results["mergekit"]
     if theirs:

@@ -4,6 +4,11 @@ The write stage changes only the vocabulary tensors. Everything else is carried 
 shards without a vocabulary tensor are cloned as files, and a shard holding one is rewritten
 with every other tensor's bytes copied range by range (``copy_file_range`` where the kernel
 has it) and its header metadata kept.
+
+The shards without a vocabulary tensor are known once the model is loaded, so a
+:class:`ShardCopy` can clone them in a thread of its own while the vocabulary matrices are
+being computed (the kernel's copy runs without Python's lock); ``write_passthrough`` then
+rewrites the other shards and waits for it.
 """
 
 from __future__ import annotations
@@ -15,7 +20,10 @@ import json
 import os
 import shutil
 import struct
-from dataclasses import dataclass
+import threading
+import time
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -39,7 +47,8 @@ SAFETENSORS_DTYPES = {
     torch.float8_e5m2: "F8_E5M2",
 }
 FICLONE = 0x40049409  # linux/fs.h: _IOW(0x94, 9, int)
-COPY_CHUNK = 1 << 30
+COPY_CHUNK = 64 << 20
+"""Bytes per ``copy_file_range`` call: a cancelled background copy stops within one."""
 UNSUPPORTED_COPY_ERRNOS = {errno.EXDEV, errno.ENOSYS, errno.EOPNOTSUPP, errno.EINVAL, errno.EPERM}
 
 
@@ -90,21 +99,35 @@ def read_header(path: Path) -> tuple[int, dict]:
         return 8 + length, json.loads(handle.read(length))
 
 
-def clone_file(source: Path, destination: Path) -> None:
+class CopyCancelled(Exception):
+    """A background copy was told to stop."""
+
+
+Stop = Callable[[], bool]
+"""Asked between chunks of a copy: True to abandon it (:class:`CopyCancelled`)."""
+
+
+def _never() -> bool:
+    return False
+
+
+def clone_file(source: Path, destination: Path, stop: Stop = _never) -> None:
     """A copy of ``source``: a filesystem clone where supported, else in-kernel, else plain."""
     with open(source, "rb") as src, open(destination, "wb", buffering=0) as dst:
         with contextlib.suppress(OSError):
             fcntl.ioctl(dst.fileno(), FICLONE, src.fileno())
             return
         size = os.fstat(src.fileno()).st_size
-        copy_range(src.fileno(), dst, 0, size)
+        copy_range(src.fileno(), dst, 0, size, stop)
 
 
-def copy_range(src_fd: int, dst, offset: int, count: int) -> None:
+def copy_range(src_fd: int, dst, offset: int, count: int, stop: Stop = _never) -> None:
     """Append ``count`` bytes of ``src_fd`` from ``offset`` to the unbuffered file ``dst``."""
     end = offset + count
     try:
         while offset < end:
+            if stop():
+                raise CopyCancelled
             copied = os.copy_file_range(src_fd, dst.fileno(), min(COPY_CHUNK, end - offset), offset)
             if copied == 0:
                 raise OSError(errno.EIO, "source ended early")
@@ -113,7 +136,9 @@ def copy_range(src_fd: int, dst, offset: int, count: int) -> None:
         if exc.errno not in UNSUPPORTED_COPY_ERRNOS:
             raise
         while offset < end:
-            chunk = os.pread(src_fd, min(64 << 20, end - offset), offset)
+            if stop():
+                raise CopyCancelled from exc
+            chunk = os.pread(src_fd, min(COPY_CHUNK, end - offset), offset)
             if not chunk:
                 raise OSError(errno.EIO, "source ended early") from exc
             dst.write(chunk)
@@ -170,15 +195,84 @@ def tensor_data_bytes(path: Path) -> int:
     return path.stat().st_size - data_start
 
 
+def shards_holding(checkpoint: Checkpoint, names: Iterable[str]) -> set[str]:
+    """The shard files that store any of the tensors ``names``."""
+    return {checkpoint.index.tensor_paths[name] for name in names}
+
+
+@dataclass
+class ShardCopy:
+    """Clones ``shards`` of ``checkpoint`` into ``directory`` in a thread of its own.
+
+    :meth:`join` waits for it and raises its error, if any, as the ``OSError`` it was;
+    :meth:`cancel` stops it within one chunk and waits, raising nothing. Either must be
+    called before ``directory`` is removed or published.
+    """
+
+    checkpoint: Checkpoint
+    directory: Path
+    shards: tuple[str, ...]
+    seconds: float = field(default=0.0, init=False)
+    """How long the thread copied (it overlaps whatever the caller did meanwhile)."""
+    _error: BaseException | None = field(default=None, init=False)
+    _stop: threading.Event = field(default_factory=threading.Event, init=False)
+    _thread: threading.Thread | None = field(default=None, init=False)
+
+    def start(self) -> ShardCopy:
+        self._thread = threading.Thread(target=self._run, name="mergekit-omp shard copy")
+        self._thread.daemon = True
+        self._thread.start()
+        return self
+
+    def _run(self) -> None:
+        started = time.perf_counter()
+        try:
+            for filename in self.shards:
+                destination = self.directory / filename
+                destination.parent.mkdir(parents=True, exist_ok=True)
+                clone_file(self.checkpoint.directory / filename, destination, self._stop.is_set)
+        except CopyCancelled:
+            pass
+        except BaseException as exc:  # handed to the thread that joins
+            self._error = exc
+        finally:
+            self.seconds = time.perf_counter() - started
+
+    def join(self) -> None:
+        if self._thread is not None:
+            self._thread.join()
+        if self._error is not None:
+            error, self._error = self._error, None
+            raise error
+
+    def cancel(self) -> None:
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join()
+        self._error = None
+
+
 def write_passthrough(
-    checkpoint: Checkpoint, directory: Path, replacements: dict[str, torch.Tensor]
+    checkpoint: Checkpoint,
+    directory: Path,
+    replacements: dict[str, torch.Tensor],
+    copying: ShardCopy | None = None,
 ) -> None:
-    """The checkpoint in ``directory`` with ``replacements`` swapped in, shard for shard."""
-    shards_with_replacements = {checkpoint.index.tensor_paths[name] for name in replacements}
+    """The checkpoint in ``directory`` with ``replacements`` swapped in, shard for shard.
+
+    ``copying`` is a :class:`ShardCopy` into ``directory`` already under way, of shards
+    holding no replacement: they are left to it, and it is waited for.
+    """
+    rewritten = shards_holding(checkpoint, replacements)
+    copied = set(copying.shards) if copying is not None else set()
+    if rewritten & copied:
+        raise ValueError(f"shards being copied hold vocabulary tensors: {rewritten & copied}")
     for filename in checkpoint.shard_files():
+        if filename in copied:
+            continue
         source, destination = checkpoint.directory / filename, directory / filename
         destination.parent.mkdir(parents=True, exist_ok=True)
-        if filename in shards_with_replacements:
+        if filename in rewritten:
             mine = {
                 n: t
                 for n, t in replacements.items()
@@ -187,6 +281,8 @@ def write_passthrough(
             rewrite_shard(source, destination, mine)
         else:
             clone_file(source, destination)
+    if copying is not None:
+        copying.join()
     index_path = checkpoint.directory / SAFETENSORS_INDEX
     if index_path.is_file():
         index = json.loads(index_path.read_text())

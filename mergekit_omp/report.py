@@ -95,7 +95,7 @@ class TransplantReport(BaseModel):
         return lines
 
     def headline(self, out_path: str | None) -> str:
-        seconds = sum(self.seconds.values())
+        seconds = sum(v for k, v in self.seconds.items() if not k.endswith("(overlapped)"))
         what = f"{model_name(self.base_model)} with the tokenizer of {model_name(self.donor)}"
         if out_path is None:
             return f"Audited {what}, nothing written ({seconds:.1f} s)"

@@ -12,7 +12,9 @@ from __future__ import annotations
 
 import logging
 import os
+import time
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import torch
 from mergekit.options import MergeOptions
@@ -22,6 +24,7 @@ from mergekit_omp.approximate import approximate_new_rows, build_problem
 from mergekit_omp.approximators import Approximation
 from mergekit_omp.assemble import assemble_matrix, require_finite
 from mergekit_omp.card import RECIPE_FILE, model_card, output_recipe
+from mergekit_omp.checkpoint import ShardCopy
 from mergekit_omp.diagnostics.stage import MatrixDiagnosis, audit_matrix, check_numbers
 from mergekit_omp.diagnostics.summary import tokenizer_differences
 from mergekit_omp.load import LoadedModel
@@ -30,7 +33,12 @@ from mergekit_omp.options import Matrix, TransplantOptions
 from mergekit_omp.plan import MatrixPlan, TransplantPlan, load_pair, plan_transplant
 from mergekit_omp.publish import check_output_path, staged_output
 from mergekit_omp.report import MatrixReport, TransplantReport
-from mergekit_omp.write import donor_token_ids, write_config_and_tokenizer, write_weights
+from mergekit_omp.write import (
+    copying_untouched_shards,
+    donor_token_ids,
+    write_config_and_tokenizer,
+    write_weights,
+)
 
 LOG = logging.getLogger(__name__)
 
@@ -183,18 +191,37 @@ def transplant(
         base, donor = load_pair(options.base_model, options.donor, merge_options)
     with report.timed("plan"):
         plan = plan_transplant(options, base, donor)
-    matrices = build_matrices(
-        plan, base, donor, report, progress=progress and not merge_options.quiet
-    )
-    result = TransplantResult(report=report, matrices=matrices, tokenizer=plan.tokenizer, plan=plan)
-    # The old vocabulary matrices are used up; writing should not hold them as well.
-    base, donor = base.without_matrices(), donor.without_matrices()
-    if out_path is not None:
+    progress = progress and not merge_options.quiet
+    if out_path is None:
+        result = transplant_result(plan, base, donor, report, progress)
+    else:
         recipe = card_recipe if card_recipe is not None else output_recipe(options)
-        write_transplant(result, base, donor, out_path, merge_options, overwrite, recipe)
+        # The staging directory exists from here on, so that the base's shards without a
+        # vocabulary tensor are copied into it while the matrices are computed.
+        with staged_output(out_path, overwrite) as staging:
+            with copying_untouched_shards(staging, base, merge_options) as copying:
+                result = transplant_result(plan, base, donor, report, progress)
+                # The old vocabulary matrices are used up; writing should not hold them.
+                base, donor = base.without_matrices(), donor.without_matrices()
+                write_transplant(
+                    result, base, donor, staging, out_path, merge_options, recipe, copying
+                )
+            publishing = time.perf_counter()
+        report.seconds["publish"] = round(time.perf_counter() - publishing, 3)
     if report_path is not None:
         report.write_json(report_path)
     return result
+
+
+def transplant_result(
+    plan: TransplantPlan,
+    base: LoadedModel,
+    donor: LoadedModel,
+    report: TransplantReport,
+    progress: bool,
+) -> TransplantResult:
+    matrices = build_matrices(plan, base, donor, report, progress=progress)
+    return TransplantResult(report=report, matrices=matrices, tokenizer=plan.tokenizer, plan=plan)
 
 
 def aux_match(result: TransplantResult) -> VocabularyMatch:
@@ -208,13 +235,17 @@ def write_transplant(
     result: TransplantResult,
     base: LoadedModel,
     donor: LoadedModel,
+    staging: Path,
     out_path: str | os.PathLike,
     merge_options: MergeOptions,
-    overwrite: bool,
     card_recipe: str | None = None,
+    copying: ShardCopy | None = None,
 ) -> None:
+    """The output model in ``staging``, to be published at ``out_path``. ``copying`` is the
+    copy of the untouched shards under way (``write.copying_untouched_shards``): the write
+    waits for it, and the report gives its own seconds as ``copy (overlapped)``."""
     report = result.report
-    with report.timed("write"), staged_output(out_path, overwrite) as staging:
+    with report.timed("write"):
         replacements = {m.tensor_name: m.matrix for m in result.matrices.values()}
         write_weights(
             staging,
@@ -223,7 +254,10 @@ def write_transplant(
             aux_match(result),
             report.vocab_size,
             merge_options,
+            copying,
         )
+        if copying is not None:
+            report.seconds["copy (overlapped)"] = round(copying.seconds, 3)
         write_config_and_tokenizer(
             staging,
             base,

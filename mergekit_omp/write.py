@@ -1,7 +1,10 @@
 """Write stage: the output model's files, written into the staging directory that
 ``publish.staged_output`` renames into place once complete.
 
-Weights go through mergekit's ``TensorWriter``.
+With a safetensors base and mergekit's default output options, the shards that hold no
+vocabulary tensor are copied as files by ``copying_untouched_shards`` while the vocabulary
+matrices are computed, and ``write_weights`` rewrites only the others. Otherwise every tensor
+goes through mergekit's ``TensorWriter``.
 """
 
 from __future__ import annotations
@@ -9,6 +12,7 @@ from __future__ import annotations
 import contextlib
 import copy
 import json
+from collections.abc import Iterator
 from pathlib import Path
 
 import torch
@@ -20,11 +24,12 @@ from mergekit.options import MergeOptions
 from transformers import GenerationConfig, PretrainedConfig, PreTrainedTokenizerBase
 
 from mergekit_omp.assemble import remap_vocabulary_rows
-from mergekit_omp.checkpoint import copy_files, write_passthrough
+from mergekit_omp.checkpoint import ShardCopy, copy_files, shards_holding, write_passthrough
 from mergekit_omp.errors import TransplantError
 from mergekit_omp.load import LoadedModel
 from mergekit_omp.match import VocabularyMatch
 from mergekit_omp.multimodal import PROCESSOR_FILES, MultimodalTokens, rewrite_config_ids
+from mergekit_omp.publish import signals_held
 
 TOKEN_ID_KEYS = ("bos_token_id", "eos_token_id", "pad_token_id", "unk_token_id")
 
@@ -36,6 +41,51 @@ def resharding_requested(merge_options: MergeOptions) -> bool:
     return (
         merge_options.out_shard_size != default_shard_size or not merge_options.safe_serialization
     )
+
+
+def writes_passthrough(base: LoadedModel, merge_options: MergeOptions) -> bool:
+    """Shards are carried as files (copied, or rewritten around the vocabulary tensors)."""
+    return base.checkpoint.is_safetensors and not resharding_requested(merge_options)
+
+
+def untouched_shards(base: LoadedModel) -> tuple[str, ...]:
+    """The base's shard files that hold no vocabulary tensor."""
+    vocabulary = shards_holding(base.checkpoint, base.located.names)
+    return tuple(f for f in base.checkpoint.shard_files() if f not in vocabulary)
+
+
+@contextlib.contextmanager
+def copying_untouched_shards(
+    directory: Path, base: LoadedModel, merge_options: MergeOptions
+) -> Iterator[ShardCopy | None]:
+    """Copy the base's shards without a vocabulary tensor into ``directory`` in the
+    background while the block runs (``None`` where there are none, or tensors are
+    re-sharded); ``write_weights`` waits for the copy.
+
+    If the block fails or is interrupted, the copy is stopped and waited for (SIGINT and
+    SIGTERM held meanwhile) before the error goes on, so no thread writes into ``directory``
+    once it is being removed.
+    """
+    base = base.without_matrices()  # this frame lives as long as the block: no matrices
+    shards = untouched_shards(base) if writes_passthrough(base, merge_options) else ()
+    if not shards:
+        yield None
+        return
+    copying = ShardCopy(base.checkpoint, directory, shards).start()
+    try:
+        yield copying
+    except BaseException:
+        with signals_held():
+            copying.cancel()
+        raise
+    join_copy(copying, base)  # the write stage joined it already; never publish half of it
+
+
+def join_copy(copying: ShardCopy, base: LoadedModel) -> None:
+    try:
+        copying.join()
+    except OSError as exc:
+        raise TransplantError(f"cannot copy the weights of {base.path}: {exc}") from exc
 
 
 def output_vocabulary_tensors(
@@ -77,22 +127,26 @@ def write_weights(
     aux_match: VocabularyMatch,
     out_rows: int,
     merge_options: MergeOptions,
+    copying: ShardCopy | None = None,
 ) -> None:
     """The base checkpoint in ``directory`` with its vocabulary tensors replaced.
 
     ``replacements`` maps tensor names to vocabulary-first matrices. Every other tensor is
     written exactly as stored (name, dtype, bytes): shards without a vocabulary tensor are
-    copied as files, the others rewritten around the new tensors. A ``.bin`` base, or a
+    copied as files (by ``copying``, from ``copying_untouched_shards``, where given: this
+    waits for it), the others rewritten around the new tensors. A ``.bin`` base, or a
     user's own shard size or format, re-shards all tensors through mergekit's
     ``TensorWriter`` instead.
     """
     vocabulary = output_vocabulary_tensors(base, replacements, aux_match, out_rows)
-    if base.checkpoint.is_safetensors and not resharding_requested(merge_options):
+    if writes_passthrough(base, merge_options):
         try:
-            write_passthrough(base.checkpoint, directory, vocabulary)
+            write_passthrough(base.checkpoint, directory, vocabulary, copying)
         except OSError as exc:
             raise TransplantError(f"cannot copy the weights of {base.path}: {exc}") from exc
         return
+    if copying is not None:
+        raise ValueError("shards were copied for an output that re-shards every tensor")
     writer = TensorWriter(
         str(directory),
         max_shard_size=merge_options.out_shard_size,

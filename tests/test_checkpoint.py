@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import filecmp
+import importlib
 import json
+import threading
 from pathlib import Path
 
 import pytest
@@ -14,11 +16,12 @@ from mergekit.options import MergeOptions
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
-from mergekit_omp import TransplantOptions, transplant
+from mergekit_omp import TransplantOptions, checkpoint, transplant
 from mergekit_omp.checkpoint import SAFETENSORS_INDEX, read_header, rewrite_shard
 from mergekit_omp.errors import TransplantError
 from mergekit_omp.load import load_model
 
+transplant_module = importlib.import_module("mergekit_omp.transplant")
 EMBED, LM_HEAD = "model.embed_tokens.weight", "lm_head.weight"
 
 
@@ -77,6 +80,65 @@ def test_shards_without_vocabulary_tensors_are_copied_and_the_others_rewritten(
     model = transformers.LlamaForCausalLM.from_pretrained(out)
     assert torch.equal(model.lm_head.weight, result.matrices["lm_head"].matrix)
     assert torch.equal(model.model.embed_tokens.weight, result.matrices["embed"].matrix)
+
+
+def test_untouched_shards_are_copied_while_the_matrices_are_computed(
+    sharded_base, donor, tmp_path, monkeypatch
+):
+    """Each approximation finds every shard without a vocabulary tensor already complete in
+    the staging directory, copied by the background thread."""
+    weight_map = shard_of(sharded_base)
+    untouched = set(weight_map.values()) - {weight_map[EMBED], weight_map[LM_HEAD]}
+    copied_by: dict[str, str] = {}
+    all_copied = threading.Event()
+    real_clone = checkpoint.clone_file
+
+    def recorded_clone(source, destination, *args):
+        real_clone(source, destination, *args)
+        copied_by[Path(source).name] = threading.current_thread().name
+        if set(copied_by) == untouched:
+            all_copied.set()
+
+    found_in_staging: list[set[str]] = []
+    real_approximate = transplant_module.approximate_new_rows
+
+    def approximate_once_copied(*args, **kwargs):
+        assert all_copied.wait(timeout=60)
+        (staging,) = tmp_path.glob(".out.partial-*")
+        found_in_staging.append(
+            {s for s in untouched if filecmp.cmp(sharded_base / s, staging / s, shallow=False)}
+        )
+        return real_approximate(*args, **kwargs)
+
+    monkeypatch.setattr(checkpoint, "clone_file", recorded_clone)
+    monkeypatch.setattr(transplant_module, "approximate_new_rows", approximate_once_copied)
+    out = tmp_path / "out"
+    result = transplant(
+        TransplantOptions(base_model=str(sharded_base), donor=str(donor), method="omp"),
+        out,
+        progress=False,
+    )
+    assert found_in_staging == [untouched, untouched]  # the embedding's, then the LM head's
+    assert set(copied_by.values()) == {"mergekit-omp shard copy"}
+    for shard in untouched:
+        assert filecmp.cmp(sharded_base / shard, out / shard, shallow=False), shard
+    assert {"copy (overlapped)", "write", "publish"} <= result.report.seconds.keys()
+
+
+def test_a_cancelled_copy_stops_between_chunks(tmp_path, monkeypatch):
+    source = tmp_path / "source.bin"
+    source.write_bytes(bytes(range(256)) * 64)
+    monkeypatch.setattr(checkpoint, "COPY_CHUNK", 1024)
+    monkeypatch.setattr(checkpoint.fcntl, "ioctl", lambda *a: (_ for _ in ()).throw(OSError()))
+    asked = []
+
+    def stop_after_three_chunks() -> bool:
+        asked.append(True)
+        return len(asked) > 3
+
+    with pytest.raises(checkpoint.CopyCancelled):
+        checkpoint.clone_file(source, tmp_path / "copy.bin", stop_after_three_chunks)
+    assert (tmp_path / "copy.bin").read_bytes() == source.read_bytes()[: 3 * 1024]
 
 
 def test_rewrite_keeps_order_dtypes_and_bytes(tmp_path):

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import errno
 import hashlib
+import importlib
 import json
 import os
 import runpy
@@ -20,6 +21,8 @@ import signal
 import subprocess
 import sys
 import textwrap
+import threading
+import time
 from pathlib import Path
 
 import pytest
@@ -28,13 +31,14 @@ import yaml
 from click.testing import CliRunner
 from safetensors.torch import load_file, save_file
 
-from mergekit_omp import publish
+from mergekit_omp import checkpoint, publish
 from mergekit_omp.cli import evaluate as eval_cli
 from mergekit_omp.cli import merge as merge_cli
 from mergekit_omp.cli import recipe
 from mergekit_omp.cli import report as report_cli
 from mergekit_omp.cli import transplant as cli
 
+transplant_module = importlib.import_module("mergekit_omp.transplant")
 EXAMPLES = Path(__file__).resolve().parents[1] / "examples"
 COMMANDS = {
     "mergekit-omp": cli.main,
@@ -609,3 +613,87 @@ def test_merge_model_with_more_tokens_than_rows(m, tmp_path):
     config_file.write_text(yaml.safe_dump(merge_config(m)))
     line = error_line(invoke(merge_cli.main, config_file, tmp_path / "out", "--quiet"))
     assert "404" in line and "400" in line and "donor-chat" in line
+
+
+# The copy of the shards without a vocabulary tensor runs beside the approximation: its errors
+# are one line, and any fault meanwhile stops it before the staging directory is removed.
+
+COPY_THREAD = "mergekit-omp shard copy"
+
+
+def sharded(base: Path) -> Path:
+    """``base`` with its layer weights in one shard per module (attention, MLP, norms), the
+    other tensors in a shard apart."""
+    tensors = load_file(base / "model.safetensors")
+    shards: dict[str, dict[str, torch.Tensor]] = {}
+    for name, tensor in tensors.items():
+        part = ".".join(name.split(".")[2:4]) if name.startswith("model.layers.") else "rest"
+        shards.setdefault(part, {})[name] = tensor
+    weight_map = {}
+    for index, group in enumerate(dict(sorted(shards.items())).values(), start=1):
+        filename = f"model-{index:05d}-of-{len(shards):05d}.safetensors"
+        save_file(group, base / filename, metadata={"format": "pt"})
+        weight_map.update(dict.fromkeys(group, filename))
+    (base / "model.safetensors").unlink()
+    index = {"metadata": {"total_size": 0}, "weight_map": weight_map}
+    (base / "model.safetensors.index.json").write_text(json.dumps(index))
+    assert len(shards) >= 3  # shards to copy, and the vocabulary shard to rewrite
+    return base
+
+
+def copy_threads() -> list[threading.Thread]:
+    return [t for t in threading.enumerate() if t.name == COPY_THREAD]
+
+
+def test_an_error_of_the_background_copy_is_one_line(m, tmp_path, monkeypatch):
+    base = sharded(m / "base")
+    failed_in: list[str] = []
+
+    def disk_full(source, destination, *args):
+        failed_in.append(threading.current_thread().name)
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(checkpoint, "clone_file", disk_full)
+    out = tmp_path / "out"
+    result = run(base, m / "donor", out)
+    error_line(result, "cannot copy the weights", "No space left on device", "left as it was")
+    assert failed_in == [COPY_THREAD]
+    assert not out.exists() and leftovers(tmp_path) == [] and copy_threads() == []
+
+
+@pytest.mark.parametrize(
+    "fault", ["error", signal.SIGINT, signal.SIGTERM], ids=["error", "sigint", "sigterm"]
+)
+def test_fault_during_approximation_stops_the_copy_before_cleanup(m, tmp_path, monkeypatch, fault):
+    """The copy is still running when the approximation fails; it is told to stop and waited
+    for before the staging directory is removed."""
+    base = sharded(m / "base")
+    copy_started = threading.Event()
+    when_stopped: list[tuple[bool, bool]] = []  # (told to stop, staging still there)
+
+    def copy_until_stopped(source, destination, stop):
+        copy_started.set()
+        deadline = time.monotonic() + 60
+        while not stop() and time.monotonic() < deadline:
+            time.sleep(0.01)
+        when_stopped.append((stop(), destination.parent.is_dir()))
+        raise checkpoint.CopyCancelled
+
+    def failing_approximation(*args, **kwargs):
+        assert copy_started.wait(timeout=60)
+        if fault == "error":
+            raise RuntimeError("the approximation failed")
+        signal.raise_signal(fault)
+
+    monkeypatch.setattr(checkpoint, "clone_file", copy_until_stopped)
+    monkeypatch.setattr(transplant_module, "approximate_new_rows", failing_approximation)
+    out = previous_output(tmp_path / "out")
+    result = run(base, m / "donor", out, "--overwrite")
+    if fault == "error":
+        error_line(result, "RuntimeError: the approximation failed", "left as it was")
+    else:
+        assert result.exit_code == 130, result.output
+        assert f"Interrupted: {out} was left as it was" in result.stderr
+    assert when_stopped == [(True, True)]
+    assert (out / "keep.txt").read_text() == "the previous model"
+    assert leftovers(tmp_path) == [] and copy_threads() == []

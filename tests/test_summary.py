@@ -113,3 +113,13 @@ def test_the_bos_warning_names_the_flag(tmp_path, metaspace_tok, byte_level_tok)
     assert result.exit_code == 0, result.output
     (warning,) = [x for x in result.stderr.splitlines() if "BOS" in x]
     assert "--bos match_base inserts it" in warning and "bos: match_base" not in warning
+
+
+def test_the_headline_total_leaves_out_overlapped_work():
+    """The copy that runs beside the approximation is reported but not added to the total."""
+    from mergekit_omp.report import TransplantReport
+
+    report = TransplantReport(base_model="b", donor="d", options={})
+    report.seconds.update({"approximate": 2.0, "write": 1.0, "copy (overlapped)": 5.0})
+    assert report.headline("out").endswith("(3.0 s)")
+    assert "copy (overlapped) 5.0" in report.summary("out", verbose=True)
