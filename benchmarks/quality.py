@@ -345,7 +345,43 @@ def orders(results: dict, scores: dict, texts: list[str]) -> str:
             + ", ".join(taus)
             + f", mean of texts {kendall_tau(mean_bpb, validation):+.2f}"
         )
+        lines.append(resolved_agreement(results, validation, texts))
     return "\n".join(lines)
+
+
+def resolved_pairs(results: dict, methods: list[str], texts: list[str]) -> dict:
+    """The pairs of methods whose order every half of every text agrees on, each with the
+    sign of its difference (+1: the first is worse); the other pairs are within the texts'
+    noise."""
+    pairs = {}
+    for i, a in enumerate(methods):
+        for b in methods[i + 1 :]:
+            deltas = [
+                p["bpb"] - q["bpb"]
+                for t in texts
+                for p, q in zip(results[a][t], results[b][t], strict=True)
+            ]
+            if all(d > 0 for d in deltas) or all(d < 0 for d in deltas):
+                pairs[a, b] = 1 if deltas[0] > 0 else -1
+    return pairs
+
+
+def resolved_agreement(results: dict, validation: dict[str, float], texts: list[str]) -> str:
+    """How many of the pairs the held-back texts resolve (``resolved_pairs``) the
+    validation orders the same way, and which it does not."""
+    methods = [m for m in results if m not in ("base", "auto")]
+    pairs = resolved_pairs(results, methods, texts)
+    wrong = [
+        f"{a} / {b}"
+        for (a, b), sign in pairs.items()
+        if (validation[a] - validation[b]) * sign <= 0
+    ]
+    total = len(methods) * (len(methods) - 1) // 2
+    return (
+        f"  pairs resolved by every half of every text: {len(pairs)} of {total}; "
+        f"ordered the same: {len(pairs) - len(wrong)}"
+        + (f" (not: {', '.join(wrong)})" if wrong else "")
+    )
 
 
 def kendall_tau(first: dict[str, float], second: dict[str, float]) -> float:
