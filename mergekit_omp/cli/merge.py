@@ -23,13 +23,24 @@ from mergekit_omp.merge.run import run_omp_merge
 
 def summary(fills: list[OmpFill]) -> str:
     if not fills:
-        return "Merged; no token rows were made by OMP"
-    lines = ["Merged; token rows made by OMP:"]
+        return "Merged; no token rows were made by mergekit-omp"
+    lines = ["Merged; token rows made by mergekit-omp:"]
     lines.extend(
-        f"  {f.tensor}: {f.tokens} rows of {f.model} from {f.source} (k={f.k}, {f.anchors} anchors)"
+        f"  {f.tensor}: {f.tokens} rows of {f.model} from {f.source} ({fill_method(f)}, "
+        f"{f.anchors} anchors)"
         for f in fills
     )
     return "\n".join(lines)
+
+
+def fill_method(fill: OmpFill) -> str:
+    """``omp k=64``, ``fvt``, or what ``auto`` chose and its score, as a transplant's summary
+    says it (every candidate's score is in the model card and the --report file)."""
+    if fill.choice:
+        chosen, scores = fill.choice["chosen"], fill.choice["scores"]
+        measure = fill.choice["validation"].split(",")[0].split(";")[0]
+        return f"auto chose {chosen}, {measure} {scores[chosen]:.4f}, best of {len(scores)}"
+    return fill.method if fill.k is None else f"{fill.method} k={fill.k}"
 
 
 @click.command("mergekit-omp-merge", cls=command_class())
@@ -49,11 +60,13 @@ def main(
     """Run the mergekit merge in CONFIG_FILE and write the merged model to OUT_PATH.
 
     Exactly mergekit-yaml's merge, with one more token-embedding source: a token a model
-    lacks can get that model's own OMP approximation, anchored on the tokens it shares with
+    lacks can get that model's own approximation, anchored on the tokens it shares with
     a model that has the token, instead of that model's row. Per token, under
     `tokenizer.tokens`: `"<tok>": {source: {kind: omp, k: 32}}`; for every missing token, a
-    top-level `omp: {missing_tokens: omp, k: 64}`. Relative model paths are read from the
-    config's directory first.
+    top-level `omp: {missing_tokens: omp}`, approximated by `method` (default auto: the
+    candidate method whose rows score the lowest bits per byte on a validation text) with
+    its `parameters`, as in a recipe. Relative model paths are read from the config's
+    directory first.
     """
     merge_options.apply_global_options()
     config = load_merge_config(config_file)

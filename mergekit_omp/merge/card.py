@@ -15,27 +15,50 @@ OMP_SECTION = """### Token embeddings
 
 Where a model lacks a token of the merged vocabulary, mergekit-omp gave it that model's own
 approximation of the token instead of another model's row (a row from a different embedding
-space): the row of a model that has the token is written by Orthogonal Matching Pursuit as a
-sparse combination of *k* tokens both models share, and the same coefficients are applied to
-the lacking model's rows of those tokens ({paper}).
+space), made as a tokenizer transplant makes one ({paper}): the lacking model is the base, the
+model that has the token the donor, and the tokens both models share are the anchors. `omp`
+writes the donor's row by Orthogonal Matching Pursuit as a sparse combination of *k* anchors
+and applies the same coefficients to the lacking model's rows of those anchors; `auto` runs
+each of its candidate methods and keeps the one whose rows give the lacking model, with the
+merged tokenizer, the lowest bits per byte on a validation text.
 
 {table}
 
 """
 
 
+def method_text(fill: OmpFill) -> str:
+    """``omp``, ``fvt``, ``auto: hybrid`` (the chosen candidate)."""
+    return f"{fill.method}: `{fill.choice['chosen']}`" if fill.choice else fill.method
+
+
+def choice_line(fill: OmpFill) -> str:
+    """What ``auto`` chose for one fill, from which candidates, with their scores."""
+    choice = fill.choice or {}
+    scores = ", ".join(f"`{spec}` {score:.4f}" for spec, score in choice["scores"].items())
+    return (
+        f"* `{fill.tensor}` of {fill.model}: `auto` chose `{choice['chosen']}` from "
+        f"{len(choice['scores'])} candidates by {choice['validation']} "
+        f"({choice['evidence']}): {scores}"
+    )
+
+
 def fills_table(fills: list[OmpFill]) -> str:
     if not fills:
         return "No model lacked a token that mergekit-omp was asked to fill."
     lines = [
-        "| tensor | model | rows | approximated from | k | anchors |",
-        "|---|---|---|---|---|---|",
+        "| tensor | model | rows | approximated from | k | anchors | method |",
+        "|---|---|---|---|---|---|---|",
     ]
     for fill in fills:
+        k = "-" if fill.k is None else fill.k
         lines.append(
-            f"| `{fill.tensor}` | {fill.model} | {fill.tokens} | {fill.source} | {fill.k} | "
-            f"{fill.anchors} |"
+            f"| `{fill.tensor}` | {fill.model} | {fill.tokens} | {fill.source} | {k} | "
+            f"{fill.anchors} | {method_text(fill)} |"
         )
+    choices = [choice_line(fill) for fill in fills if fill.choice]
+    if choices:
+        lines.extend(["", *choices])
     return "\n".join(lines)
 
 

@@ -5,8 +5,10 @@ Two additions, both removed before mergekit sees the configuration:
 
 * a per-token source ``{kind: omp, k: 32}`` under ``tokenizer.tokens``, replaced by mergekit's
   ``{kind: zero}`` (the zero row of a model that lacks the token is then overwritten);
-* a top-level ``omp:`` section: ``missing_tokens: omp`` makes OMP the source of every token a
-  model lacks; ``k`` is the default number of anchors.
+* a top-level ``omp:`` section: ``missing_tokens: omp`` makes mergekit-omp the source of every
+  token a model lacks, approximated by ``method`` (default ``auto``) with its ``parameters``,
+  as in a transplant recipe; ``k`` is OMP's number of anchors (per-token ``omp`` sources, and
+  ``method`` where it takes ``k``).
 """
 
 from __future__ import annotations
@@ -20,11 +22,18 @@ from typing import Any, Literal
 
 from mergekit.common import ModelPath, ModelReference
 from mergekit.config import MergeConfiguration
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, field_validator
 
+from mergekit_omp.approximators import get_approximator
+from mergekit_omp.approximators.omp import DEFAULT_K
 from mergekit_omp.errors import TransplantError
 from mergekit_omp.load import HUB_ID_RE
-from mergekit_omp.options import describe_validation_error, parse_yaml_mapping
+from mergekit_omp.options import (
+    _check_parameters,
+    _method_named,
+    describe_validation_error,
+    parse_yaml_mapping,
+)
 from mergekit_omp.paths import resolve_model_path
 
 LOG = logging.getLogger(__name__)
@@ -54,9 +63,42 @@ class OmpMergeSettings(BaseModel):
     missing_tokens: Literal["omp", "mergekit"] = Field(
         "mergekit",
         description="Source of every token a model lacks (tokens without a `tokens:` entry): "
-        "'omp' for that model's OMP approximation, 'mergekit' for mergekit's own rule",
+        "'omp' for that model's own approximation (by `method`), 'mergekit' for mergekit's "
+        "own rule",
     )
-    k: int = Field(64, gt=0, description="Anchors per OMP row")
+    method: str = Field("auto", description="Approximator of the tokens `missing_tokens` fills")
+    parameters: dict[str, Any] = Field(default_factory=dict, description="Method parameters")
+    k: int | None = Field(
+        None,
+        gt=0,
+        description=f"Anchors per OMP row (default {DEFAULT_K}): per-token omp sources, and "
+        "`method` if it takes k",
+    )
+
+    @field_validator("method")
+    @classmethod
+    def _known_method(cls, name: str) -> str:
+        _method_named(name)
+        return name
+
+    @field_validator("parameters")
+    @classmethod
+    def _parameters_fit_method(cls, parameters: dict[str, Any], info: ValidationInfo) -> Any:
+        if "method" in info.data:  # else the method itself failed
+            _check_parameters(info.data["method"], parameters)
+        return parameters
+
+    @property
+    def omp_k(self) -> int:
+        """k of per-token omp sources that name none."""
+        return self.k or DEFAULT_K
+
+    def method_and_parameters(self) -> tuple[str, dict[str, Any]]:
+        """The method of ``missing_tokens: omp`` and its parameters with defaults filled in:
+        ``k`` where the method takes it (``parameters`` win), as ``-k`` on the command line."""
+        method = get_approximator(self.method)
+        knobs = {"k": self.k} if self.k and "k" in method.parameter_names() else {}
+        return method.name, method.validate_parameters({**knobs, **self.parameters})
 
 
 @dataclass(frozen=True)
@@ -235,6 +277,24 @@ def check_omp_use(config: OmpMergeConfig, source: str) -> None:
             )
 
 
+def warn_unused_settings(config: OmpMergeConfig, source: str) -> None:
+    """``omp:`` keys that change nothing in this configuration (a warning, as ``-k`` for a
+    method without k on the command line)."""
+    settings = config.settings
+    chosen = settings.model_fields_set & {"method", "parameters"}
+    if chosen and settings.missing_tokens != "omp":
+        LOG.warning(
+            "%s: omp.%s: applies to `missing_tokens: omp` only; ignored", source, sorted(chosen)[0]
+        )
+    takes_k = "k" in get_approximator(settings.method).parameter_names()
+    if settings.k and not takes_k and not config.token_sources:
+        LOG.warning(
+            "%s: omp.k: method '%s' takes no k and no token has an omp source; ignored",
+            source,
+            settings.method,
+        )
+
+
 def parse_merge_config(text: str, source: str, base_dir: Path) -> OmpMergeConfig:
     """Validate a merge configuration with mergekit-omp's additions; see the module docstring."""
     raw = parse_yaml_mapping(text, source, "a merge configuration")
@@ -257,6 +317,7 @@ def parse_merge_config(text: str, source: str, base_dir: Path) -> OmpMergeConfig
         },
     )
     check_omp_use(config, source)
+    warn_unused_settings(config, source)
     return config
 
 

@@ -4,9 +4,13 @@ In a merge with a merged vocabulary (``tokenizer: {source: union}``, or a model 
 mergekit's ``PermutedVocabulary`` gives a model that lacks a token another model's row for it
 (copied, or averaged over the models that have it): a row from a different embedding space.
 ``OmpPermutedVocabulary`` runs mergekit's ``PermutedVocabulary`` unchanged, then overwrites
-those rows with the lacking model's own approximation: the row of a model that has the token
-(the *source*) is written by OMP as a sparse combination of the tokens both models share
-(the anchors), and the same coefficients are applied to the lacking model's anchor rows.
+those rows with the lacking model's own approximation, made as a transplant makes one: the
+lacking model is the base, the model that has the token (the *source*) the donor, the tokens
+both models share the anchors. ``omp`` (per-token ``{kind: omp}`` sources, and
+``method: omp``) writes the source's row as a sparse combination of the anchors and applies
+the same coefficients to the lacking model's anchor rows (``omp_rows``); any other method
+(``auto``, the default of ``missing_tokens: omp``) runs on an ``ApproximationProblem`` built
+from the two models and the merge's output tokenizer (``fill_problem``).
 
 mergekit decides which tokens a model has (its permutations); only the rows it would fill
 from another model are replaced. The merge itself stays mergekit's: ``omp_token_rows()``
@@ -22,19 +26,32 @@ import threading
 from collections import defaultdict
 from collections.abc import Iterator
 from dataclasses import dataclass
-from typing import Literal
+from functools import cached_property
+from typing import Any, Literal
 
 import mergekit.plan
 import torch
 from mergekit.common import ImmutableMap, ModelReference
+from mergekit.options import MergeOptions
 from mergekit.tokenizer import PermutedVocabulary, TokenizerInfo
 from mergekit.vocabulary import vocabulary_views
+from transformers import PretrainedConfig, PreTrainedTokenizerBase
 
-from mergekit_omp.approximate import work_dtype
-from mergekit_omp.approximators.base import combine_anchor_rows
+from mergekit_omp.approximate import approximate_new_rows, work_dtype
+from mergekit_omp.approximators import get_approximator
+from mergekit_omp.approximators.base import (
+    DEFAULT_BATCH_SIZE,
+    ApproximationProblem,
+    combine_anchor_rows,
+)
+from mergekit_omp.approximators.omp import DEFAULT_K
+from mergekit_omp.checkpoint import Checkpoint
 from mergekit_omp.errors import TransplantError
 from mergekit_omp.kernels.omp import batch_omp
+from mergekit_omp.load import load_tokenizer
+from mergekit_omp.locate import vocabulary_tensors
 from mergekit_omp.merge.config import OmpMergeSettings, OmpTokenSource
+from mergekit_omp.vocabulary import Vocabulary, vocabulary_of
 
 LOG = logging.getLogger(__name__)
 
@@ -43,21 +60,29 @@ Permutation = dict[int, int]
 
 @dataclass(frozen=True)
 class OmpFill:
-    """Rows of one tensor of one model that were made by OMP."""
+    """Rows of one tensor of one model that mergekit-omp made, and how."""
 
     tensor: str
     model: str
     source: str
     tokens: int
-    k: int
+    k: int | None
+    """OMP's k (``omp``), the k the method took, or None for a method without one."""
     anchors: int
+    method: str = "omp"
+    parameters: dict[str, Any] | None = None
+    """The method's parameters, defaults filled in."""
+    choice: dict[str, Any] | None = None
+    """``auto``: the candidates, their validation scores and the one chosen
+    (``ChosenApproximation.choice``)."""
 
 
 @dataclass(frozen=True)
 class _Fill:
     model: ModelReference
     source: ModelReference
-    k: int
+    method: str
+    k: int | None
 
 
 class _FillLog:
@@ -85,6 +110,15 @@ class _FillLog:
 
 
 FILL_LOG = _FillLog()
+
+
+def _frozen(value: Any) -> Any:
+    """``value`` hashable, as the values of a mergekit task's fields must be."""
+    if isinstance(value, dict):
+        return tuple((key, _frozen(item)) for key, item in value.items())
+    if isinstance(value, list | tuple):
+        return tuple(_frozen(item) for item in value)
+    return value
 
 
 def _has(permutation: Permutation, token_id: int) -> bool:
@@ -118,11 +152,101 @@ def omp_rows(
     return combine_anchor_rows(model_anchors, indices, coeffs.to(dtype))
 
 
+class _ModelSide:
+    """What a problem needs of one model of the merge, read when first asked for."""
+
+    def __init__(self, model: ModelReference, trust_remote_code: bool) -> None:
+        self.model = model
+        self.trust_remote_code = trust_remote_code
+
+    @cached_property
+    def path(self) -> str:
+        """The local directory mergekit reads the model from."""
+        return str(Checkpoint.of(self.model).directory)
+
+    @cached_property
+    def config(self) -> PretrainedConfig:
+        return self.model.config(trust_remote_code=self.trust_remote_code)
+
+    @cached_property
+    def tokenizer(self) -> PreTrainedTokenizerBase:
+        return load_tokenizer(self.path, self.trust_remote_code)
+
+    @cached_property
+    def vocabulary(self) -> Vocabulary:
+        return vocabulary_of(self.tokenizer)
+
+    def is_lm_head(self, names: set[str]) -> bool:
+        """Whether a tensor called one of ``names`` is this model's untied LM head."""
+        checkpoint = Checkpoint.of(self.model)
+        located = vocabulary_tensors(
+            self.config,
+            set(checkpoint.names),
+            checkpoint.shapes(),
+            trust_remote_code=self.trust_remote_code,
+            path=self.path,
+        )
+        return located.lm_head is not None and not located.tied and located.lm_head.name in names
+
+
+def fill_problem(
+    rows: dict[ModelReference, torch.Tensor],
+    permutations: dict[ModelReference, Permutation],
+    fill: _Fill,
+    token_ids: list[int],
+    anchor_ids: list[int],
+    *,
+    model: _ModelSide,
+    source: _ModelSide,
+    output_tokenizer: PreTrainedTokenizerBase,
+    output_vocabulary: Vocabulary,
+    is_lm_head: bool,
+    seed: int,
+) -> ApproximationProblem:
+    """The transplant's problem for ``fill``: the lacking model is the base and the source
+    the donor, in the output vocabulary's ids (the merged tokenizer is the donor's).
+
+    The source's rows of the tokens the model lacks are the targets, the tokens both have
+    the anchors; the base matrix is the model's own, in its own ids.
+    """
+    model_rows, source_rows = rows[fill.model], rows[fill.source]
+    model_permutation, source_permutation = permutations[fill.model], permutations[fill.source]
+    dtype = work_dtype(source_rows, model_rows)
+    model_ids = sorted(i for i, j in model_permutation.items() if j >= 0)
+    return ApproximationProblem(
+        targets=source_rows[[source_permutation[i] for i in token_ids]].to(dtype),
+        donor_anchors=source_rows[[source_permutation[i] for i in anchor_ids]].to(dtype),
+        base_anchors=model_rows[[model_permutation[i] for i in anchor_ids]].to(dtype),
+        base_matrix=model_rows,
+        target_ids=list(token_ids),
+        donor_anchor_ids=list(anchor_ids),
+        base_anchor_ids=[model_permutation[i] for i in anchor_ids],
+        donor_vocab=output_vocabulary,
+        base_vocab=model.vocabulary,
+        donor_tokenizer=output_tokenizer,
+        base_tokenizer=model.tokenizer,
+        is_lm_head=is_lm_head,
+        batch_size=DEFAULT_BATCH_SIZE,
+        seed=seed,
+        base_config=model.config,
+        donor_config=source.config,
+        base_path=model.path,
+        matched_ids=(model_ids, [model_permutation[i] for i in model_ids]),
+    )
+
+
 class OmpPermutedVocabulary(PermutedVocabulary):
-    """mergekit's ``PermutedVocabulary`` with OMP rows for tokens a model lacks."""
+    """mergekit's ``PermutedVocabulary`` with each lacking model's own rows for its missing
+    tokens."""
 
     missing_tokens: Literal["omp", "mergekit"] = "mergekit"
-    default_k: int = 64
+    method: str = "auto"
+    """The method of ``missing_tokens: omp``."""
+    parameters: ImmutableMap[str, Any] | None = None
+    """Its parameters, validated (``OmpMergeSettings.method_and_parameters``)."""
+    default_k: int = DEFAULT_K
+    seed: int = 0
+    trust_remote_code: bool = False
     omp_tokens: ImmutableMap[str, OmpTokenSource] | None = None
 
     def execute(
@@ -139,36 +263,105 @@ class OmpPermutedVocabulary(PermutedVocabulary):
         vocab_size = len(tokenizer_info.tokenizer.get_vocab())
         permutations = tokenizer_info.permutations
         out = {model: result[model].movedim(self.vocabulary_axis, 0) for model in models}
-        for fill, token_ids in self.fills(tokenizer_info, models).items():
+        fills = self.fills(tokenizer_info, models)
+        sides: dict[ModelReference, _ModelSide] = {}
+        if any(fill.method != "omp" for fill in fills):
+            output_vocabulary = vocabulary_of(tokenizer_info.tokenizer)
+        for fill, token_ids in fills.items():
             anchor_ids = shared_token_ids(
                 permutations[fill.model], permutations[fill.source], vocab_size
             )
-            if fill.k > len(anchor_ids):
-                raise TransplantError(
-                    f"k={fill.k} is larger than the {len(anchor_ids)} tokens {fill.model} "
-                    f"shares with {fill.source}"
+            if fill.method == "omp":
+                new_rows, choice = self._omp_rows(rows, permutations, fill, token_ids, anchor_ids)
+            else:
+                for model in (fill.model, fill.source):
+                    sides.setdefault(model, _ModelSide(model, self.trust_remote_code))
+                new_rows, choice = self._method_rows(
+                    rows, tokenizer_info, output_vocabulary, fill, token_ids, anchor_ids, sides
                 )
-            new_rows = omp_rows(
-                rows[fill.source],
-                rows[fill.model],
-                permutations[fill.source],
-                permutations[fill.model],
-                token_ids,
-                anchor_ids,
-                fill.k,
-            )
             out[fill.model][token_ids] = new_rows.to(out[fill.model].dtype)
-            self._record(fill, len(token_ids), len(anchor_ids))
+            self._record(fill, len(token_ids), len(anchor_ids), choice)
         self._refresh_padding(out, vocab_size)
         return result
+
+    def _omp_rows(
+        self,
+        rows: dict[ModelReference, torch.Tensor],
+        permutations: dict[ModelReference, Permutation],
+        fill: _Fill,
+        token_ids: list[int],
+        anchor_ids: list[int],
+    ) -> tuple[torch.Tensor, None]:
+        k = fill.k or self.default_k
+        if k > len(anchor_ids):
+            raise TransplantError(
+                f"k={k} is larger than the {len(anchor_ids)} tokens {fill.model} "
+                f"shares with {fill.source}"
+            )
+        new_rows = omp_rows(
+            rows[fill.source],
+            rows[fill.model],
+            permutations[fill.source],
+            permutations[fill.model],
+            token_ids,
+            anchor_ids,
+            k,
+        )
+        return new_rows, None
+
+    def _method_rows(
+        self,
+        rows: dict[ModelReference, torch.Tensor],
+        tokenizer_info: TokenizerInfo,
+        output_vocabulary: Vocabulary,
+        fill: _Fill,
+        token_ids: list[int],
+        anchor_ids: list[int],
+        sides: dict[ModelReference, _ModelSide],
+    ) -> tuple[torch.Tensor, dict[str, Any] | None]:
+        """``self.method``'s rows on the transplant's problem (``fill_problem``), and
+        ``auto``'s choice."""
+        if not anchor_ids:
+            raise TransplantError(
+                f"{fill.model} and {fill.source} share no tokens: nothing to anchor an "
+                "approximation on"
+            )
+        model = sides[fill.model]
+        names = self.gather_tensors.weight_info.data[fill.model]
+        problem = fill_problem(
+            rows,
+            tokenizer_info.permutations,
+            fill,
+            token_ids,
+            anchor_ids,
+            model=model,
+            source=sides[fill.source],
+            output_tokenizer=tokenizer_info.tokenizer,
+            output_vocabulary=output_vocabulary,
+            is_lm_head=model.is_lm_head({names.name, *(names.aliases or ())}),
+            seed=self.seed,
+        )
+        result = approximate_new_rows(
+            problem, get_approximator(fill.method), self.method_parameters
+        )
+        return result.rows, getattr(result, "choice", None)
+
+    @property
+    def method_parameters(self) -> dict[str, Any]:
+        """The parameters of ``self.method``, defaults filled in."""
+        parameters = dict(self.parameters.items()) if self.parameters else {}
+        return get_approximator(self.method).validate_parameters(parameters)
 
     def fills(
         self, tokenizer_info: TokenizerInfo, models: list[ModelReference]
     ) -> dict[_Fill, list[int]]:
-        """Output ids to fill by OMP, grouped by (lacking model, source model, k)."""
+        """Output ids to fill, grouped by (lacking model, source model, method, k): a token's
+        own omp source is omp with its k (else ``default_k``); ``missing_tokens: omp`` fills
+        with ``self.method``."""
         permutations = tokenizer_info.permutations
         explicit = dict(self.tokens.items()) if self.tokens else {}
         omp_tokens = dict(self.omp_tokens.items()) if self.omp_tokens else {}
+        method_k = self.method_k
         groups: dict[_Fill, list[int]] = defaultdict(list)
         for token, token_id in sorted(
             tokenizer_info.tokenizer.get_vocab().items(), key=lambda kv: kv[1]
@@ -184,10 +377,20 @@ class OmpPermutedVocabulary(PermutedVocabulary):
                 if token_source is not None:
                     LOG.warning("Token %r is in no model of the merge: its row stays zero", token)
                 continue
-            k = token_source.k if token_source and token_source.k else self.default_k
+            if token_source is not None:
+                method, k = "omp", token_source.k or self.default_k
+            else:
+                method, k = self.method, method_k
             for model in lacking:
-                groups[_Fill(model=model, source=source, k=k)].append(token_id)
+                groups[_Fill(model=model, source=source, method=method, k=k)].append(token_id)
         return dict(groups)
+
+    @property
+    def method_k(self) -> int | None:
+        """The k ``self.method`` runs with, if it takes one."""
+        if self.method == "omp":
+            return self.method_parameters.get("k") or self.default_k
+        return self.method_parameters.get("k")
 
     def _source_model(
         self,
@@ -217,8 +420,11 @@ class OmpPermutedVocabulary(PermutedVocabulary):
             if matrix.shape[0] > vocab_size:
                 matrix[vocab_size:] = matrix[:vocab_size].mean(dim=0)
 
-    def _record(self, fill: _Fill, tokens: int, anchors: int) -> None:
+    def _record(
+        self, fill: _Fill, tokens: int, anchors: int, choice: dict[str, Any] | None
+    ) -> None:
         tensor = next(iter(self.gather_tensors.weight_info.data.values())).name
+        parameters = {"k": fill.k} if fill.method == "omp" else self.method_parameters
         record = OmpFill(
             tensor=tensor,
             model=str(fill.model),
@@ -226,17 +432,34 @@ class OmpPermutedVocabulary(PermutedVocabulary):
             tokens=tokens,
             k=fill.k,
             anchors=anchors,
+            method=fill.method,
+            parameters=parameters,
+            choice=choice,
         )
-        LOG.info("%s: %d rows of %s by OMP from %s", tensor, tokens, fill.model, fill.source)
+        chosen = f" (chose {choice['chosen']})" if choice else ""
+        LOG.info(
+            "%s: %d rows of %s by %s%s from %s",
+            tensor,
+            tokens,
+            fill.model,
+            fill.method,
+            chosen,
+            fill.source,
+        )
         FILL_LOG.record(record)
 
 
 @contextlib.contextmanager
 def omp_token_rows(
-    settings: OmpMergeSettings, token_sources: dict[str, OmpTokenSource]
+    settings: OmpMergeSettings,
+    token_sources: dict[str, OmpTokenSource],
+    merge_options: MergeOptions | None = None,
 ) -> Iterator[list[OmpFill]]:
     """Within the block, mergekit's planner builds ``OmpPermutedVocabulary`` tasks; yields the
-    list the tasks record their OMP rows in."""
+    list the tasks record their rows in. ``merge_options`` give the seed (``random_seed``)
+    and whether tokenizers may run custom code."""
+    merge_options = merge_options or MergeOptions()
+    method, parameters = settings.method_and_parameters()
     original = getattr(mergekit.plan, "PermutedVocabulary", None)
     if original is not PermutedVocabulary:
         raise TransplantError("this mergekit version plans vocabularies differently; use 0.1.5")
@@ -245,7 +468,11 @@ def omp_token_rows(
         return OmpPermutedVocabulary(
             **fields,
             missing_tokens=settings.missing_tokens,
-            default_k=settings.k,
+            method=method,
+            parameters={key: _frozen(value) for key, value in parameters.items()},
+            default_k=settings.omp_k,
+            seed=merge_options.random_seed or 0,
+            trust_remote_code=merge_options.trust_remote_code,
             omp_tokens=dict(token_sources) if token_sources else None,
         )
 

@@ -60,7 +60,7 @@ def run_omp_merge(
     check_vocabularies_fit(config, merge_options)
     with (
         staged_output(out_path, overwrite, inputs=config.models.values()) as staging,
-        omp_token_rows(config.settings, config.token_sources) as fills,
+        omp_token_rows(config.settings, config.token_sources, merge_options) as fills,
     ):
         run_merge(config.merge, str(staging), options=inner_options, config_source=config.text)
         if merge_options.write_model_card:
