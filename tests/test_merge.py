@@ -24,7 +24,7 @@ from mergekit.options import MergeOptions
 from mergekit.tokenizer import PermutedVocabulary
 from safetensors.torch import load_file
 
-from mergekit_omp.approximators.auto import CANDIDATES, TEXT_VALIDATION
+from mergekit_omp.approximators.auto import CANDIDATES, LEAVE_OUT_VALIDATION, TEXT_VALIDATION
 from mergekit_omp.approximators.base import ApproximationProblem
 from mergekit_omp.approximators.fvt import fvt
 from mergekit_omp.cli import merge as merge_cli
@@ -458,3 +458,15 @@ def test_omp_settings_that_change_nothing_are_warned(pair, tmp_path, caplog):
     assert "omp.k: method 'auto' takes no k" in warnings_for({"missing_tokens": "omp", "k": 8})
     assert "omp.method: applies to `missing_tokens: omp` only" in warnings_for({"method": "fvt"})
     assert warnings_for({"missing_tokens": "omp", "method": "hybrid", "k": 8}) == ""
+
+
+def test_auto_falls_back_to_leave_out_where_the_model_is_not_run(pair, tmp_path):
+    omp = {"missing_tokens": "omp", "parameters": {"max_run_parameters": 0}}
+    fills = merge(pair.config(omp=omp), tmp_path / "leave-out")
+    assert len(fills) == 4
+    for fill in fills:
+        assert fill.choice["validation"].startswith(LEAVE_OUT_VALIDATION)
+        assert "the model could not be run" in fill.choice["validation"]
+        scores = fill.choice["scores"]
+        assert fill.choice["chosen"] == max(scores, key=scores.get)
+        assert all(-1 <= score <= 1 for score in scores.values())
