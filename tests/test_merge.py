@@ -10,6 +10,7 @@ raw row instead.
 
 from __future__ import annotations
 
+import json
 import logging
 from pathlib import Path
 
@@ -470,3 +471,23 @@ def test_auto_falls_back_to_leave_out_where_the_model_is_not_run(pair, tmp_path)
         scores = fill.choice["scores"]
         assert fill.choice["chosen"] == max(scores, key=scores.get)
         assert all(-1 <= score <= 1 for score in scores.values())
+
+
+def test_a_failed_auto_candidate_is_null_in_the_strict_json_report(pair, tmp_path):
+    omp = {
+        "missing_tokens": "omp",
+        "parameters": {"candidates": ["fvt", "omp:k=100000"], "max_run_parameters": 0},
+    }
+    config_file = tmp_path / "merge.yml"
+    config_file.write_text(yaml.safe_dump(pair.config(omp=omp)))
+    report = tmp_path / "report.json"
+    result = CliRunner().invoke(
+        merge_cli.main, [str(config_file), str(tmp_path / "out"), "--report", str(report)]
+    )
+    assert result.exit_code == 0, result.output
+    text = report.read_text()
+    assert "Infinity" not in text
+    rows = json.loads(text, parse_constant=lambda name: pytest.fail(f"{name} in the report"))
+    for fill in rows["omp_rows"]:
+        assert fill["choice"]["chosen"] == "fvt"
+        assert fill["choice"]["scores"]["omp:k=100000"] is None

@@ -8,6 +8,7 @@ from pathlib import Path
 
 import click
 from mergekit.options import MergeOptions, add_merge_options
+from pydantic_core import to_jsonable_python
 
 from mergekit_omp.cli.common import (
     check_outputs,
@@ -79,6 +80,8 @@ def main(
     fills = run_omp_merge(config, out_path, merge_options, overwrite=overwrite)
     if report_path is not None:
         report = {"config": config_file, "out": out_path, "omp_rows": [asdict(f) for f in fills]}
-        Path(report_path).write_text(json.dumps(report, indent=2) + "\n", encoding="utf-8")
+        # A failed auto candidate scores inf: null in strict JSON, as in mergekit-omp's report.
+        strict = to_jsonable_python(report, inf_nan_mode="null")
+        Path(report_path).write_text(json.dumps(strict, indent=2) + "\n", encoding="utf-8")
     if not merge_options.quiet:
         click.echo(summary(fills), err=True)
