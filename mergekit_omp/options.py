@@ -20,12 +20,13 @@ import os
 from collections.abc import Collection, Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 import yaml
 from mergekit.common import ModelReference
 from mergekit.tokenizer.config import ModelTokenEmbedding, TokenEmbeddingConfig
 from pydantic import (
+    AfterValidator,
     BaseModel,
     ConfigDict,
     Field,
@@ -43,6 +44,24 @@ from mergekit_omp.match import MatchPolicy
 from mergekit_omp.paths import resolve_model_path
 
 Matrix = Literal["embed", "lm_head"]
+
+
+def _known_method(name: str) -> str:
+    _method_named(name)
+    return name
+
+
+def _parameters_fit_method(parameters: dict[str, Any], info: ValidationInfo) -> dict[str, Any]:
+    if "method" in info.data:  # else the method itself failed
+        _check_parameters(info.data["method"], parameters)
+    return parameters
+
+
+MethodName = Annotated[str, AfterValidator(_known_method)]
+"""A registered approximator's name, checked when read (recipes and merge configurations)."""
+MethodParameters = Annotated[dict[str, Any], AfterValidator(_parameters_fit_method)]
+"""The parameters of the ``method`` field declared before them, checked against its
+signature."""
 GuardMode = Literal["off", "clip", "shrink"]
 """What to do with approximated rows the audit flags (see docs/diagnostics.md)."""
 
@@ -77,8 +96,8 @@ class TransplantOptions(BaseModel):
 
     base_model: str = Field(description="Model whose weights are kept (path)")
     donor: str = Field(description="Model whose tokenizer is transplanted (path)")
-    method: str = Field("auto", description="Approximator for tokens the base lacks")
-    parameters: dict[str, Any] = Field(default_factory=dict, description="Method parameters")
+    method: MethodName = Field("auto", description="Approximator for tokens the base lacks")
+    parameters: MethodParameters = Field(default_factory=dict, description="Method parameters")
     embed: MatrixOverride | None = Field(None, description="Overrides for input embeddings")
     lm_head: MatrixOverride | None = Field(None, description="Overrides for the LM head")
     prefix_match: MatchScope = MatchScope.NO
@@ -146,19 +165,6 @@ class TransplantOptions(BaseModel):
                     {"token": token},
                 )
         return tokens
-
-    @field_validator("method")
-    @classmethod
-    def _known_method(cls, name: str) -> str:
-        _method_named(name)
-        return name
-
-    @field_validator("parameters")
-    @classmethod
-    def _parameters_fit_method(cls, parameters: dict[str, Any], info: ValidationInfo) -> Any:
-        if "method" in info.data:  # else the method itself failed
-            _check_parameters(info.data["method"], parameters)
-        return parameters
 
     @field_validator("embed", "lm_head")
     @classmethod

@@ -22,15 +22,15 @@ from typing import Any, Literal
 
 from mergekit.common import ModelPath, ModelReference
 from mergekit.config import MergeConfiguration
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, field_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from mergekit_omp.approximators import get_approximator
 from mergekit_omp.approximators.omp import DEFAULT_K
 from mergekit_omp.errors import TransplantError
 from mergekit_omp.load import HUB_ID_RE
 from mergekit_omp.options import (
-    _check_parameters,
-    _method_named,
+    MethodName,
+    MethodParameters,
     describe_validation_error,
     parse_yaml_mapping,
 )
@@ -66,27 +66,16 @@ class OmpMergeSettings(BaseModel):
         "'omp' for that model's own approximation (by `method`), 'mergekit' for mergekit's "
         "own rule",
     )
-    method: str = Field("auto", description="Approximator of the tokens `missing_tokens` fills")
-    parameters: dict[str, Any] = Field(default_factory=dict, description="Method parameters")
+    method: MethodName = Field(
+        "auto", description="Approximator of the tokens `missing_tokens` fills"
+    )
+    parameters: MethodParameters = Field(default_factory=dict, description="Method parameters")
     k: int | None = Field(
         None,
         gt=0,
         description=f"Anchors per OMP row (default {DEFAULT_K}): per-token omp sources, and "
         "`method` if it takes k",
     )
-
-    @field_validator("method")
-    @classmethod
-    def _known_method(cls, name: str) -> str:
-        _method_named(name)
-        return name
-
-    @field_validator("parameters")
-    @classmethod
-    def _parameters_fit_method(cls, parameters: dict[str, Any], info: ValidationInfo) -> Any:
-        if "method" in info.data:  # else the method itself failed
-            _check_parameters(info.data["method"], parameters)
-        return parameters
 
     @property
     def omp_k(self) -> int:
