@@ -113,7 +113,10 @@ def build_matrix(
     with report.timed("assemble"):
         dtype = plan.dtype or base_rows.dtype
         new_matrix = assemble_matrix(base_rows, match, approximation.rows, plan.out_rows, dtype)
-        require_finite(new_matrix, matrix.name)
+        # Matched rows are copies of base rows, finite when loaded: in the base's own dtype
+        # only the new rows can be infinite.
+        copies_exact = dtype == base_rows.dtype
+        require_finite(new_matrix, matrix.name, list(match.new_tokens) if copies_exact else None)
     report.matrices.append(
         MatrixReport(
             matrix=matrix.name,

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import errno
 import filecmp
 import importlib
 import json
@@ -125,11 +126,59 @@ def test_untouched_shards_are_copied_while_the_matrices_are_computed(
     assert {"copy (overlapped)", "write", "publish"} <= result.report.seconds.keys()
 
 
+def no_clones(monkeypatch) -> None:
+    monkeypatch.setattr(checkpoint.fcntl, "ioctl", lambda *a: (_ for _ in ()).throw(OSError()))
+
+
+def refuse_o_direct(monkeypatch) -> list[int]:
+    """``os.open`` failing with EINVAL for ``O_DIRECT``, as on tmpfs; returns the refusals."""
+    real_open, refused = checkpoint.os.open, []
+
+    def open_without_direct(path, flags, *args):
+        if flags & checkpoint.os.O_DIRECT:
+            refused.append(flags)
+            raise OSError(errno.EINVAL, "Invalid argument")
+        return real_open(path, flags, *args)
+
+    monkeypatch.setattr(checkpoint.os, "open", open_without_direct)
+    return refused
+
+
+@pytest.mark.parametrize("size", [0, 1, 4095, 4096, 4097, 3 * 8192 + 17])
+def test_direct_copies_are_byte_exact_at_every_size(tmp_path, monkeypatch, size):
+    source = tmp_path / "source.bin"
+    source.write_bytes(torch.randint(0, 256, (size,), dtype=torch.uint8).numpy().tobytes())
+    monkeypatch.setattr(checkpoint, "DIRECT_CHUNK", 8192)
+    destination = tmp_path / "copy.bin"
+    destination.touch()
+    with open(source, "rb") as src:
+        direct = checkpoint.copy_direct(src.fileno(), destination, size)
+    if not direct:
+        pytest.skip(f"{tmp_path}'s filesystem refuses O_DIRECT")
+    assert destination.read_bytes() == source.read_bytes()
+
+
+def test_a_filesystem_without_o_direct_gets_a_kernel_copy(tmp_path, monkeypatch):
+    source = tmp_path / "source.bin"
+    source.write_bytes(bytes(range(256)) * 100 + b"tail")
+    no_clones(monkeypatch)
+    refused = refuse_o_direct(monkeypatch)
+    ranges = []
+    real_copy_range = checkpoint.copy_range
+    monkeypatch.setattr(
+        checkpoint, "copy_range", lambda *a, **k: ranges.append(a[2:4]) or real_copy_range(*a, **k)
+    )
+    checkpoint.clone_file(source, tmp_path / "copy.bin")
+    assert len(refused) == 1 and ranges == [(0, 25604)]
+    assert (tmp_path / "copy.bin").read_bytes() == source.read_bytes()
+
+
 def test_a_cancelled_copy_stops_between_chunks(tmp_path, monkeypatch):
     source = tmp_path / "source.bin"
     source.write_bytes(bytes(range(256)) * 64)
     monkeypatch.setattr(checkpoint, "COPY_CHUNK", 1024)
-    monkeypatch.setattr(checkpoint.fcntl, "ioctl", lambda *a: (_ for _ in ()).throw(OSError()))
+    refuse_o_direct(monkeypatch)
+    no_clones(monkeypatch)
     asked = []
 
     def stop_after_three_chunks() -> bool:
@@ -139,6 +188,41 @@ def test_a_cancelled_copy_stops_between_chunks(tmp_path, monkeypatch):
     with pytest.raises(checkpoint.CopyCancelled):
         checkpoint.clone_file(source, tmp_path / "copy.bin", stop_after_three_chunks)
     assert (tmp_path / "copy.bin").read_bytes() == source.read_bytes()[: 3 * 1024]
+
+
+def test_a_cancelled_direct_copy_stops_between_chunks(tmp_path, monkeypatch):
+    source = tmp_path / "source.bin"
+    source.write_bytes(bytes(range(256)) * 64)
+    monkeypatch.setattr(checkpoint, "DIRECT_CHUNK", 4096)
+    destination = tmp_path / "copy.bin"
+    destination.touch()
+    asked = []
+
+    def stop_after_three_chunks() -> bool:
+        asked.append(True)
+        return len(asked) > 3
+
+    with open(source, "rb") as src:
+        try:
+            checkpoint.copy_direct(src.fileno(), destination, 16384, stop_after_three_chunks)
+        except checkpoint.CopyCancelled:
+            assert destination.read_bytes() == source.read_bytes()[: 3 * 4096]
+        else:
+            pytest.skip(f"{tmp_path}'s filesystem refuses O_DIRECT")
+
+
+def test_a_refused_first_direct_write_falls_back(tmp_path, monkeypatch):
+    """Some filesystems open with O_DIRECT and refuse the write (EINVAL): nothing written."""
+    source = tmp_path / "source.bin"
+    source.write_bytes(b"x" * 10000)
+    no_clones(monkeypatch)
+
+    def refuse(*args):
+        raise OSError(errno.EINVAL, "Invalid argument")
+
+    monkeypatch.setattr(checkpoint.os, "pwritev", refuse)
+    checkpoint.clone_file(source, tmp_path / "copy.bin")
+    assert (tmp_path / "copy.bin").read_bytes() == source.read_bytes()
 
 
 def test_rewrite_keeps_order_dtypes_and_bytes(tmp_path):

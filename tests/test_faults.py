@@ -14,6 +14,7 @@ import errno
 import hashlib
 import importlib
 import json
+import math
 import os
 import runpy
 import shutil
@@ -32,11 +33,13 @@ from click.testing import CliRunner
 from safetensors.torch import load_file, save_file
 
 from mergekit_omp import checkpoint, publish
+from mergekit_omp.assemble import require_finite
 from mergekit_omp.cli import evaluate as eval_cli
 from mergekit_omp.cli import merge as merge_cli
 from mergekit_omp.cli import recipe
 from mergekit_omp.cli import report as report_cli
 from mergekit_omp.cli import transplant as cli
+from mergekit_omp.errors import TransplantError
 
 transplant_module = importlib.import_module("mergekit_omp.transplant")
 EXAMPLES = Path(__file__).resolve().parents[1] / "examples"
@@ -444,6 +447,32 @@ def test_fp16_base_whose_rows_overflow_after_the_cast(m, tmp_path):
     result = run(base, m / "donor", tmp_path / "out", "-a", "mean", "-nvs", "2")
     error_line(result, "not finite", "float16")
     assert not (tmp_path / "out").exists()
+
+
+def test_base_rows_that_overflow_in_the_output_dtype_are_refused(m, tmp_path):
+    """A cast to another dtype can overflow the copied base rows too, not only new ones."""
+    base = m / "base"
+    tensors = load_file(base / "model.safetensors")
+    tensors["model.embed_tokens.weight"] = torch.full_like(
+        tensors["model.embed_tokens.weight"], 1e5
+    )
+    save_file(tensors, base / "model.safetensors", metadata={"format": "pt"})
+    result = run(base, m / "donor", tmp_path / "out", "-a", "zero", "--dtype", "float16")
+    error_line(result, "not finite", "float16")
+    assert not (tmp_path / "out").exists()
+
+
+def test_require_finite_checks_the_rows_it_is_given():
+    matrix = torch.zeros(4, 3, dtype=torch.float16)
+    matrix[1, 0] = math.inf
+    require_finite(matrix, "embed", rows=[0, 2, 3])
+    with pytest.raises(TransplantError, match=r"has 1 rows .* float16 \(token ids 1\)"):
+        require_finite(matrix, "embed", rows=[3, 1])
+    with pytest.raises(TransplantError, match=r"token ids 1\)"):
+        require_finite(matrix, "embed")
+    # Entries below float16's largest, with a sum far above it: finite.
+    require_finite(torch.full((64, 64), 60000.0, dtype=torch.float16), "embed")
+    require_finite(torch.full((64, 64), 3e38, dtype=torch.bfloat16), "embed")
 
 
 # 11. One line on stderr for each failure.

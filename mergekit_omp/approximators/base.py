@@ -15,8 +15,10 @@ from transformers import PretrainedConfig, PreTrainedTokenizerBase
 from mergekit_omp.errors import TransplantError
 from mergekit_omp.vocabulary import Vocabulary
 
-COMBINE_CHUNK = 256
-"""Tokens whose anchor rows are gathered at once by ``combine_anchor_rows``."""
+COMBINE_CHUNK = 16
+"""Tokens whose anchor rows are gathered at once by ``combine_anchor_rows``, into one buffer
+reused chunk after chunk. A fresh gathered block per chunk cost more in page faults than the
+products: 1.25 s against 0.16 s for 3,131 tokens at k = 64, D = 3,840 (chunks of 256, fresh)."""
 DEFAULT_BATCH_SIZE = 512
 """Tokens approximated per batch unless ``--batch-size`` says otherwise."""
 
@@ -29,11 +31,15 @@ def combine_anchor_rows(
     In chunks of ``COMBINE_CHUNK`` tokens: the gathered (B, k, D) rows of a whole
     vocabulary would be larger than the matrices themselves (0.5 GB for 3,131 tokens,
     k = 64, D = 640)."""
-    rows = coeffs.new_empty((indices.shape[0], anchors.shape[1]))
-    for start in range(0, indices.shape[0], COMBINE_CHUNK):
-        stop = start + COMBINE_CHUNK
-        selected = anchors[indices[start:stop]].to(coeffs.dtype)  # (b, k, D)
-        rows[start:stop] = torch.bmm(coeffs[start:stop].unsqueeze(1), selected).squeeze(1)
+    count, k = indices.shape
+    rows = coeffs.new_empty((count, anchors.shape[1]))
+    gathered = anchors.new_empty((min(count, COMBINE_CHUNK) * k, anchors.shape[1]))
+    for start in range(0, count, COMBINE_CHUNK):
+        stop = min(start + COMBINE_CHUNK, count)
+        flat = indices[start:stop].reshape(-1)
+        selected = torch.index_select(anchors, 0, flat, out=gathered[: flat.numel()])
+        selected = selected.view(stop - start, k, anchors.shape[1]).to(coeffs.dtype)
+        torch.bmm(coeffs[start:stop].unsqueeze(1), selected, out=rows[start:stop].unsqueeze(1))
     return rows
 
 

@@ -95,6 +95,14 @@ def robust_scale(values: torch.Tensor, min_relative_spread: float) -> RobustScal
     return RobustScale(median=median, spread=spread, count=values.numel())
 
 
+def row_norms(rows: torch.Tensor, chunk_elements: int = 1 << 18) -> torch.Tensor:
+    """Euclidean norm of each row in float64, on the CPU, a few rows at a time: small float64
+    copies are reused from the heap, where large ones are fresh pages each time (46,018 rows
+    of width 3,840: 0.06 s in chunks of 2 MB, 2.1 s in chunks of 126 MB)."""
+    chunk = max(1, chunk_elements // max(1, rows.shape[1]))
+    return torch.cat([part.double().norm(dim=1).cpu() for part in rows.split(chunk)])
+
+
 def chunk_size(per_item: int, settings: AuditSettings) -> int:
     return max(1, settings.chunk_elements // max(1, per_item))
 
@@ -296,7 +304,7 @@ class RowAudit:
         salience = None
         if self.salience is not None:
             salience = lm_head_salience(problem.base_anchors, rows, self.settings)
-        return replace(self, base_norm=rows.double().norm(dim=1).cpu(), salience=salience)
+        return replace(self, base_norm=row_norms(rows), salience=salience)
 
     def listed_positions(self) -> torch.Tensor:
         """Rows the report lists: the ``top`` largest base z-scores and the flagged rows."""
@@ -395,18 +403,16 @@ def audit_rows(
 ) -> RowAudit:
     """Measure every approximated row of ``problem`` (see the module docstring)."""
     settings = settings or AuditSettings()
-    real_norms = problem.base_anchors.double().norm(dim=1).cpu()
+    real_norms = row_norms(problem.base_anchors)
     audit = RowAudit(
         matrix=matrix,
         token_ids=list(problem.target_ids),
         settings=settings,
         base_scale=robust_scale(real_norms, settings.min_relative_spread),
-        donor_scale=robust_scale(
-            problem.donor_anchors.double().norm(dim=1).cpu(), settings.min_relative_spread
-        ),
+        donor_scale=robust_scale(row_norms(problem.donor_anchors), settings.min_relative_spread),
         real_norms=real_norms,
-        base_norm=approximation.rows.double().norm(dim=1).cpu(),
-        donor_norm=problem.targets.double().norm(dim=1).cpu(),
+        base_norm=row_norms(approximation.rows),
+        donor_norm=row_norms(problem.targets),
     )
     if is_output:
         audit = replace(

@@ -103,6 +103,7 @@ class Bf16Screen:
         del in_order, rounded
         self._pair_rows = torch.empty((0, dim), dtype=points.dtype, device=points.device)
         self._pair_anchors = torch.empty_like(self._pair_rows)
+        self._rows_bf16 = torch.empty((0, dim), dtype=torch.bfloat16, device=points.device)
         self.block_norms = self.norms.view(-1, SCREEN_BLOCK).amax(dim=1)
         self.block_errors = self.errors.view(-1, SCREEN_BLOCK).amax(dim=1)
         self.accumulation = dim * 2.0**-24 / (1 - dim * 2.0**-24)
@@ -118,11 +119,10 @@ class Bf16Screen:
         """
         b = residual.shape[0]
         num_points = self.points.shape[0]
-        gemm_rows = torch.zeros(
-            (scores.shape[0], residual.shape[1]), dtype=torch.bfloat16, device=residual.device
-        )
+        gemm_rows = self._gemm_rows(scores.shape[0], residual)
         rounded = gemm_rows[:b]
         rounded.copy_(residual)
+        gemm_rows[b:].zero_()
         with _float32_accumulation(residual.device):
             torch.matmul(gemm_rows, self.points_bf16.T, out=scores)
         scores = scores[:b]
@@ -174,6 +174,12 @@ class Bf16Screen:
         atoms.scatter_reduce_(0, rows[winner], anchors[winner], "amin")
 
         return atoms, fallback.nonzero().flatten()
+
+    def _gemm_rows(self, rows: int, residual: torch.Tensor) -> torch.Tensor:
+        """The bfloat16 GEMM input, kept from call to call like the pair buffers below."""
+        if self._rows_bf16.shape[0] != rows:
+            self._rows_bf16 = residual.new_empty((rows, residual.shape[1]), dtype=torch.bfloat16)
+        return self._rows_bf16
 
     def _exact_scores(
         self, residual: torch.Tensor, rows: torch.Tensor, anchors: torch.Tensor
