@@ -16,7 +16,8 @@ k) share it: the OMP result is computed once per k and direction (same numbers, 
 
 ``--leave-out`` adds, beside the order by bits per byte, the orders by leave-out (random
 anchors and anchors like the new tokens) and by ``auto``'s validation (bits per byte on
-parts 0 and 1 of ``evaluate/validation.py``'s text), each with Kendall's tau.
+parts 0 and 1 of ``evaluate/validation.py``'s text; ``--validation-bytes N`` takes N bytes
+of each text instead of what ``auto`` uses), each with Kendall's tau.
 
 Texts (held back: none of them was used while designing the methods; see
 docs/results.md):
@@ -258,18 +259,23 @@ def leave_out_scores(direction: Direction, methods: list[str], args) -> dict[str
     return scores
 
 
-def text_validation_scores(direction: Direction, methods: list[str]) -> dict[str, dict]:
+def text_validation_scores(
+    direction: Direction, methods: list[str], size: int | None = None
+) -> dict[str, dict]:
     """``auto``'s validation of each method (``evaluate/validation.py``: bits per byte of
     the transplanted base on the validation text, the donor's tokenizer), on parts 0 (what
-    ``auto`` uses) and 1 of the validation texts, cached in ``validation.json``."""
+    ``auto`` uses) and 1 of the validation texts, cached in ``validation.json``; ``size``
+    bytes of each text instead of ``VALIDATION_BYTES`` (cached apart)."""
     from mergekit_omp.approximate import build_problem
     from mergekit_omp.approximators.omp import shared_omp_runs
     from mergekit_omp.evaluate.compare import parse_method_spec
-    from mergekit_omp.evaluate.validation import TextScorer, validation_texts
+    from mergekit_omp.evaluate.validation import VALIDATION_BYTES, TextScorer, validation_texts
     from mergekit_omp.options import TransplantOptions
     from mergekit_omp.plan import plan_transplant
 
-    path = direction.out.parent.parent / "validation" / f"{direction.name}.json"
+    size = size or VALIDATION_BYTES
+    suffix = "" if size == VALIDATION_BYTES else f"-{size}"
+    path = direction.out.parent.parent / "validation" / f"{direction.name}{suffix}.json"
     scores = json.loads(path.read_text()) if path.exists() else {}
     options = TransplantOptions(
         base_model=direction.base_path, donor=direction.donor_path, bos="match_base"
@@ -293,7 +299,7 @@ def text_validation_scores(direction: Direction, methods: list[str]) -> dict[str
                 progress=False,
                 seed=0,
             )
-        scorer = TextScorer(problem, validation_texts(part=int(part)))
+        scorer = TextScorer(problem, validation_texts(size, part=int(part)))
         for spec in todo:
             parsed = parse_method_spec(spec)
             start = time.perf_counter()
@@ -416,7 +422,8 @@ def run_direction(name: str, args) -> str:
     out = table(name, results, chosen, reference)
     if args.leave_out:
         scores = leave_out_scores(direction, methods, args)
-        scores["text"] = text_validation_scores(direction, [m for m in methods if m != "auto"])
+        candidates = [m for m in methods if m != "auto"]
+        scores["text"] = text_validation_scores(direction, candidates, args.validation_bytes)
         out += orders(results, scores, chosen)
     return out
 
@@ -470,6 +477,12 @@ def main() -> None:
         "--leave-out",
         action="store_true",
         help="also rank by leave-out (random, like new) and by auto's validation text",
+    )
+    parser.add_argument(
+        "--validation-bytes",
+        type=int,
+        default=None,
+        help="bytes of each validation text for --leave-out (default: what auto uses)",
     )
     parser.add_argument("--skip-base", action="store_true", help="no base-model row")
     parser.add_argument("--out", type=Path, default=Path("/tmp/mergekit-omp-quality"))
