@@ -58,7 +58,8 @@ FICLONE = 0x40049409  # linux/fs.h: _IOW(0x94, 9, int)
 COPY_CHUNK = 64 << 20
 """Bytes per ``copy_file_range`` call: a cancelled background copy stops within one."""
 DIRECT_CHUNK = 8 << 20
-"""Bytes per ``O_DIRECT`` write (a multiple of any block size; 64 MB was no faster)."""
+"""Bytes per ``O_DIRECT`` write, the buffer the copy holds (a multiple of any block size;
+the only size measured: 2.7 GB in 1.75 to 2.1 s with 0.6 s of CPU on our 2-core VM)."""
 DIRECT_ALIGN = 4096
 """The last ``O_DIRECT`` write is padded to this, then the file is truncated to its size."""
 UNSUPPORTED_COPY_ERRNOS = {errno.EXDEV, errno.ENOSYS, errno.EOPNOTSUPP, errno.EINVAL, errno.EPERM}
