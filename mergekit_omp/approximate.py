@@ -40,7 +40,7 @@ def build_problem(
     return ApproximationProblem(
         targets=donor_matrix[targets].to(dtype),
         donor_anchors=donor_matrix[torch.tensor(donor_ids, device=donor_matrix.device)].to(dtype),
-        base_anchors=base_matrix[torch.tensor(base_ids, device=base_matrix.device)].to(dtype),
+        base_anchors=base_matrix[torch.tensor(base_ids, device=base_matrix.device)],
         base_matrix=base_matrix,
         target_ids=list(match.new_tokens),
         donor_anchor_ids=donor_ids,

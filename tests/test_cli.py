@@ -325,3 +325,29 @@ def test_method_spec_and_knobs_mean_the_same_in_every_command():
     defaults = {s.approximator.name: s.parameters for s in method_specs((), {"k": 5})}
     assert defaults["omp"]["k"] == defaults["wechsel"]["k"] == 5  # where a method takes k
     assert "k" not in defaults["mean"]
+
+
+@pytest.mark.parametrize(
+    ("setting", "user_value", "expected"),
+    [
+        ("always [madvise] never", None, "1"),
+        ("always madvise [never]", None, None),
+        (None, None, None),  # no such file: a kernel without transparent huge pages
+        ("always [madvise] never", "0", "0"),
+    ],
+)
+def test_console_scripts_ask_torch_for_huge_pages_where_the_kernel_gives_them(
+    setting, user_value, expected, tmp_path, monkeypatch
+):
+    from mergekit_omp.cli import common
+
+    path = tmp_path / "enabled"
+    if setting is not None:
+        path.write_text(setting + "\n")
+    monkeypatch.setattr(common, "THP_SETTING", str(path))
+    if user_value is None:
+        monkeypatch.delenv(common.THP_ENV, raising=False)
+    else:
+        monkeypatch.setenv(common.THP_ENV, user_value)
+    common.prepare_process()
+    assert common.os.environ.get(common.THP_ENV) == expected

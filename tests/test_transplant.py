@@ -204,3 +204,22 @@ def test_garbage_collection_pause_restores_the_collectors_state() -> None:
         assert not gc.isenabled()  # left as the caller had it
     finally:
         gc.enable()
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+def test_assembled_matrix_copies_matched_rows_takes_new_rows_and_zeroes_the_rest(dtype):
+    from mergekit_omp.assemble import assemble_matrix
+    from mergekit_omp.match import MatchKind, VocabularyMatch
+
+    base = torch.arange(1, 31, dtype=torch.bfloat16).reshape(10, 3)
+    match = VocabularyMatch(
+        matched={0: (4, MatchKind.EXACT), 2: (9, MatchKind.BYTE), 5: (4, MatchKind.SPECIAL)},
+        new_tokens=[1, 6],
+    )
+    new_rows = torch.tensor([[0.5, 1.5, 2.5], [-1.0, -2.0, -3.0]])
+    result = assemble_matrix(base, match, new_rows, out_rows=8, dtype=dtype)
+    expected = torch.zeros(8, 3, dtype=dtype)
+    expected[0], expected[2], expected[5] = base[4], base[9], base[4]
+    expected[1], expected[6] = new_rows[0], new_rows[1]
+    assert result.dtype == dtype
+    assert torch.equal(result, expected)

@@ -47,10 +47,15 @@ def combine_anchor_rows(
 class ApproximationProblem:
     """Everything a method may use to make base rows for the donor's new tokens.
 
-    Rows are in ``work_dtype`` (float32, float64 if the inputs were) on the work device.
-    ``targets[i]`` is the donor row of donor token ``target_ids[i]``; ``donor_anchors[j]`` and
-    ``base_anchors[j]`` are the rows of the j-th shared token (donor id
-    ``donor_anchor_ids[j]``, base id ``base_anchor_ids[j]``) in the two models.
+    Donor rows are in ``work_dtype`` (float32, float64 if the inputs were) on the work
+    device. ``targets[i]`` is the donor row of donor token ``target_ids[i]``;
+    ``donor_anchors[j]`` and ``base_anchors[j]`` are the rows of the j-th shared token (donor
+    id ``donor_anchor_ids[j]``, base id ``base_anchor_ids[j]``) in the two models.
+
+    ``base_anchors`` keep the base matrix's dtype (bfloat16 for most checkpoints): methods
+    convert what they read (``combine_base_anchors`` a few rows at a time). A float32 copy
+    of a large vocabulary's anchors is 0.7 GB of fresh memory (46,018 x 3,840), which took
+    1.6 s to make on the large-model benchmark, where OMP never reads it whole.
 
     ``base_matrix`` is the base's whole matrix as loaded, in its own dtype and not copied: a
     float32 copy of a large vocabulary (262,144 x 3,840) would be 4 GB, more than the rest of
@@ -91,7 +96,7 @@ class ApproximationProblem:
 
     @property
     def work_dtype(self) -> torch.dtype:
-        return self.base_anchors.dtype
+        return self.targets.dtype
 
     def base_rows(self, ids: torch.Tensor) -> torch.Tensor:
         """Rows ``ids`` of the base matrix in the work dtype."""
@@ -107,7 +112,11 @@ class ApproximationProblem:
 
     def new_rows(self, count: int) -> torch.Tensor:
         """``count`` zero rows in the work dtype, on the work device."""
-        return self.base_anchors.new_zeros(count, self.base_dim)
+        return self.targets.new_zeros(count, self.base_dim)
+
+    def work_base_anchors(self) -> torch.Tensor:
+        """The base anchor rows in the work dtype (a copy unless they are stored so)."""
+        return self.base_anchors.to(self.work_dtype)
 
     def combine_base_anchors(self, indices: torch.Tensor, coeffs: torch.Tensor) -> torch.Tensor:
         """Apply per-token coefficients over anchor ``indices`` to the base anchor rows."""

@@ -51,10 +51,11 @@ def clp(
     similarity = AnchorSimilarity(problem)
     top_k = None if k is None else min(k, problem.donor_anchors.shape[0])
     rows, indices, coeffs = [], [], []
+    base_anchors = problem.work_base_anchors() if top_k is None else None
     for batch in target_batches(problem, "CLP"):
         scores = similarity(batch)
-        if top_k is None:
-            rows.append(normalised(scores) @ problem.base_anchors.to(scores.dtype))
+        if base_anchors is not None:
+            rows.append(normalised(scores) @ base_anchors.to(scores.dtype))
             continue
         top, batch_indices = scores.topk(top_k, dim=1)
         batch_coeffs = normalised(top)

@@ -170,11 +170,12 @@ def landmark_pca(problem: ApproximationProblem) -> Approximation:
     if problem.num_targets == 0:
         return no_targets(problem)
     rows = []
+    base_anchors = problem.work_base_anchors()
     with seeded_global_generator(problem):
         for batch in target_batches(problem, "Projecting"):
             rows.append(
                 landmark_pca_approximate(
-                    problem.targets[batch], problem.donor_anchors, problem.base_anchors
+                    problem.targets[batch], problem.donor_anchors, base_anchors
                 )
             )
     return Approximation(rows=torch.cat(rows))
@@ -210,11 +211,12 @@ def mp_rope(
     donor_heads, donor_theta = rope_geometry(problem.donor_config, "donor")
     base_heads, base_theta = rope_geometry(problem.base_config, "base")
     rows, all_indices, all_coeffs = [], [], []
+    base_anchors = problem.work_base_anchors()
     for batch in target_batches(problem, "Matching pursuit"):
         indices, coeffs, batch_rows, _ = batch_mp_rope(
             problem.targets[batch],
             problem.donor_anchors,
-            problem.base_anchors,
+            base_anchors,
             k=k,
             num_heads_a=donor_heads,
             num_heads_b=base_heads,

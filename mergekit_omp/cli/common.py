@@ -150,10 +150,13 @@ def one_shot_entry_point(
     * The process then leaves without the interpreter's teardown: freeing those objects
       would take another 1.6 to 2 s once everything that matters is on disk. Standard streams
       and logging are flushed first.
+    * Before anything heavy is imported, ``prepare_process`` sets what the whole process
+      gains from.
     """
 
     def entry() -> NoReturn:
         _process["one_shot"] = True
+        prepare_process()
         if not collect_garbage:
             gc.disable()
         try:
@@ -176,6 +179,31 @@ def one_shot_entry_point(
         os._exit(code)
 
     return entry
+
+
+THP_ENV = "THP_MEM_ALLOC_ENABLE"
+THP_SETTING = "/sys/kernel/mm/transparent_hugepage/enabled"
+
+
+def prepare_process() -> None:
+    """Settings for a command that is the whole life of its process, made before torch is
+    imported: torch's own switch ``THP_MEM_ALLOC_ENABLE``, unless the user set it or the kernel
+    has no transparent huge pages to give, puts tensors of 2 MB and more on huge pages.
+
+    A transplant allocates gigabytes of short-lived tensors (anchor gathers, screening
+    scores, the assembled matrix), each fresh from the kernel. On 4 KB pages the large-model
+    benchmark took 1.5 million page faults and 13 s of system time, on huge pages 0.5 million
+    and 9.6 s (AMD EPYC VM, same run)."""
+    if THP_ENV not in os.environ and huge_pages_available():
+        os.environ[THP_ENV] = "1"
+
+
+def huge_pages_available() -> bool:
+    try:
+        with open(THP_SETTING, encoding="ascii") as setting:
+            return "[never]" not in setting.read()
+    except OSError:
+        return False
 
 
 def _load_command(command: click.Command | str) -> click.Command:
