@@ -54,7 +54,8 @@ def clp(
     base_anchors = problem.work_base_anchors() if top_k is None else None
     for batch in target_batches(problem, "CLP"):
         scores = similarity(batch)
-        if base_anchors is not None:
+        if top_k is None:
+            assert base_anchors is not None
             rows.append(normalised(scores) @ base_anchors.to(scores.dtype))
             continue
         top, batch_indices = scores.topk(top_k, dim=1)
