@@ -49,20 +49,30 @@ def clp(
     if problem.num_targets == 0:
         return no_targets(problem)
     similarity = AnchorSimilarity(problem)
-    top_k = None if k is None else min(k, problem.donor_anchors.shape[0])
-    rows, indices, coeffs = [], [], []
-    base_anchors = problem.work_base_anchors() if top_k is None else None
+    if k is None:
+        return weighted_over_all_anchors(problem, similarity)
+    return weighted_over_top_anchors(problem, similarity, min(k, problem.donor_anchors.shape[0]))
+
+
+def weighted_over_all_anchors(
+    problem: ApproximationProblem, similarity: AnchorSimilarity
+) -> Approximation:
+    base_anchors = problem.work_base_anchors()
+    rows = []
     for batch in target_batches(problem, "CLP"):
         scores = similarity(batch)
-        if top_k is None:
-            assert base_anchors is not None
-            rows.append(normalised(scores) @ base_anchors.to(scores.dtype))
-            continue
-        top, batch_indices = scores.topk(top_k, dim=1)
+        rows.append(normalised(scores) @ base_anchors.to(scores.dtype))
+    return Approximation(rows=torch.cat(rows))
+
+
+def weighted_over_top_anchors(
+    problem: ApproximationProblem, similarity: AnchorSimilarity, top_k: int
+) -> Approximation:
+    rows, indices, coeffs = [], [], []
+    for batch in target_batches(problem, "CLP"):
+        top, batch_indices = similarity(batch).topk(top_k, dim=1)
         batch_coeffs = normalised(top)
         rows.append(problem.combine_base_anchors(batch_indices, batch_coeffs))
         indices.append(batch_indices)
         coeffs.append(batch_coeffs)
-    if top_k is None:
-        return Approximation(rows=torch.cat(rows))
     return Approximation(rows=torch.cat(rows), indices=torch.cat(indices), coeffs=torch.cat(coeffs))
