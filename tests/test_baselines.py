@@ -407,3 +407,37 @@ def test_combine_base_anchors_in_chunks_equals_one_product():
     rows = problem.combine_base_anchors(indices, coeffs)  # 600 tokens: three chunks of <= 256
     assert rows.shape == (600, 6)
     assert torch.allclose(rows, expected, atol=1e-6)
+
+
+@pytest.mark.parametrize(
+    ("method", "parameters"),
+    [
+        ("omp", {"k": 4}),
+        ("wechsel", {}),
+        ("focus", {}),
+        ("clp", {}),
+        ("clp", {"k": 5}),
+        ("ridge", {}),
+        ("omp_ridge", {"k": 4}),
+        ("landmark_pca", {}),
+        ("common_interpolation", {"k": 4}),
+        ("mean", {}),
+    ],
+)
+def test_methods_read_bfloat16_base_anchors_as_their_float32_values(method, parameters):
+    """Base anchors keep the base matrix's dtype; every method converts what it reads, so a
+    bfloat16 base gives the rows its exactly widened float32 copy gives."""
+    generator = torch.Generator().manual_seed(3)
+    base_matrix = torch.randn(50, 6, generator=generator).bfloat16()
+    anchor_ids = list(range(0, 50, 2))
+    fields = dict(base_matrix=base_matrix, seed=5)
+    targets = torch.randn(9, 8, generator=generator)
+    donor_anchors = torch.randn(len(anchor_ids), 8, generator=generator)
+    stored = problem_of(targets, donor_anchors, base_matrix[anchor_ids], **fields)
+    widened = problem_of(targets, donor_anchors, base_matrix[anchor_ids].float(), **fields)
+    assert stored.base_anchors.dtype == torch.bfloat16
+    assert stored.work_dtype == widened.work_dtype == torch.float32
+    approximator = get_approximator(method)
+    rows = approximator(stored, **parameters).rows
+    assert rows.dtype == torch.float32
+    assert torch.equal(rows, approximator(widened, **parameters).rows)
