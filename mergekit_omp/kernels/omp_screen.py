@@ -147,7 +147,7 @@ class Bf16Screen:
         block_bits = _float_to_bits_rounded_down(block_threshold)
 
         candidate_blocks = block_max >= block_bits
-        too_many = candidate_blocks.sum(dim=1) * FALLBACK_BLOCK_SHARE > block_max.shape[1]
+        too_many = _count_per_row(candidate_blocks) * FALLBACK_BLOCK_SHARE > block_max.shape[1]
         # A threshold that is not positive would admit the zeroed (selected) anchors.
         fallback = (block_bits.amin(dim=1) < 1) | too_many
         candidate_blocks &= ~fallback.unsqueeze(1)
@@ -232,6 +232,13 @@ def _float32_accumulation(device: torch.device) -> Iterator[None]:
 def _rows_of(values: torch.Tensor, blocks: torch.Tensor) -> torch.Tensor:
     """The ``SCREEN_BLOCK`` entries of each of ``blocks`` (flat block numbers) of ``values``."""
     return values.view(-1, SCREEN_BLOCK).index_select(0, blocks)
+
+
+def _count_per_row(mask: torch.Tensor) -> torch.Tensor:
+    """True entries per row of a 2-D boolean mask. Summed as bytes into int32: torch sums a
+    bool tensor along rows through int64 about 35x slower (0.8 ms against 23 us for 448 x
+    720, once per OMP iteration)."""
+    return mask.view(torch.uint8).sum(dim=1, dtype=torch.int32)
 
 
 def _bits_to_float(bits: torch.Tensor) -> torch.Tensor:
