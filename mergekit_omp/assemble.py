@@ -25,24 +25,20 @@ def assemble_matrix(
 ) -> torch.Tensor:
     """Matched tokens copy their base row, new tokens take ``new_rows``, the rest are zero.
 
-    In the base's dtype the matched rows are gathered straight into the result, which is
-    then neither zeroed first nor given a gathered copy to scatter (0.4 s and 0.3 s of fresh
-    memory for 49,152 rows of width 3,840)."""
+    Matched rows are gathered straight into the result (converted afterwards if ``dtype``
+    differs), which is then neither zeroed first nor given a gathered copy to scatter (0.4 s
+    and 0.3 s of fresh memory for 49,152 rows of width 3,840)."""
     device = base_matrix.device
     matched = torch.tensor(list(match.matched), dtype=torch.long, device=device)
     sources = torch.tensor([b for b, _ in match.matched.values()], dtype=torch.long, device=device)
     new_ids = torch.tensor(match.new_tokens, dtype=torch.long, device=device)
-    if dtype == base_matrix.dtype:
-        source_of_row = torch.zeros(out_rows, dtype=torch.long, device=device)
-        source_of_row[matched] = sources
-        result = torch.index_select(base_matrix, 0, source_of_row)
-        unmatched = torch.ones(out_rows, dtype=torch.bool, device=device)
-        unmatched[matched] = False
-        unmatched[new_ids] = False
-        result[unmatched] = 0
-    else:
-        result = torch.zeros(out_rows, base_matrix.shape[1], dtype=dtype, device=device)
-        result[matched] = base_matrix[sources].to(dtype)
+    source_of_row = torch.zeros(out_rows, dtype=torch.long, device=device)
+    source_of_row[matched] = sources
+    result = torch.index_select(base_matrix, 0, source_of_row).to(dtype)
+    unmatched = torch.ones(out_rows, dtype=torch.bool, device=device)
+    unmatched[matched] = False
+    unmatched[new_ids] = False
+    result[unmatched] = 0
     result[new_ids] = new_rows.to(dtype)
     return result
 
