@@ -17,7 +17,10 @@ k) share it: the OMP result is computed once per k and direction (same numbers, 
 ``--leave-out`` adds, beside the order by bits per byte, the orders by leave-out (random
 anchors and anchors like the new tokens) and by ``auto``'s validation (bits per byte on
 parts 0 and 1 of ``evaluate/validation.py``'s text; ``--validation-bytes N`` takes N bytes
-of each text instead of what ``auto`` uses), each with Kendall's tau.
+of each text instead of what ``auto`` uses), each with Kendall's tau. ``--documents N``
+scores every method on N other standard-library modules as ``auto``'s validation scores
+(the first 8,000 bytes of each) and counts, for each pair of methods the held-back texts
+resolve, on how many of them the pair keeps its order.
 
 Texts (held back: none of them was used while designing the methods; see
 docs/results.md):
@@ -64,6 +67,7 @@ DEV_TEXTS = {
     "prose": ("english.txt", 0),
     "code": ("textwrap.py+shlex.py", 0),
 }
+DOCUMENT_BYTES = 8000
 
 
 def log(message: str) -> None:
@@ -141,6 +145,7 @@ class Direction:
         self.tokenizer = None
         self.built_label: str | None = None
         self.seconds: dict[str, dict] = {}
+        self.problem = None
 
     def build(self, spec: str) -> None:
         """Put ``spec``'s matrices into the in-memory model (unless they are already there):
@@ -266,53 +271,103 @@ def text_validation_scores(
     the transplanted base on the validation text, the donor's tokenizer), on parts 0 (what
     ``auto`` uses) and 1 of the validation texts, cached in ``validation.json``; ``size``
     bytes of each text instead of ``VALIDATION_BYTES`` (cached apart)."""
-    from mergekit_omp.approximate import build_problem
-    from mergekit_omp.approximators.omp import shared_omp_runs
-    from mergekit_omp.evaluate.compare import parse_method_spec
-    from mergekit_omp.evaluate.validation import VALIDATION_BYTES, TextScorer, validation_texts
-    from mergekit_omp.options import TransplantOptions
-    from mergekit_omp.plan import plan_transplant
+    from mergekit_omp.evaluate.validation import VALIDATION_BYTES, validation_texts
 
     size = size or VALIDATION_BYTES
     suffix = "" if size == VALIDATION_BYTES else f"-{size}"
     path = direction.out.parent.parent / "validation" / f"{direction.name}{suffix}.json"
+    text_sets = {part: validation_texts(size, part=int(part)) for part in ("0", "1")}
+    return scores_on_texts(direction, methods, text_sets, path)
+
+
+def other_documents(count: int) -> dict[str, str]:
+    """The first ``DOCUMENT_BYTES`` of each of ``count`` standard-library modules that no
+    other text here uses: public top-level modules of 10 to 40 KB, in name order."""
+    from mergekit_omp.evaluate.validation import CODE_MODULE
+
+    stdlib = Path(sysconfig.get_paths()["stdlib"])
+    used = {
+        name for source, _ in (*TEXTS.values(), *DEV_TEXTS.values()) for name in source.split("+")
+    } | {CODE_MODULE}
+    modules = sorted(
+        p
+        for p in stdlib.glob("*.py")
+        if p.name not in used
+        and not p.name.startswith("_")
+        and 10_000 <= p.stat().st_size <= 40_000
+    )[:count]
+    return {
+        p.name: p.read_bytes()[:DOCUMENT_BYTES].decode("utf-8", errors="ignore") for p in modules
+    }
+
+
+def document_scores(direction: Direction, methods: list[str], count: int) -> dict[str, dict]:
+    """Each method's bits per byte on each of ``other_documents(count)``, scored as
+    ``auto``'s validation scores (cached in ``documents.json``)."""
+    path = direction.out.parent.parent / "validation" / f"{direction.name}-documents.json"
+    text_sets = {name: {name: text} for name, text in other_documents(count).items()}
+    return scores_on_texts(direction, methods, text_sets, path)
+
+
+def scores_on_texts(
+    direction: Direction, methods: list[str], text_sets: dict[str, dict[str, str]], path: Path
+) -> dict[str, dict]:
+    """``{set name: {method: bpb}}``: each method's rows (made once) scored on each set of
+    texts by one ``TextScorer``; cached in ``path``, so a rerun scores only what is new."""
+    from mergekit_omp.approximators.omp import shared_omp_runs
+    from mergekit_omp.evaluate.compare import parse_method_spec
+    from mergekit_omp.evaluate.validation import TextScorer
+
     scores = json.loads(path.read_text()) if path.exists() else {}
-    options = TransplantOptions(
-        base_model=direction.base_path, donor=direction.donor_path, bos="match_base"
-    )
-    plan = plan_transplant(options, direction.base, direction.donor)
-    (matrix, *_) = plan.matrices
-    problem = None
-    for part in ("0", "1"):
-        todo = [m for m in methods if m not in scores.get(part, {})]
+    scorer = None
+    for spec in methods:
+        todo = [name for name in text_sets if spec not in scores.get(name, {})]
         if not todo:
             continue
-        if problem is None:
-            problem = build_problem(
-                matrix.base_rows(direction.base),
-                matrix.donor_rows(direction.donor),
-                plan.match(matrix, direction.base, direction.donor),
-                direction.base,
-                direction.donor,
-                is_lm_head=False,
-                batch_size=None,
-                progress=False,
-                seed=0,
-            )
-        scorer = TextScorer(problem, validation_texts(size, part=int(part)))
-        for spec in todo:
-            parsed = parse_method_spec(spec)
+        problem = validation_problem(direction)
+        parsed = parse_method_spec(spec)
+        with shared_omp_runs():
+            rows = parsed.approximator(problem, **parsed.parameters).rows
+        for name in todo:
+            if scorer is None:
+                scorer = TextScorer(problem, text_sets[name])
+            else:
+                scorer.use_texts(text_sets[name])
             start = time.perf_counter()
-            with shared_omp_runs():
-                rows = parsed.approximator(problem, **parsed.parameters).rows
-            bpb = scorer.bits_per_byte(rows)
-            scores.setdefault(part, {})[spec] = bpb
+            scores.setdefault(name, {})[spec] = scorer.bits_per_byte(rows)
             log(
-                f"  validation text [{part}] {spec}: {bpb:.4f} ({time.perf_counter() - start:.0f} s)"
+                f"  validation [{name}] {spec}: {scores[name][spec]:.4f} "
+                f"({time.perf_counter() - start:.0f} s)"
             )
             path.parent.mkdir(parents=True, exist_ok=True)
             path.write_text(json.dumps(scores, indent=1) + "\n")
     return scores
+
+
+def validation_problem(direction: Direction):
+    """The embedding's approximation problem as ``auto`` sees it (made once per direction)."""
+    if direction.problem is None:
+        from mergekit_omp.approximate import build_problem
+        from mergekit_omp.options import TransplantOptions
+        from mergekit_omp.plan import plan_transplant
+
+        options = TransplantOptions(
+            base_model=direction.base_path, donor=direction.donor_path, bos="match_base"
+        )
+        plan = plan_transplant(options, direction.base, direction.donor)
+        (matrix, *_) = plan.matrices
+        direction.problem = build_problem(
+            matrix.base_rows(direction.base),
+            matrix.donor_rows(direction.donor),
+            plan.match(matrix, direction.base, direction.donor),
+            direction.base,
+            direction.donor,
+            is_lm_head=False,
+            batch_size=None,
+            progress=False,
+            seed=0,
+        )
+    return direction.problem
 
 
 def orders(results: dict, scores: dict, texts: list[str]) -> str:
@@ -425,7 +480,35 @@ def run_direction(name: str, args) -> str:
         candidates = [m for m in methods if m != "auto"]
         scores["text"] = text_validation_scores(direction, candidates, args.validation_bytes)
         out += orders(results, scores, chosen)
+    if args.documents:
+        candidates = [m for m in methods if m != "auto"]
+        documents = document_scores(direction, candidates, args.documents)
+        out += document_agreement(results, documents, chosen)
     return out
+
+
+def document_agreement(results: dict, documents: dict[str, dict], texts: list[str]) -> str:
+    """Each method's bpb on each other document, and for each pair the held-back texts
+    resolve, on how many documents the same order holds: a pair that holds on some and not
+    on others is ordered by the document, not by the kind of text."""
+    methods = [m for m in results if m not in ("base", "auto")]
+    names = list(documents)
+    lines = ["", "| method | " + " | ".join(names) + " |", "|---|" + "---|" * len(names)]
+    lines += [
+        f"| {m} | " + " | ".join(f"{documents[d][m]:.4f}" for d in names) + " |" for m in methods
+    ]
+    pairs = resolved_pairs(results, methods, texts)
+    held = {
+        (a, b): sum((documents[d][a] - documents[d][b]) * sign > 0 for d in names)
+        for (a, b), sign in pairs.items()
+    }
+    split = [f"{a} / {b} ({n} of {len(names)})" for (a, b), n in held.items() if n < len(names)]
+    lines.append(
+        f"\nPairs resolved by every half of every text: {len(pairs)}; the same order on all "
+        f"{len(names)} other documents: {len(pairs) - len(split)}"
+        + (f"; on some: {', '.join(split)}" if split else "")
+    )
+    return "\n".join(lines)
 
 
 def time_methods(name: str, methods: list[str], args) -> str:
@@ -483,6 +566,14 @@ def main() -> None:
         type=int,
         default=None,
         help="bytes of each validation text for --leave-out (default: what auto uses)",
+    )
+    parser.add_argument(
+        "--documents",
+        type=int,
+        default=0,
+        metavar="N",
+        help="also score N other standard-library modules as auto's validation does, and "
+        "count on how many each resolved pair of methods keeps its order",
     )
     parser.add_argument("--skip-base", action="store_true", help="no base-model row")
     parser.add_argument("--out", type=Path, default=Path("/tmp/mergekit-omp-quality"))

@@ -116,6 +116,17 @@ def test_the_scorer_scores_as_the_written_transplant(base_adds_bos, tmp_path):
     assert scorer.bits_per_byte(rows_of(problem, "wechsel")) == pytest.approx(expected, rel=1e-5)
 
 
+def test_a_scorer_given_other_texts_scores_as_one_made_for_them(problem):
+    texts = validation_texts()
+    rows = rows_of(problem, "wechsel")
+    prose_only = TextScorer(problem, {"prose": texts["prose"]})
+    scorer = TextScorer(problem, texts)
+    both = scorer.bits_per_byte(rows)
+    scorer.use_texts({"prose": texts["prose"]})
+    assert scorer.bytes == len(texts["prose"].encode("utf-8"))
+    assert scorer.bits_per_byte(rows) == prose_only.bits_per_byte(rows) != both
+
+
 def test_only_the_new_tokens_rows_change(problem):
     scorer = TextScorer(problem)
     before = scorer.matrix.detach().clone()

@@ -103,7 +103,6 @@ class TextScorer:
         if problem.base_path is None or problem.donor_tokenizer is None:
             raise ValidationUnavailable("the problem has no base model path or donor tokenizer")
         check_size(problem.base_path, max_parameters)
-        self.texts = texts if texts is not None else validation_texts()
         self.tokenizer = problem.donor_tokenizer
         self.targets = torch.tensor(problem.target_ids)
         donor_ids = problem.matched_ids[0] if problem.matched_ids else problem.donor_anchor_ids
@@ -116,16 +115,21 @@ class TextScorer:
             raise ValidationUnavailable(
                 f"cannot give the model the donor's vocabulary: {exc}"
             ) from None
+        self.use_texts(texts if texts is not None else validation_texts())
+
+    def use_texts(self, texts: dict[str, str]) -> None:
+        """Score ``texts`` from now on (each text on its own: a window never spans two)."""
         size = effective_window(self.model, None)
+        self.texts = texts
         self.windows = {
             name: text_windows(
                 self.tokenizer(text, add_special_tokens=False)["input_ids"],
                 size,
                 self.bos_row is not None,
             )
-            for name, text in self.texts.items()
+            for name, text in texts.items()
         }
-        self.bytes = sum(len(text.encode("utf-8")) for text in self.texts.values())
+        self.bytes = sum(len(text.encode("utf-8")) for text in texts.values())
 
     def prepare(self, problem: ApproximationProblem, size: int) -> torch.Tensor:
         """Make the model's vocabulary matrices donor-sized, as the transplant lays them out;
