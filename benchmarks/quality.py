@@ -303,7 +303,7 @@ def other_documents(count: int) -> dict[str, str]:
 
 def document_scores(direction: Direction, methods: list[str], count: int) -> dict[str, dict]:
     """Each method's bits per byte on each of ``other_documents(count)``, scored as
-    ``auto``'s validation scores (cached in ``documents.json``)."""
+    ``auto``'s validation scores (cached in ``<direction>-documents.json``)."""
     path = direction.out.parent.parent / "validation" / f"{direction.name}-documents.json"
     text_sets = {name: {name: text} for name, text in other_documents(count).items()}
     return scores_on_texts(direction, methods, text_sets, path)
@@ -370,11 +370,17 @@ def validation_problem(direction: Direction):
     return direction.problem
 
 
+def compared_methods(results: dict) -> list[str]:
+    """The methods whose orders are compared: all but the base model and ``auto`` (the
+    chooser, whose rows are one of the others')."""
+    return [m for m in results if m not in ("base", "auto")]
+
+
 def orders(results: dict, scores: dict, texts: list[str]) -> str:
     """Methods ordered by mean bpb over the texts, by each leave-out score and by the
     validation text's bpb (parts 0 and 1), side by side; ``auto`` is left out (it is the
     chooser)."""
-    methods = [m for m in results if m not in ("base", "auto")]
+    methods = compared_methods(results)
     mean_bpb = {m: sum(whole(results[m][t]) for t in texts) / len(texts) for m in methods}
     by_bpb = sorted(methods, key=mean_bpb.get)
     columns = {
@@ -430,7 +436,7 @@ def resolved_pairs(results: dict, methods: list[str], texts: list[str]) -> dict:
 def resolved_agreement(results: dict, validation: dict[str, float], texts: list[str]) -> str:
     """How many of the pairs the held-back texts resolve (``resolved_pairs``) the
     validation orders the same way, and which it does not."""
-    methods = [m for m in results if m not in ("base", "auto")]
+    methods = compared_methods(results)
     pairs = resolved_pairs(results, methods, texts)
     wrong = [
         f"{a} / {b}"
@@ -477,12 +483,12 @@ def run_direction(name: str, args) -> str:
     out = table(name, results, chosen, reference)
     if args.leave_out:
         scores = leave_out_scores(direction, methods, args)
-        candidates = [m for m in methods if m != "auto"]
-        scores["text"] = text_validation_scores(direction, candidates, args.validation_bytes)
+        scores["text"] = text_validation_scores(
+            direction, compared_methods(results), args.validation_bytes
+        )
         out += orders(results, scores, chosen)
     if args.documents:
-        candidates = [m for m in methods if m != "auto"]
-        documents = document_scores(direction, candidates, args.documents)
+        documents = document_scores(direction, compared_methods(results), args.documents)
         out += document_agreement(results, documents, chosen)
     return out
 
@@ -491,7 +497,7 @@ def document_agreement(results: dict, documents: dict[str, dict], texts: list[st
     """Each method's bpb on each other document, and for each pair the held-back texts
     resolve, on how many documents the same order holds: a pair that holds on some and not
     on others is ordered by the document, not by the kind of text."""
-    methods = [m for m in results if m not in ("base", "auto")]
+    methods = compared_methods(results)
     names = list(documents)
     lines = ["", "| method | " + " | ".join(names) + " |", "|---|" + "---|" * len(names)]
     lines += [
