@@ -20,7 +20,9 @@ parts 0 and 1 of ``evaluate/validation.py``'s text; ``--validation-bytes N`` tak
 of each text instead of what ``auto`` uses), each with Kendall's tau. ``--documents N``
 scores every method on N other standard-library modules as ``auto``'s validation scores
 (the first 8,000 bytes of each) and counts, for each pair of methods the held-back texts
-resolve, on how many of them the pair keeps its order.
+resolve, on how many of them the pair keeps its order; with ``--leave-out`` too, how many
+of the pairs that keep it on all of them each part of the validation text orders as bits
+per byte does.
 
 Texts (held back: none of them was used while designing the methods; see
 docs/results.md):
@@ -36,7 +38,9 @@ both halves is larger than the measurement's noise. ``--dev`` scores the design 
 instead (``english.txt`` from byte 0; ``textwrap.py`` and ``shlex.py``).
 
 Results are cached as JSON under ``OUT/<direction>/`` (one file per method, text and half;
-the base model's own bpb too), so a rerun only scores what is new.
+the base model's own bpb too), so a rerun only scores what is new; the validation's rows
+for the new tokens under ``OUT/../rows/<direction>/`` and its scores under
+``OUT/../validation/``.
 """
 
 from __future__ import annotations
@@ -269,15 +273,16 @@ def text_validation_scores(
 ) -> dict[str, dict]:
     """``auto``'s validation of each method (``evaluate/validation.py``: bits per byte of
     the transplanted base on the validation text, the donor's tokenizer), on parts 0 (what
-    ``auto`` uses) and 1 of the validation texts, cached in ``validation.json``; ``size``
-    bytes of each text instead of ``VALIDATION_BYTES`` (cached apart)."""
+    ``auto`` uses) and 1 of the validation texts; ``size`` bytes of each text instead of
+    ``VALIDATION_BYTES``. Cached in ``validation/<direction>-<digest of the texts>.json``."""
     from mergekit_omp.evaluate.validation import VALIDATION_BYTES, validation_texts
 
-    size = size or VALIDATION_BYTES
-    suffix = "" if size == VALIDATION_BYTES else f"-{size}"
-    path = direction.out.parent.parent / "validation" / f"{direction.name}{suffix}.json"
-    text_sets = {part: validation_texts(size, part=int(part)) for part in ("0", "1")}
-    return scores_on_texts(direction, methods, text_sets, path)
+    text_sets = {part: validation_texts(size or VALIDATION_BYTES, part=int(part)) for part in "01"}
+    texts = json.dumps(text_sets, sort_keys=True).encode("utf-8")
+    name = f"{direction.name}-{hashlib.sha1(texts).hexdigest()[:12]}.json"
+    return scores_on_texts(
+        direction, methods, text_sets, direction.out.parent.parent / "validation" / name
+    )
 
 
 def other_documents(count: int) -> dict[str, str]:
@@ -314,8 +319,6 @@ def scores_on_texts(
 ) -> dict[str, dict]:
     """``{set name: {method: bpb}}``: each method's rows (made once) scored on each set of
     texts by one ``TextScorer``; cached in ``path``, so a rerun scores only what is new."""
-    from mergekit_omp.approximators.omp import shared_omp_runs
-    from mergekit_omp.evaluate.compare import parse_method_spec
     from mergekit_omp.evaluate.validation import TextScorer
 
     scores = json.loads(path.read_text()) if path.exists() else {}
@@ -325,9 +328,7 @@ def scores_on_texts(
         if not todo:
             continue
         problem = validation_problem(direction)
-        parsed = parse_method_spec(spec)
-        with shared_omp_runs():
-            rows = parsed.approximator(problem, **parsed.parameters).rows
+        rows = validation_rows(direction, spec)
         for name in todo:
             if scorer is None:
                 scorer = TextScorer(problem, text_sets[name])
@@ -342,6 +343,27 @@ def scores_on_texts(
             path.parent.mkdir(parents=True, exist_ok=True)
             path.write_text(json.dumps(scores, indent=1) + "\n")
     return scores
+
+
+def validation_rows(direction: Direction, spec: str):
+    """``spec``'s rows for the new tokens of ``validation_problem``, cached in
+    ``rows/<direction>/<spec>.pt`` (made once for the validation text and every document)."""
+    import torch
+
+    from mergekit_omp.approximators.omp import shared_omp_runs
+    from mergekit_omp.evaluate.compare import parse_method_spec
+
+    path = direction.out.parent.parent / "rows" / direction.name / f"{safe(spec)}.pt"
+    if path.exists():
+        return torch.load(path)
+    parsed = parse_method_spec(spec)
+    start = time.perf_counter()
+    with shared_omp_runs():
+        rows = parsed.approximator(validation_problem(direction), **parsed.parameters).rows
+    log(f"  rows of {spec} for the validation: {time.perf_counter() - start:.0f} s")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    torch.save(rows, path)
+    return rows
 
 
 def validation_problem(direction: Direction):
@@ -490,6 +512,8 @@ def run_direction(name: str, args) -> str:
     if args.documents:
         documents = document_scores(direction, compared_methods(results), args.documents)
         out += document_agreement(results, documents, chosen)
+        if args.leave_out:
+            out += stable_agreement(results, documents, scores["text"], chosen)
     return out
 
 
@@ -514,6 +538,31 @@ def document_agreement(results: dict, documents: dict[str, dict], texts: list[st
         f"{len(names)} other documents: {len(pairs) - len(split)}"
         + (f"; on some: {', '.join(split)}" if split else "")
     )
+    return "\n".join(lines)
+
+
+def stable_agreement(
+    results: dict, documents: dict[str, dict], validation: dict[str, dict], texts: list[str]
+) -> str:
+    """How many of the pairs that every half of every text resolves and that keep that
+    order on every other document (the pairs whose order belongs to the methods, not to a
+    text) each part of the validation text orders the same way."""
+    pairs = resolved_pairs(results, compared_methods(results), texts)
+    stable = {
+        pair: sign
+        for pair, sign in pairs.items()
+        if all((documents[d][pair[0]] - documents[d][pair[1]]) * sign > 0 for d in documents)
+    }
+    lines = [""]
+    for part, scores in validation.items():
+        wrong = [
+            f"{a} / {b}" for (a, b), sign in stable.items() if (scores[a] - scores[b]) * sign <= 0
+        ]
+        lines.append(
+            f"Validation text part {part}: of the {len(stable)} pairs resolved by every half "
+            f"and every other document, ordered the same: {len(stable) - len(wrong)}"
+            + (f" (not: {', '.join(wrong)})" if wrong else "")
+        )
     return "\n".join(lines)
 
 

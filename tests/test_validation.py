@@ -24,6 +24,7 @@ from mergekit_omp.evaluate.validation import (
     TextScorer,
     ValidationUnavailable,
     checkpoint_parameters,
+    running_text,
     validation_texts,
 )
 from mergekit_omp.plan import load_pair, plan_transplant
@@ -88,12 +89,29 @@ def test_the_validation_text_is_fixed_prose_and_code_from_the_python_installatio
     assert set(texts) == {"prose", "code"}
     assert texts == validation_texts()
     assert all(0 < len(t.encode()) <= VALIDATION_BYTES for t in texts.values())
-    assert texts["prose"].startswith('The "assert" statement')
+    assert texts["prose"].startswith("Assert statements are a convenient way")
+    assert "\n " not in texts["prose"] and "****" not in texts["prose"]
     assert "def " in texts["code"] or "class " in texts["code"]
     other = validation_texts(part=1)
     assert other["prose"] != texts["prose"] and other["code"] != texts["code"]
     with pytest.raises(ValidationUnavailable, match="no part"):
         validation_texts(part=10**6)
+
+
+def test_the_prose_is_the_references_running_text_without_blocks_or_titles():
+    reference = (
+        "The pass statement\n******************\n\n"
+        '   pass_stmt ::= "pass"\n\n'
+        '"pass" is a null operation -- when it is\nexecuted, nothing happens.\n\n'
+        "Example:\n\n   def f(arg): pass    # a function\n\n"
+        "Subtitle\n========\n  \t\n"
+        "It is useful as a placeholder.\n"
+    )
+    assert running_text(reference) == (
+        '"pass" is a null operation -- when it is\nexecuted, nothing happens.\n\n'
+        "Example:\n\n"
+        "It is useful as a placeholder.\n"
+    )
 
 
 @pytest.mark.parametrize("base_adds_bos", [True, False])

@@ -8,9 +8,13 @@ tied LM head included, or an untied LM head), and the model's bits per byte
 (``evaluate/bpb.py``) is measured with the donor's tokenizer on a validation text that every
 Python installation has, so it needs nothing downloaded:
 
-* prose: the language reference in English (``pydoc_data.topics``, the topics in sorted
-  order), which has indented code in it as well;
+* prose: the running text of the language reference in English (``pydoc_data.topics``, the
+  topics in sorted order): its paragraphs, without the indented blocks (code examples,
+  grammar, tables) and section titles between them (``running_text``);
 * code: the standard library's ``calendar.py``.
+
+Each text stands for one kind: the reference's indented blocks are code laid out as reST
+indents it, so they are left to the code text.
 
 ``VALIDATION_BYTES`` bytes of each (``part`` p takes the p-th such slice; part 0 is what
 ``auto`` uses), cut on a character boundary. Lower is better. The held-back texts of
@@ -28,6 +32,7 @@ the new tokens while one matrix is validated.
 from __future__ import annotations
 
 import math
+import re
 import sysconfig
 from pathlib import Path
 from typing import cast
@@ -41,6 +46,7 @@ from mergekit_omp.evaluate.bpb import effective_window
 VALIDATION_BYTES = 3000
 """Bytes of each validation text (prose, code)."""
 CODE_MODULE = "calendar.py"
+TITLE_UNDERLINE = re.compile(r"[*=\-^]+")
 MAX_RUN_PARAMETERS = 1_000_000_000
 """The largest base (parameters, from its safetensors headers) that is run by default: its
 float32 copy takes 4 GB, and five passes over the validation text a minute or two on a
@@ -61,7 +67,8 @@ def validation_texts(size: int = VALIDATION_BYTES, part: int = 0) -> dict[str, s
     try:
         from pydoc_data.topics import topics
 
-        prose = "\n\n".join(topics[name] for name in sorted(topics)).encode("utf-8")
+        reference = "\n\n".join(topics[name] for name in sorted(topics))
+        prose = running_text(reference).encode("utf-8")
         code = (Path(sysconfig.get_paths()["stdlib"]) / CODE_MODULE).read_bytes()
     except (ImportError, OSError) as exc:
         raise ValidationUnavailable(f"no validation text in this Python: {exc}") from None
@@ -72,6 +79,19 @@ def validation_texts(size: int = VALIDATION_BYTES, part: int = 0) -> dict[str, s
             raise ValidationUnavailable(f"the {name} validation text has no part {part}")
         texts[name] = text
     return texts
+
+
+def running_text(restructured: str) -> str:
+    """The paragraphs (blocks between blank lines) of a reStructuredText document that are
+    running text: no line of them indented, and not a section title (a last line made of
+    ``*``, ``=``, ``-`` or ``^`` only)."""
+    paragraphs = (p for p in re.split(r"\n[ \t]*\n", restructured) if p.strip())
+    return "\n\n".join(
+        p
+        for p in paragraphs
+        if not any(line[:1].isspace() for line in p.splitlines())
+        and not TITLE_UNDERLINE.fullmatch(p.splitlines()[-1])
+    )
 
 
 def donor_sized(
