@@ -460,17 +460,26 @@ def resolved_agreement(results: dict, validation: dict[str, float], texts: list[
     validation orders the same way, and which it does not."""
     methods = compared_methods(results)
     pairs = resolved_pairs(results, methods, texts)
-    wrong = [
-        f"{a} / {b}"
-        for (a, b), sign in pairs.items()
-        if (validation[a] - validation[b]) * sign <= 0
-    ]
+    wrong = misordered(pairs, validation)
     total = len(methods) * (len(methods) - 1) // 2
     return (
         f"  pairs resolved by every half of every text: {len(pairs)} of {total}; "
         f"ordered the same: {len(pairs) - len(wrong)}"
         + (f" (not: {', '.join(wrong)})" if wrong else "")
     )
+
+
+def misordered(pairs: dict, scores: dict[str, float]) -> list[str]:
+    """The pairs (``resolved_pairs``) that ``scores`` (lower is better) order the other way."""
+    return [f"{a} / {b}" for (a, b), sign in pairs.items() if (scores[a] - scores[b]) * sign <= 0]
+
+
+def documents_holding(pairs: dict, documents: dict[str, dict]) -> dict[tuple[str, str], int]:
+    """For each pair (``resolved_pairs``), on how many documents its order holds."""
+    return {
+        (a, b): sum((scores[a] - scores[b]) * sign > 0 for scores in documents.values())
+        for (a, b), sign in pairs.items()
+    }
 
 
 def kendall_tau(first: dict[str, float], second: dict[str, float]) -> float:
@@ -528,10 +537,7 @@ def document_agreement(results: dict, documents: dict[str, dict], texts: list[st
         f"| {m} | " + " | ".join(f"{documents[d][m]:.4f}" for d in names) + " |" for m in methods
     ]
     pairs = resolved_pairs(results, methods, texts)
-    held = {
-        (a, b): sum((documents[d][a] - documents[d][b]) * sign > 0 for d in names)
-        for (a, b), sign in pairs.items()
-    }
+    held = documents_holding(pairs, documents)
     split = [f"{a} / {b} ({n} of {len(names)})" for (a, b), n in held.items() if n < len(names)]
     lines.append(
         f"\nPairs resolved by every half of every text: {len(pairs)}; the same order on all "
@@ -548,16 +554,11 @@ def stable_agreement(
     order on every other document (the pairs whose order belongs to the methods, not to a
     text) each part of the validation text orders the same way."""
     pairs = resolved_pairs(results, compared_methods(results), texts)
-    stable = {
-        pair: sign
-        for pair, sign in pairs.items()
-        if all((documents[d][pair[0]] - documents[d][pair[1]]) * sign > 0 for d in documents)
-    }
+    held = documents_holding(pairs, documents)
+    stable = {pair: sign for pair, sign in pairs.items() if held[pair] == len(documents)}
     lines = [""]
     for part, scores in validation.items():
-        wrong = [
-            f"{a} / {b}" for (a, b), sign in stable.items() if (scores[a] - scores[b]) * sign <= 0
-        ]
+        wrong = misordered(stable, scores)
         lines.append(
             f"Validation text part {part}: of the {len(stable)} pairs resolved by every half "
             f"and every other document, ordered the same: {len(stable) - len(wrong)}"
