@@ -154,7 +154,7 @@ class Direction:
     def build(self, spec: str) -> None:
         """Put ``spec``'s matrices into the in-memory model (unless they are already there):
         the plan and rows ``mergekit-omp BASE DONOR OUT -a NAME -p ...`` writes."""
-        from mergekit_omp.evaluate.compare import parse_method_spec
+        from mergekit_omp.approximators import parse_method_spec
         from mergekit_omp.options import TransplantOptions
         from mergekit_omp.plan import plan_transplant
         from mergekit_omp.report import TransplantReport
@@ -248,7 +248,7 @@ def table(direction: str, results: dict, texts: list[str], reference: str) -> st
 def leave_out_scores(direction: Direction, methods: list[str], args) -> dict[str, dict]:
     """Leave-out mean cosine of each method, anchors held out at random and like the new
     tokens (``evaluate/leave_out.py``), cached in ``leave-out.json``."""
-    from mergekit_omp.evaluate.compare import parse_method_spec
+    from mergekit_omp.approximators import parse_method_spec
     from mergekit_omp.evaluate.leave_out import leave_out_tasks, score_method
 
     path = direction.out.parent.parent / "leave-out" / f"{direction.name}.json"
@@ -350,8 +350,8 @@ def validation_rows(direction: Direction, spec: str):
     ``rows/<direction>/<spec>.pt`` (made once for the validation text and every document)."""
     import torch
 
+    from mergekit_omp.approximators import parse_method_spec
     from mergekit_omp.approximators.omp import shared_omp_runs
-    from mergekit_omp.evaluate.compare import parse_method_spec
 
     path = direction.out.parent.parent / "rows" / direction.name / f"{safe(spec)}.pt"
     if path.exists():
@@ -571,7 +571,7 @@ def time_methods(name: str, methods: list[str], args) -> str:
     """Each method's transplant timed as ``mergekit-omp`` runs it (no output written, no
     shared OMP): seconds per stage from the report, in one process."""
     from mergekit_omp import TransplantOptions, transplant
-    from mergekit_omp.evaluate.compare import parse_method_spec
+    from mergekit_omp.approximators import parse_method_spec
 
     base_name, donor_name = DIRECTIONS[name]
     cache = args.cache.expanduser()

@@ -375,18 +375,3 @@ def recipe_yaml(options: TransplantOptions, header: str | None = None) -> str:
         recipe_dict(options), sort_keys=False, default_flow_style=False, allow_unicode=True
     )
     return f"{header.rstrip()}\n{text}" if header else text
-
-
-def split_method_spec(spec: str) -> tuple[str, dict[str, Any]]:
-    """``NAME`` or ``NAME:PARAM=VALUE,...`` (values read as YAML scalars): an installed
-    method and parameters for it."""
-    name, _, raw = spec.strip().partition(":")
-    name = name.strip()
-    get_approximator(name)  # an unknown name is one line listing the known ones
-    parameters: dict[str, Any] = {}
-    for item in filter(None, (part.strip() for part in raw.split(","))):
-        key, sep, value = item.partition("=")
-        if not sep or not key.strip():
-            raise TransplantError(f"bad method '{spec}': expected NAME:PARAM=VALUE[,PARAM=VALUE]")
-        parameters[key.strip()] = yaml.safe_load(value)
-    return name, parameters

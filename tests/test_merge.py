@@ -25,13 +25,13 @@ from mergekit.options import MergeOptions
 from mergekit.tokenizer import PermutedVocabulary
 from safetensors.torch import load_file
 
+from mergekit_omp.approximators import parse_method_spec
 from mergekit_omp.approximators.auto import CANDIDATES, LEAVE_OUT_VALIDATION, TEXT_VALIDATION
 from mergekit_omp.approximators.base import ApproximationProblem
 from mergekit_omp.approximators.fvt import fvt
 from mergekit_omp.cli import merge as merge_cli
 from mergekit_omp.cli.merge import summary
 from mergekit_omp.errors import TransplantError
-from mergekit_omp.evaluate.compare import parse_method_spec
 from mergekit_omp.kernels.omp import batch_omp
 from mergekit_omp.merge import OmpMergeSettings, parse_merge_config, run_omp_merge
 from mergekit_omp.merge.omp_vocabulary_task import omp_rows

@@ -18,7 +18,7 @@ from pydantic import ValidationError
 from safetensors.torch import load_file
 
 from mergekit_omp import TransplantOptions, transplant
-from mergekit_omp.approximators import approximator, registry
+from mergekit_omp.approximators import approximator, parse_method_spec, registry
 from mergekit_omp.bos import adds_bos
 from mergekit_omp.cli import evaluate as eval_cli
 from mergekit_omp.cli import transplant as transplant_cli
@@ -111,7 +111,7 @@ def test_eval_path_scores_the_model_mergekit_omp_writes(bos_pair, tmp_path, monk
     compare.compare_methods(
         str(base),
         str(donor),
-        [compare.parse_method_spec("omp")],
+        [parse_method_spec("omp")],
         policy=MatchPolicy(byte_match=True, prefix_match=True),
         text_path=str(tmp_path / "text.txt"),
         progress=False,

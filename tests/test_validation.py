@@ -14,11 +14,10 @@ from mergekit.options import MergeOptions
 import mergekit_omp.approximators.omp as omp_module
 from mergekit_omp import TransplantOptions, transplant
 from mergekit_omp.approximate import build_problem
-from mergekit_omp.approximators import get_approximator
+from mergekit_omp.approximators import get_approximator, parse_method_spec
 from mergekit_omp.approximators.auto import LEAVE_OUT_VALIDATION, TEXT_VALIDATION
 from mergekit_omp.approximators.omp import shared_omp_runs
 from mergekit_omp.evaluate.bpb import bits_per_byte
-from mergekit_omp.evaluate.compare import parse_method_spec
 from mergekit_omp.evaluate.validation import (
     VALIDATION_BYTES,
     TextScorer,

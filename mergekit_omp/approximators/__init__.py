@@ -22,13 +22,17 @@ from mergekit_omp.approximators.registry import (
     approximator_names,
     get_approximator,
 )
+from mergekit_omp.approximators.spec import MethodSpec, parse_method_spec, split_method_spec
 
 __all__ = [
     "ENTRY_POINT_GROUP",
     "Approximation",
     "ApproximationProblem",
     "Approximator",
+    "MethodSpec",
     "approximator",
     "approximator_names",
     "get_approximator",
+    "parse_method_spec",
+    "split_method_spec",
 ]

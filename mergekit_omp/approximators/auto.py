@@ -112,7 +112,7 @@ def validation_problem(problem: ApproximationProblem, size: int | None, seed: in
 
 def score_candidates(validation: Validation, candidates: tuple[str, ...]) -> dict[str, float]:
     """Mean cosine of each candidate's rows with the held-out true rows (failures: -inf)."""
-    from mergekit_omp.evaluate.compare import parse_method_spec
+    from mergekit_omp.approximators.spec import parse_method_spec
 
     scores: dict[str, float] = {}
     for spec in candidates:
@@ -129,7 +129,7 @@ def score_candidates(validation: Validation, candidates: tuple[str, ...]) -> dic
 
 
 def check_candidates(candidates: tuple[str, ...]) -> None:
-    from mergekit_omp.evaluate.compare import parse_method_spec
+    from mergekit_omp.approximators.spec import parse_method_spec
 
     if not candidates:
         raise TransplantError("auto needs at least one candidate method")
@@ -144,7 +144,7 @@ def by_text_bits_per_byte(
     """Each candidate run on the new tokens and scored by ``scorer`` (a
     ``validation.TextScorer``); the lowest bits per byte wins (the first of equals)."""
     from mergekit_omp.approximators.omp import shared_omp_runs
-    from mergekit_omp.evaluate.compare import parse_method_spec
+    from mergekit_omp.approximators.spec import parse_method_spec
 
     scores: dict[str, float] = {}
     best: tuple[str, Approximation] | None = None
@@ -183,7 +183,7 @@ def by_leave_out(
 ) -> tuple[str, Approximation, dict[str, float], int]:
     """The candidate with the best leave-out mean cosine, run on the new tokens; and how many
     anchors were held out."""
-    from mergekit_omp.evaluate.compare import parse_method_spec
+    from mergekit_omp.approximators.spec import parse_method_spec
 
     held = validation_problem(problem, holdout, problem.seed)
     scores = score_candidates(held, candidates)
@@ -202,7 +202,7 @@ def auto(
     max_run_parameters: Annotated[int, Field(ge=0)] = 1_000_000_000,
 ) -> Approximation:
     """The candidate whose transplant scores the lowest bits per byte on a validation text."""
-    from mergekit_omp.evaluate.compare import parse_method_spec
+    from mergekit_omp.approximators.spec import parse_method_spec
     from mergekit_omp.evaluate.validation import ValidationUnavailable
 
     candidates = tuple(candidates)

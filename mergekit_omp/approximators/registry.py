@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import difflib
 import logging
 from functools import lru_cache
 from importlib.metadata import EntryPoint, entry_points
@@ -66,6 +67,8 @@ def approximator_names() -> list[str]:
 def get_approximator(name: str) -> Approximator:
     registry = _registry()
     if name not in registry:
+        close = difflib.get_close_matches(name, list(registry), n=3)
+        hint = f"did you mean {' or '.join(repr(c) for c in close)}? " if close else ""
         known = ", ".join(sorted(registry)) or "none installed"
-        raise TransplantError(f"unknown approximation method '{name}' (known: {known})")
+        raise TransplantError(f"unknown approximation method '{name}' ({hint}known: {known})")
     return registry[name]

@@ -9,7 +9,12 @@ from typing import Any
 import click
 from mergekit.options import MergeOptions
 
-from mergekit_omp.approximators import approximator_names, get_approximator
+from mergekit_omp.approximators import (
+    MethodSpec,
+    approximator_names,
+    get_approximator,
+    split_method_spec,
+)
 from mergekit_omp.approximators.base import DEFAULT_BATCH_SIZE
 from mergekit_omp.cli.common import check_outputs, command_class, run_cli_action
 from mergekit_omp.cli.options import (
@@ -27,9 +32,8 @@ from mergekit_omp.cli.options import (
     report_path_of,
 )
 from mergekit_omp.errors import TransplantError
-from mergekit_omp.evaluate.compare import MethodSpec, compare_methods, default_method_specs
+from mergekit_omp.evaluate.compare import compare_methods, default_method_specs
 from mergekit_omp.evaluate.leave_out import HoldoutLike
-from mergekit_omp.options import split_method_spec
 
 
 def method_specs(methods: tuple[str, ...], knobs: dict[str, Any]) -> list[MethodSpec] | None:

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import enum
 import functools
+import logging
 import typing
 from collections.abc import Callable
 from typing import Any, Literal, Union, get_args, get_origin
@@ -28,6 +29,7 @@ from mergekit_omp.approximators import approximator_names, get_approximator
 from mergekit_omp.errors import TransplantError
 from mergekit_omp.options import TransplantOptions
 
+LOG = logging.getLogger("mergekit_omp")
 READ_OPTIONS = (
     "trust_remote_code",
     "lazy_unpickle",
@@ -163,13 +165,15 @@ def parameters_for(method: str, knobs: dict[str, Any], *layers: dict[str, Any]) 
     """The knobs ``method`` takes, then each layer (``-a NAME:...``, ``-p``), later winning.
 
     A knob the method does not take is refused, except ``-k`` (ignored with a warning,
-    as every mergekit-tokensurgeon script passes it)."""
+    as every mergekit-tokensurgeon script passes it): the one home of that rule."""
     accepted = set(get_approximator(method).parameter_names())
     parameters = {}
     for name, value in knobs.items():
         if name in accepted:
             parameters[name] = value
-        elif name not in LENIENT_KNOBS:
+        elif name in LENIENT_KNOBS:
+            LOG.warning("Method '%s' takes no %s; %s ignored", method, name, METHOD_KNOBS[name])
+        else:
             users = sorted(
                 {
                     get_approximator(m).name

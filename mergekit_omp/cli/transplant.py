@@ -16,7 +16,7 @@ import yaml
 from mergekit.options import MergeOptions
 from pydantic import ValidationError
 
-from mergekit_omp.approximators import approximator_names, get_approximator
+from mergekit_omp.approximators import approximator_names, split_method_spec
 from mergekit_omp.cli.common import (
     check_outputs,
     command_class,
@@ -46,7 +46,6 @@ from mergekit_omp.options import (
     TransplantOptions,
     describe_validation_error,
     recipe_yaml,
-    split_method_spec,
 )
 from mergekit_omp.transplant import transplant
 
@@ -67,8 +66,6 @@ def method_parameters(
     method: str, knobs: dict[str, Any], explicit: dict[str, Any], spec: dict[str, Any] | None = None
 ) -> dict[str, Any]:
     """Knob flags the method takes, then ``-a NAME:PARAM=VALUE`` and ``--param`` (which win)."""
-    if "k" in knobs and "k" not in get_approximator(method).parameter_names():
-        LOG.warning("Method '%s' takes no k; -k ignored", method)
     return parameters_for(method, knobs, spec or {}, explicit)
 
 

@@ -5,13 +5,12 @@ methods for one base/donor pair without running the model; ``bits_per_byte`` mea
 model on a text with its own tokenizer, so models with different vocabularies compare.
 """
 
+from mergekit_omp.approximators.spec import MethodSpec, parse_method_spec
 from mergekit_omp.evaluate.bpb import BitsPerByte, bits_per_byte, read_text
 from mergekit_omp.evaluate.compare import (
     EvaluationReport,
     MethodResult,
-    MethodSpec,
     compare_methods,
-    parse_method_spec,
 )
 from mergekit_omp.evaluate.leave_out import leave_out_tasks, mean_cosine, relative_l2
 from mergekit_omp.evaluate.transplanted import InMemoryTransplant

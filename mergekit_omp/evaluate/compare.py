@@ -10,15 +10,15 @@ from __future__ import annotations
 import logging
 import math
 import time
-from dataclasses import dataclass, field
 from typing import Any
 
 import tqdm
 from mergekit.options import MergeOptions
 from pydantic import BaseModel, Field
 
-from mergekit_omp.approximators import Approximator, approximator_names, get_approximator
+from mergekit_omp.approximators import approximator_names, get_approximator
 from mergekit_omp.approximators.base import DEFAULT_BATCH_SIZE
+from mergekit_omp.approximators.spec import MethodSpec
 from mergekit_omp.errors import TransplantError
 from mergekit_omp.evaluate.bpb import BitsPerByte, bits_per_byte, read_text, resolve_bos
 from mergekit_omp.evaluate.leave_out import (
@@ -31,28 +31,12 @@ from mergekit_omp.evaluate.leave_out import (
 from mergekit_omp.evaluate.transplanted import InMemoryTransplant
 from mergekit_omp.load import LoadedModel
 from mergekit_omp.match import MatchPolicy
-from mergekit_omp.options import MatchScope, TransplantOptions, split_method_spec
+from mergekit_omp.options import MatchScope, TransplantOptions
 from mergekit_omp.plan import TransplantPlan, load_pair, plan_transplant
 from mergekit_omp.report import TransplantReport
 from mergekit_omp.transplant import MatrixResult, build_matrices
 
 LOG = logging.getLogger(__name__)
-
-
-@dataclass(frozen=True)
-class MethodSpec:
-    """A method to compare, as written on the command line: ``NAME[:PARAM=VALUE,...]``."""
-
-    label: str
-    approximator: Approximator
-    parameters: dict[str, Any] = field(default_factory=dict)
-
-
-def parse_method_spec(spec: str) -> MethodSpec:
-    """``omp`` or ``omp:k=32`` or ``wechsel:k=5,temperature=0.05`` (values read as YAML)."""
-    name, parameters = split_method_spec(spec)
-    method = get_approximator(name)
-    return MethodSpec(spec.strip(), method, method.validate_parameters(parameters))
 
 
 def default_method_specs() -> list[MethodSpec]:
