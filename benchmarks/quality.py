@@ -16,7 +16,7 @@ k) share it: the OMP result is computed once per k and direction (same numbers, 
 
 ``--leave-out`` adds, beside the order by bits per byte, the orders by leave-out (random
 anchors and anchors like the new tokens) and by ``auto``'s validation (bits per byte on
-parts 0 and 1 of ``evaluate/validation.py``'s text; ``--validation-bytes N`` takes N bytes
+parts 0 and 1 of ``select/text.py``'s text; ``--validation-bytes N`` takes N bytes
 of each text instead of what ``auto`` uses), each with Kendall's tau. ``--documents N``
 scores every method on N other standard-library modules as ``auto``'s validation scores
 (the first 8,000 bytes of each) and counts, for each pair of methods the held-back texts
@@ -150,6 +150,7 @@ class Direction:
         self.built_label: str | None = None
         self.seconds: dict[str, dict] = {}
         self.problem = None
+        self.context = None
 
     def build(self, spec: str) -> None:
         """Put ``spec``'s matrices into the in-memory model (unless they are already there):
@@ -271,11 +272,11 @@ def leave_out_scores(direction: Direction, methods: list[str], args) -> dict[str
 def text_validation_scores(
     direction: Direction, methods: list[str], size: int | None = None
 ) -> dict[str, dict]:
-    """``auto``'s validation of each method (``evaluate/validation.py``: bits per byte of
+    """``auto``'s validation of each method (``select/text.py``: bits per byte of
     the transplanted base on the validation text, the donor's tokenizer), on parts 0 (what
     ``auto`` uses) and 1 of the validation texts; ``size`` bytes of each text instead of
     ``VALIDATION_BYTES``. Cached in ``validation/<direction>-<digest of the texts>.json``."""
-    from mergekit_omp.evaluate.validation import VALIDATION_BYTES, validation_texts
+    from mergekit_omp.select.text import VALIDATION_BYTES, validation_texts
 
     text_sets = {part: validation_texts(size or VALIDATION_BYTES, part=int(part)) for part in "01"}
     texts = json.dumps(text_sets, sort_keys=True).encode("utf-8")
@@ -288,7 +289,7 @@ def text_validation_scores(
 def other_documents(count: int) -> dict[str, str]:
     """The first ``DOCUMENT_BYTES`` of each of ``count`` standard-library modules that no
     other text here uses: public top-level modules of 10 to 40 KB, in name order."""
-    from mergekit_omp.evaluate.validation import CODE_MODULE
+    from mergekit_omp.select.text import CODE_MODULE
 
     stdlib = Path(sysconfig.get_paths()["stdlib"])
     used = {
@@ -319,7 +320,7 @@ def scores_on_texts(
 ) -> dict[str, dict]:
     """``{set name: {method: bpb}}``: each method's rows (made once) scored on each set of
     texts by one ``TextScorer``; cached in ``path``, so a rerun scores only what is new."""
-    from mergekit_omp.evaluate.validation import TextScorer
+    from mergekit_omp.select.text import TextScorer
 
     scores = json.loads(path.read_text()) if path.exists() else {}
     scorer = None
@@ -331,7 +332,7 @@ def scores_on_texts(
         rows = validation_rows(direction, spec)
         for name in todo:
             if scorer is None:
-                scorer = TextScorer(problem, text_sets[name])
+                scorer = TextScorer(problem, direction.context, text_sets[name])
             else:
                 scorer.use_texts(text_sets[name])
             start = time.perf_counter()
@@ -367,9 +368,10 @@ def validation_rows(direction: Direction, spec: str):
 
 
 def validation_problem(direction: Direction):
-    """The embedding's approximation problem as ``auto`` sees it (made once per direction)."""
+    """The embedding's approximation problem as ``auto`` sees it, and its selection context
+    (``direction.context``), made once per direction."""
     if direction.problem is None:
-        from mergekit_omp.approximate import build_problem
+        from mergekit_omp.approximate import build_problem, selection_context
         from mergekit_omp.options import TransplantOptions
         from mergekit_omp.plan import plan_transplant
 
@@ -378,10 +380,12 @@ def validation_problem(direction: Direction):
         )
         plan = plan_transplant(options, direction.base, direction.donor)
         (matrix, *_) = plan.matrices
+        match = plan.match(matrix, direction.base, direction.donor)
+        direction.context = selection_context(match, direction.base)
         direction.problem = build_problem(
             matrix.base_rows(direction.base),
             matrix.donor_rows(direction.donor),
-            plan.match(matrix, direction.base, direction.donor),
+            match,
             direction.base,
             direction.donor,
             is_lm_head=False,

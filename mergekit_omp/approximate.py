@@ -11,6 +11,7 @@ from mergekit_omp.approximators import Approximation, ApproximationProblem, Appr
 from mergekit_omp.errors import TransplantError
 from mergekit_omp.load import LoadedModel
 from mergekit_omp.match import VocabularyMatch
+from mergekit_omp.select.base import SelectionContext, Selector
 
 
 def work_dtype(*tensors: torch.Tensor) -> torch.dtype:
@@ -55,6 +56,13 @@ def build_problem(
         seed=seed,
         base_config=base.config,
         donor_config=donor.config,
+    )
+
+
+def selection_context(match: VocabularyMatch, base: LoadedModel) -> SelectionContext:
+    """What a selector (``auto``) needs beyond the problem: the base model to run, and every
+    matched pair (the rows ``assemble_matrix`` copies from the base)."""
+    return SelectionContext(
         base_path=base.path,
         matched_ids=(list(match.matched), [b for b, _ in match.matched.values()]),
     )
@@ -65,14 +73,19 @@ def approximate_new_rows(
     method: Approximator,
     parameters: dict[str, Any],
     *,
+    context: SelectionContext | None = None,
     noise: float | None = None,
     scale: float | None = None,
 ) -> Approximation:
-    """Run ``method`` on ``problem`` and apply mergekit's ``-nvn``/``-nvs`` post-processing."""
+    """Run ``method`` on ``problem`` (a selector with ``context``) and apply mergekit's
+    ``-nvn``/``-nvs`` post-processing."""
     if problem.num_targets == 0:
         empty = problem.new_rows(0)
         return Approximation(rows=empty)
-    result = method(problem, **parameters)
+    if isinstance(method, Selector):
+        result = method(problem, context, **parameters)
+    else:
+        result = method(problem, **parameters)
     rows = result.rows.to(problem.work_dtype)
     if rows.shape != (problem.num_targets, problem.base_dim):
         raise TransplantError(

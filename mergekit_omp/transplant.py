@@ -20,7 +20,7 @@ import torch
 from mergekit.options import MergeOptions
 from transformers import PreTrainedTokenizerBase
 
-from mergekit_omp.approximate import approximate_new_rows, build_problem
+from mergekit_omp.approximate import approximate_new_rows, build_problem, selection_context
 from mergekit_omp.approximators import Approximation
 from mergekit_omp.assemble import assemble_matrix, require_finite
 from mergekit_omp.card import RECIPE_FILE, model_card, output_recipe
@@ -95,6 +95,7 @@ def build_matrix(
             problem,
             matrix.method,
             matrix.parameters,
+            context=selection_context(match, base),
             noise=options.new_vocab_noise,
             scale=options.new_vocab_scale,
         )

@@ -7,13 +7,13 @@ import torch
 from tiny import linear_world, problem_of
 
 from mergekit_omp.approximators import get_approximator
-from mergekit_omp.approximators.auto import (
+from mergekit_omp.errors import TransplantError
+from mergekit_omp.select import ChosenApproximation
+from mergekit_omp.select.auto import (
     TEXT_VALIDATION,
-    ChosenApproximation,
     held_out_positions,
     validation_problem,
 )
-from mergekit_omp.errors import TransplantError
 from mergekit_omp.vocabulary import Encoding, TokenForm, TokenKind, Vocabulary
 
 
@@ -80,7 +80,7 @@ def test_auto_prefers_the_first_of_equal_candidates_and_refuses_itself():
     result = get_approximator("auto")(problem, candidates=("zero", "zero:"), holdout=5)
     assert result.choice["chosen"] == "zero"
     with pytest.raises(TransplantError, match="its own candidate"):
-        get_approximator("auto")(problem, candidates=("auto",))
+        get_approximator("auto").validate_parameters({"candidates": ["auto"]})
 
 
 def test_a_transplant_with_auto_records_the_choice_in_report_and_card(tmp_path, mixed_pair):
@@ -112,3 +112,36 @@ def test_a_transplant_with_auto_records_the_choice_in_report_and_card(tmp_path, 
         line for line in result.report.summary(verbose=True).splitlines() if "auto chose" in line
     ]
     assert all(all(spec in line for spec in ("omp:k=4", "fvt", "zero")) for line in full)
+
+
+def test_auto_parameters_are_checked_when_the_options_are_made(tmp_path):
+    from pydantic import ValidationError
+
+    from mergekit_omp import TransplantOptions
+    from mergekit_omp.options import describe_validation_error
+
+    def refusal(candidates) -> str:
+        missing = str(tmp_path / "no-such-model")  # never read: the options refuse first
+        with pytest.raises(ValidationError) as info:
+            TransplantOptions(
+                base_model=missing, donor=missing, parameters={"candidates": candidates}
+            )
+        return describe_validation_error(info.value)
+
+    assert refusal(["fvt", "hybird"]).startswith(
+        "parameters.candidates: candidate 'hybird': unknown approximation method 'hybird' "
+        "(did you mean 'hybrid'?"
+    )
+    assert "candidate 'omp:k=0': bad parameters for method 'omp': k:" in refusal(["omp:k=0"])
+    assert "its own candidate" in refusal(["auto"])
+    assert "at least one candidate" in refusal([])
+
+
+def test_auto_has_one_constant_for_each_limit():
+    from mergekit_omp.select import auto, text
+
+    fields = get_approximator("auto").parameters.model_fields
+    assert fields["max_run_parameters"].default == text.MAX_RUN_PARAMETERS
+    assert fields["candidates"].default == auto.CANDIDATES
+    with pytest.raises(TransplantError, match="less than or equal to 100000"):
+        get_approximator("auto").validate_parameters({"holdout": auto.MAX_HOLDOUT + 1})

@@ -351,3 +351,17 @@ def test_console_scripts_ask_torch_for_huge_pages_where_the_kernel_gives_them(
         monkeypatch.setenv(common.THP_ENV, user_value)
     common.prepare_process()
     assert common.os.environ.get(common.THP_ENV) == expected
+
+
+def test_k_is_ignored_with_one_warning_by_a_method_without_k(caplog):
+    import logging
+
+    from mergekit_omp.cli.options import parameters_for
+    from mergekit_omp.errors import TransplantError
+
+    with caplog.at_level(logging.WARNING, logger="mergekit_omp"):
+        assert parameters_for("auto", {"k": 8}) == {}
+        assert parameters_for("omp", {"k": 8}) == {"k": 8}
+    assert [r.getMessage() for r in caplog.records] == ["Method 'auto' takes no k; -k ignored"]
+    with pytest.raises(TransplantError, match="-w/--weight-scheme: method 'omp' takes no"):
+        parameters_for("omp", {"weight_scheme": "x"})

@@ -60,9 +60,9 @@ def test_like_new_fills_up_with_a_seeded_random_order_after_the_voted_anchors():
 
 
 def test_like_new_samples_the_voters_when_there_are_many(monkeypatch):
-    import mergekit_omp.evaluate.leave_out as leave_out
+    import mergekit_omp.select.holdout as holdout
 
-    monkeypatch.setattr(leave_out, "VOTERS", 10)
+    monkeypatch.setattr(holdout, "VOTERS", 10)
     generator = torch.Generator().manual_seed(0)
     donor_rows = torch.randn(60, 4, generator=generator)
     match = match_of({i: i for i in range(20)}, list(range(20, 60)))

@@ -26,7 +26,6 @@ from mergekit.tokenizer import PermutedVocabulary
 from safetensors.torch import load_file
 
 from mergekit_omp.approximators import parse_method_spec
-from mergekit_omp.approximators.auto import CANDIDATES, LEAVE_OUT_VALIDATION, TEXT_VALIDATION
 from mergekit_omp.approximators.base import ApproximationProblem
 from mergekit_omp.approximators.fvt import fvt
 from mergekit_omp.cli import merge as merge_cli
@@ -36,6 +35,7 @@ from mergekit_omp.kernels.omp import batch_omp
 from mergekit_omp.merge import OmpMergeSettings, parse_merge_config, run_omp_merge
 from mergekit_omp.merge.omp_vocabulary_task import omp_rows
 from mergekit_omp.options import TransplantOptions
+from mergekit_omp.select.auto import CANDIDATES, LEAVE_OUT_VALIDATION, TEXT_VALIDATION
 from mergekit_omp.transplant import transplant
 from mergekit_omp.vocabulary import vocabulary_of
 

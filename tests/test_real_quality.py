@@ -15,7 +15,7 @@ from typing import Any
 
 import pytest
 
-from mergekit_omp.approximators.auto import TEXT_VALIDATION
+from mergekit_omp.select.auto import TEXT_VALIDATION
 
 pytestmark = pytest.mark.real
 

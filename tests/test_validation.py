@@ -13,12 +13,13 @@ from mergekit.options import MergeOptions
 
 import mergekit_omp.approximators.omp as omp_module
 from mergekit_omp import TransplantOptions, transplant
-from mergekit_omp.approximate import build_problem
+from mergekit_omp.approximate import build_problem, selection_context
 from mergekit_omp.approximators import get_approximator, parse_method_spec
-from mergekit_omp.approximators.auto import LEAVE_OUT_VALIDATION, TEXT_VALIDATION
 from mergekit_omp.approximators.omp import shared_omp_runs
 from mergekit_omp.evaluate.bpb import bits_per_byte
-from mergekit_omp.evaluate.validation import (
+from mergekit_omp.plan import load_pair, plan_transplant
+from mergekit_omp.select.auto import LEAVE_OUT_VALIDATION, TEXT_VALIDATION
+from mergekit_omp.select.text import (
     VALIDATION_BYTES,
     TextScorer,
     ValidationUnavailable,
@@ -26,7 +27,6 @@ from mergekit_omp.evaluate.validation import (
     running_text,
     validation_texts,
 )
-from mergekit_omp.plan import load_pair, plan_transplant
 
 CANDIDATES = ("zero", "mean", "ridge:alpha=0", "omp:k=4", "fvt")
 
@@ -50,15 +50,17 @@ def tied_pair_of(root: Path, base_adds_bos: bool) -> tuple[Path, Path]:
 
 
 def problem_of(base_path: Path, donor_path: Path, bos: str = "keep_donor"):
-    """The embedding's problem as ``mergekit-omp --bos BOS`` builds it."""
+    """The embedding's problem and selection context as ``mergekit-omp --bos BOS`` builds
+    them."""
     base, donor = load_pair(str(base_path), str(donor_path), MergeOptions())
     options = TransplantOptions(base_model=str(base_path), donor=str(donor_path), bos=bos)
     plan = plan_transplant(options, base, donor)
     (matrix,) = plan.matrices
-    return build_problem(
+    match = plan.match(matrix, base, donor)
+    problem = build_problem(
         matrix.base_rows(base),
         matrix.donor_rows(donor),
-        plan.match(matrix, base, donor),
+        match,
         base,
         donor,
         is_lm_head=False,
@@ -66,6 +68,7 @@ def problem_of(base_path: Path, donor_path: Path, bos: str = "keep_donor"):
         progress=False,
         seed=0,
     )
+    return problem, selection_context(match, base)
 
 
 @pytest.fixture(scope="module")
@@ -74,8 +77,18 @@ def tied_pair(tmp_path_factory) -> tuple[Path, Path]:
 
 
 @pytest.fixture(scope="module")
-def problem(tied_pair):
+def selection(tied_pair):
     return problem_of(*tied_pair)
+
+
+@pytest.fixture(scope="module")
+def problem(selection):
+    return selection[0]
+
+
+@pytest.fixture(scope="module")
+def context(selection):
+    return selection[1]
 
 
 def rows_of(problem, spec: str) -> torch.Tensor:
@@ -116,7 +129,7 @@ def test_the_prose_is_the_references_running_text_without_blocks_or_titles():
 @pytest.mark.parametrize("base_adds_bos", [True, False])
 def test_the_scorer_scores_as_the_written_transplant(base_adds_bos, tmp_path):
     base, donor = tied_pair_of(tmp_path, base_adds_bos)
-    problem = problem_of(base, donor, bos="match_base")
+    problem, context = problem_of(base, donor, bos="match_base")
     out = tmp_path / "out"
     options = TransplantOptions(
         base_model=str(base), donor=str(donor), method="wechsel", bos="match_base"
@@ -128,24 +141,24 @@ def test_the_scorer_scores_as_the_written_transplant(base_adds_bos, tmp_path):
     total = [bits_per_byte(written, tokenizer, text) for text in texts.values()]
     assert all((r.bos_id is not None) == base_adds_bos for r in total)
     expected = sum(r.nll_nats for r in total) / sum(r.bytes for r in total) / math.log(2)
-    scorer = TextScorer(problem, texts)
+    scorer = TextScorer(problem, context, texts)
     assert (scorer.bos_row is not None) == base_adds_bos
     assert scorer.bits_per_byte(rows_of(problem, "wechsel")) == pytest.approx(expected, rel=1e-5)
 
 
-def test_a_scorer_given_other_texts_scores_as_one_made_for_them(problem):
+def test_a_scorer_given_other_texts_scores_as_one_made_for_them(problem, context):
     texts = validation_texts()
     rows = rows_of(problem, "wechsel")
-    prose_only = TextScorer(problem, {"prose": texts["prose"]})
-    scorer = TextScorer(problem, texts)
+    prose_only = TextScorer(problem, context, {"prose": texts["prose"]})
+    scorer = TextScorer(problem, context, texts)
     both = scorer.bits_per_byte(rows)
     scorer.use_texts({"prose": texts["prose"]})
     assert scorer.bytes == len(texts["prose"].encode("utf-8"))
     assert scorer.bits_per_byte(rows) == prose_only.bits_per_byte(rows) != both
 
 
-def test_only_the_new_tokens_rows_change(problem):
-    scorer = TextScorer(problem)
+def test_only_the_new_tokens_rows_change(problem, context):
+    scorer = TextScorer(problem, context)
     before = scorer.matrix.detach().clone()
     rows = torch.randn(problem.num_targets, problem.base_dim, dtype=torch.float64)
     scorer.bits_per_byte(rows)
@@ -158,38 +171,42 @@ def test_only_the_new_tokens_rows_change(problem):
     assert torch.equal(after[anchors], problem.base_anchors.float())
 
 
-def test_validation_is_deterministic_and_garbage_rows_score_worse_than_true_rows(problem):
-    scorer = TextScorer(problem)
+def test_validation_is_deterministic_and_garbage_rows_score_worse_than_true_rows(problem, context):
+    scorer = TextScorer(problem, context)
     exact = rows_of(problem, "ridge:alpha=0")  # the linear pair's true rows
     garbage = 100 * torch.randn(exact.shape, generator=torch.Generator().manual_seed(0))
     assert scorer.bits_per_byte(exact) == scorer.bits_per_byte(exact)
     assert scorer.bits_per_byte(garbage) > scorer.bits_per_byte(exact) + 1.0
 
 
-def test_auto_keeps_the_candidate_with_the_lowest_bits_per_byte_and_records_all(problem):
-    result = get_approximator("auto")(problem, candidates=CANDIDATES)
+def test_auto_keeps_the_candidate_with_the_lowest_bits_per_byte_and_records_all(problem, context):
+    result = get_approximator("auto")(problem, context, candidates=CANDIDATES)
     scores = result.choice["scores"]
-    scorer = TextScorer(problem)
+    scorer = TextScorer(problem, context)
     for spec in CANDIDATES:
         assert scores[spec] == pytest.approx(scorer.bits_per_byte(rows_of(problem, spec)), abs=1e-6)
     assert result.choice["chosen"] == min(CANDIDATES, key=scores.get)
     assert result.choice["validation"] == TEXT_VALIDATION
     assert result.choice["evidence"] == f"{2 * VALIDATION_BYTES} bytes of text"
     assert torch.equal(result.rows, rows_of(problem, result.choice["chosen"]))
-    again = get_approximator("auto")(problem, candidates=CANDIDATES)
+    again = get_approximator("auto")(problem, context, candidates=CANDIDATES)
     assert again.choice["scores"] == scores and torch.equal(again.rows, result.rows)
 
 
-def test_auto_falls_back_to_leave_out_where_the_model_cannot_run_and_says_why(problem, tmp_path):
+def test_auto_falls_back_to_leave_out_where_the_model_cannot_run_and_says_why(
+    problem, context, tmp_path
+):
     import dataclasses
 
-    broken = dataclasses.replace(problem, base_path=str(tmp_path))
-    result = get_approximator("auto")(broken, candidates=("zero", "ridge:alpha=0"), holdout=20)
+    broken = dataclasses.replace(context, base_path=str(tmp_path))
+    result = get_approximator("auto")(
+        problem, broken, candidates=("zero", "ridge:alpha=0"), holdout=20
+    )
     assert result.choice["validation"].startswith(LEAVE_OUT_VALIDATION)
     assert f"the model could not be run: cannot run {tmp_path}" in result.choice["validation"]
     assert result.choice["evidence"] == "20 held-out tokens"
     chosen = get_approximator("auto")(
-        problem, candidates=("zero", "ridge:alpha=0"), validation="leave_out", holdout=20
+        problem, context, candidates=("zero", "ridge:alpha=0"), validation="leave_out", holdout=20
     )
     assert chosen.choice["validation"] == LEAVE_OUT_VALIDATION
 
@@ -212,16 +229,16 @@ def test_methods_built_on_omp_share_one_run_inside_shared_omp_runs(problem, monk
     assert torch.equal(shared[1], alone) and torch.equal(again, alone)
 
 
-def test_a_base_larger_than_auto_runs_falls_back_to_leave_out(tied_pair, problem):
+def test_a_base_larger_than_auto_runs_falls_back_to_leave_out(tied_pair, problem, context):
     base, _ = tied_pair
     parameters = sum(t.numel() for t in tiny.load_tensors(base).values())
     assert checkpoint_parameters(str(base)) == parameters
     result = get_approximator("auto")(
-        problem, candidates=("zero", "mean"), max_run_parameters=parameters - 1
+        problem, context, candidates=("zero", "mean"), max_run_parameters=parameters - 1
     )
     assert result.choice["validation"].startswith(LEAVE_OUT_VALIDATION)
     assert "more than the" in result.choice["validation"]
     kept = get_approximator("auto")(
-        problem, candidates=("zero", "mean"), max_run_parameters=parameters
+        problem, context, candidates=("zero", "mean"), max_run_parameters=parameters
     )
     assert kept.choice["validation"] == TEXT_VALIDATION

@@ -80,11 +80,6 @@ class ApproximationProblem:
     seed: int = 0
     base_config: PretrainedConfig | None = None
     donor_config: PretrainedConfig | None = None
-    base_path: str | None = None
-    """Where the base model is, for methods that run it (``auto``)."""
-    matched_ids: tuple[list[int], list[int]] | None = None
-    """Donor and base ids of every matched token (anchors, special and forced pairs): the
-    rows the assembled matrix copies from the base, for methods that run the model."""
 
     @property
     def num_targets(self) -> int:

@@ -29,8 +29,7 @@ from pydantic import BaseModel
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from mergekit_omp.errors import TransplantError
-
-DEFAULT_WINDOW = 1024
+from mergekit_omp.lm import effective_window, tokenizer_adds_bos
 
 
 class BitsPerByte(BaseModel):
@@ -64,13 +63,6 @@ def read_text(path: str | Path, max_bytes: int | None = None) -> str:
     return text
 
 
-def tokenizer_adds_bos(tokenizer: PreTrainedTokenizerBase) -> bool:
-    if tokenizer.bos_token_id is None:
-        return False
-    ids = tokenizer("a")["input_ids"]
-    return len(ids) > 0 and ids[0] == tokenizer.bos_token_id
-
-
 def resolve_bos(tokenizer: PreTrainedTokenizerBase, bos: str | int) -> int | None:
     """The token id put in front of every window, or None (see the module docstring)."""
     if isinstance(bos, int):
@@ -92,25 +84,6 @@ def resolve_bos(tokenizer: PreTrainedTokenizerBase, bos: str | int) -> int | Non
     ):
         raise TransplantError(f"BOS token {bos!r} is not in the tokenizer's vocabulary")
     return token_id
-
-
-def context_limit(model: PreTrainedModel) -> int | None:
-    """The longest input the model takes, from its config, if it states one."""
-    config = (
-        model.config.get_text_config() if hasattr(model.config, "get_text_config") else model.config
-    )
-    return getattr(config, "max_position_embeddings", None)
-
-
-def effective_window(model: PreTrainedModel, window: int | None) -> int:
-    """``window`` tokens (default 1024), one less than the model's context for the prefix."""
-    limit = context_limit(model)
-    size = window or DEFAULT_WINDOW
-    if limit is not None:
-        size = min(size, limit - 1)
-    if size < 1:
-        raise TransplantError(f"window must be at least 1 token, got {size}")
-    return size
 
 
 @torch.no_grad()

@@ -20,51 +20,30 @@ base vocabulary the problem carries (so FVT cannot split a held-out token into i
 from __future__ import annotations
 
 import dataclasses
-import math
 import time
 from dataclasses import dataclass
 from typing import Any, Literal
 
 import torch
-import torch.nn.functional as F
 from pydantic import BaseModel
 
-from mergekit_omp.approximate import approximate_new_rows, build_problem
+from mergekit_omp.approximate import approximate_new_rows, build_problem, selection_context
 from mergekit_omp.approximators import ApproximationProblem, Approximator
-from mergekit_omp.errors import TransplantError
 from mergekit_omp.load import LoadedModel
 from mergekit_omp.match import VocabularyMatch
 from mergekit_omp.options import TransplantOptions
 from mergekit_omp.plan import plan_transplant
-from mergekit_omp.vocabulary import Vocabulary
+from mergekit_omp.select.base import SelectionContext
+from mergekit_omp.select.holdout import (
+    COSINE_EPS,
+    hidden_base_rows,
+    holdout_size,
+    mean_cosine,
+    nearest_anchor_counts,
+    vocabulary_without,
+)
 
-DEFAULT_HOLDOUT_COUNT = 1000
-DEFAULT_HOLDOUT_FRACTION = 0.05
-COSINE_EPS = 1e-12
-VOTERS = 8192
-"""New tokens (a seeded sample, if there are more) whose nearest anchors ``like="new"`` counts."""
-VOTE_BATCH = 1024
 HoldoutLike = Literal["random", "new"]
-
-
-def holdout_size(anchors: int, holdout: float | None) -> int:
-    """How many anchors to hold out: a count (>= 1), a fraction (< 1), or by default the
-    smaller of 1,000 and 5% of the anchors. At least one anchor is always kept."""
-    if anchors < 2:
-        raise TransplantError(
-            f"leave-out validation needs at least 2 shared tokens, found {anchors}"
-        )
-    if holdout is None:
-        size = min(DEFAULT_HOLDOUT_COUNT, math.ceil(DEFAULT_HOLDOUT_FRACTION * anchors))
-    elif 0 < holdout < 1:
-        size = math.ceil(holdout * anchors)
-    elif holdout >= 1 and float(holdout).is_integer():
-        size = int(holdout)
-    else:
-        raise TransplantError(
-            f"--holdout must be a whole number of tokens or a fraction in (0, 1), got {holdout}"
-        )
-    return max(1, min(size, anchors - 1))
 
 
 @dataclass(frozen=True)
@@ -124,24 +103,6 @@ def nearest_anchor_votes(
     return votes
 
 
-def nearest_anchor_counts(
-    new_rows: torch.Tensor, anchor_rows: torch.Tensor, seed: int
-) -> torch.Tensor:
-    """For each anchor row, how many of ``new_rows`` (up to ``VOTERS``, a seeded sample)
-    have it as their nearest anchor by cosine."""
-    if new_rows.shape[0] > VOTERS:
-        generator = torch.Generator().manual_seed(seed)
-        picked = torch.randperm(new_rows.shape[0], generator=generator)[:VOTERS].sort().values
-        new_rows = new_rows[picked.to(new_rows.device)]
-    anchors = F.normalize(anchor_rows.float(), dim=1)
-    counts = torch.zeros(anchor_rows.shape[0], dtype=torch.long, device=anchor_rows.device)
-    for start in range(0, new_rows.shape[0], VOTE_BATCH):
-        batch = F.normalize(new_rows[start : start + VOTE_BATCH].float(), dim=1)
-        nearest = (batch @ anchors.T).argmax(dim=1)
-        counts += torch.bincount(nearest, minlength=anchor_rows.shape[0])
-    return counts
-
-
 def without_held_out(match: VocabularyMatch, held: HeldOut) -> VocabularyMatch:
     """The match with the held-out anchors turned into the only new tokens."""
     held_ids = set(held.donor_ids)
@@ -154,32 +115,16 @@ def without_held_out(match: VocabularyMatch, held: HeldOut) -> VocabularyMatch:
     )
 
 
-def hidden_base_rows(base_matrix: torch.Tensor, base_ids: list[int]) -> torch.Tensor:
-    """The base matrix with the held-out rows replaced by the mean of the other rows."""
-    hidden = torch.zeros(base_matrix.shape[0], dtype=torch.bool, device=base_matrix.device)
-    hidden[base_ids] = True
-    masked = base_matrix.clone()
-    masked[hidden] = base_matrix[~hidden].mean(dim=0).to(base_matrix.dtype)
-    return masked
-
-
-def vocabulary_without(vocab: Vocabulary, token_ids: list[int]) -> Vocabulary:
-    removed = set(token_ids)
-    return dataclasses.replace(
-        vocab,
-        forms={i: f for i, f in vocab.forms.items() if i not in removed},
-        strings={i: s for i, s in vocab.strings.items() if i not in removed},
-    )
-
-
 @dataclass(frozen=True)
 class LeaveOutTask:
-    """One matrix's held-out problem and the true base rows of its targets."""
+    """One matrix's held-out problem, the true base rows of its targets, and what a selector
+    is given with it (the held-out match's pairs)."""
 
     matrix: str
     problem: ApproximationProblem
     truth: torch.Tensor
     anchors: int
+    context: SelectionContext
 
     @property
     def held_out(self) -> int:
@@ -207,10 +152,11 @@ def leave_out_tasks(
         base_rows, donor_rows = matrix.base_rows(base), matrix.donor_rows(donor)
         match = plan.match(matrix, base, donor)
         held = choose_held_out(match, holdout, seed, like=like, donor_rows=donor_rows)
+        held_match = without_held_out(match, held)
         problem = build_problem(
             hidden_base_rows(base_rows, held.base_ids),
             donor_rows,
-            without_held_out(match, held),
+            held_match,
             base,
             donor,
             is_lm_head=matrix.name == "lm_head",
@@ -225,7 +171,13 @@ def leave_out_tasks(
             problem.work_dtype
         )
         tasks.append(
-            LeaveOutTask(matrix.name, problem, truth, anchors=len(problem.donor_anchor_ids))
+            LeaveOutTask(
+                matrix.name,
+                problem,
+                truth,
+                anchors=len(problem.donor_anchor_ids),
+                context=selection_context(held_match, base),
+            )
         )
     return tasks
 
@@ -236,11 +188,6 @@ class MatrixScore(BaseModel):
     mean_cosine: float
     relative_l2: float
     seconds: float
-
-
-def mean_cosine(rows: torch.Tensor, truth: torch.Tensor) -> float:
-    """Mean over tokens of cos(approximated row, true row); a zero row scores 0."""
-    return F.cosine_similarity(rows.double(), truth.double(), dim=1, eps=COSINE_EPS).mean().item()
 
 
 def relative_l2(rows: torch.Tensor, truth: torch.Tensor) -> float:
@@ -254,7 +201,7 @@ def score_method(
 ) -> MatrixScore:
     """Run ``method`` on the held-out problem and compare with the true rows."""
     start = time.perf_counter()
-    approximation = approximate_new_rows(task.problem, method, parameters)
+    approximation = approximate_new_rows(task.problem, method, parameters, context=task.context)
     seconds = time.perf_counter() - start
     return MatrixScore(
         mean_cosine=mean_cosine(approximation.rows, task.truth),

@@ -51,6 +51,7 @@ from mergekit_omp.kernels.omp import batch_omp
 from mergekit_omp.load import load_tokenizer
 from mergekit_omp.locate import vocabulary_tensors
 from mergekit_omp.merge.config import OmpMergeSettings, OmpTokenSource
+from mergekit_omp.select.base import SelectionContext
 from mergekit_omp.vocabulary import Vocabulary, vocabulary_of
 
 LOG = logging.getLogger(__name__)
@@ -212,7 +213,6 @@ def fill_problem(
     model_rows, source_rows = rows[fill.model], rows[fill.source]
     model_permutation, source_permutation = permutations[fill.model], permutations[fill.source]
     dtype = work_dtype(source_rows, model_rows)
-    model_ids = sorted(i for i, j in model_permutation.items() if j >= 0)
     return ApproximationProblem(
         targets=source_rows[[source_permutation[i] for i in token_ids]].to(dtype),
         donor_anchors=source_rows[[source_permutation[i] for i in anchor_ids]].to(dtype),
@@ -230,8 +230,18 @@ def fill_problem(
         seed=seed,
         base_config=model.config,
         donor_config=source.config,
-        base_path=model.path,
-        matched_ids=(model_ids, [model_permutation[i] for i in model_ids]),
+    )
+
+
+def fill_context(
+    permutations: dict[ModelReference, Permutation], fill: _Fill, model: _ModelSide
+) -> SelectionContext:
+    """What a selector needs for ``fill``: the lacking model to run, and each output id it
+    has with its own id (the rows it keeps)."""
+    model_permutation = permutations[fill.model]
+    model_ids = sorted(i for i, j in model_permutation.items() if j >= 0)
+    return SelectionContext(
+        base_path=model.path, matched_ids=(model_ids, [model_permutation[i] for i in model_ids])
     )
 
 
@@ -342,7 +352,10 @@ class OmpPermutedVocabulary(PermutedVocabulary):
             seed=self.seed,
         )
         result = approximate_new_rows(
-            problem, get_approximator(fill.method), self.method_parameters
+            problem,
+            get_approximator(fill.method),
+            self.method_parameters,
+            context=fill_context(tokenizer_info.permutations, fill, model),
         )
         return result.rows, getattr(result, "choice", None)
 

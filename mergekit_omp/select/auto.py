@@ -3,38 +3,54 @@ scored by bits per byte on a validation text, and the lowest wins.
 
 Each candidate approximates the new tokens; its rows are put into the base model, which is
 run with the donor's tokenizer on a text every Python installation has (prose and code,
-``evaluate/validation.py``). The candidate with the lowest bits per byte is kept: its rows
-are the answer, nothing runs twice. Candidates built on OMP with the same k share one OMP
-run (``omp.shared_omp_runs``). Where the model cannot be run (no base model path, no
-validation text, a model ``transformers`` cannot build) or ``validation="leave_out"``, the
-choice falls back to leave-out validation on anchors like the new tokens (below), and the
-record says why.
+``select/text.py``). The candidate with the lowest bits per byte is kept: its rows are the
+answer, nothing runs twice. Candidates built on OMP with the same k share one OMP run
+(``omp.shared_omp_runs``). The model is the one ``SelectionContext.base_path`` names, its
+rows laid out from ``SelectionContext.matched_ids`` (``text.TextScorer``). Where the model
+cannot be run (no base model path, no validation text, a model ``transformers`` cannot
+build) or ``validation="leave_out"``, the choice falls back to leave-out validation on
+anchors like the new tokens (below), and the record says why.
 
 Leave-out: ``holdout`` anchors are set aside as a validation set: the anchors that are the
-nearest (cosine, donor space) of the most new tokens (``evaluate/leave_out.py``,
-``like="new"``). They are hidden as in ``mergekit-omp-eval``'s leave-out: removed from the
-anchors, their base rows replaced by the mean of the others, dropped from the base
-vocabulary (so FVT cannot spell a token with itself). Each candidate approximates them from
-the remaining anchors; the one whose rows have the highest mean cosine with the true base
-rows is then run on the real new tokens.
+nearest (cosine, donor space) of the most new tokens, as ``mergekit-omp-eval``'s
+``--holdout-like new`` picks them. They are hidden as in its leave-out (``holdout.py``):
+removed from the anchors, their base rows replaced by the mean of the others, dropped from
+the base vocabulary (so FVT cannot spell a token with itself). Each candidate approximates
+them from the remaining anchors; the one whose rows have the highest mean cosine with the
+true base rows is then run on the real new tokens.
 
 The candidates, their scores and the choice are returned with the rows
-(``ChosenApproximation.choice``) and go into the report and the model card.
+(``ChosenApproximation.choice``) and go into the report and the model card. Every
+parameter, the candidates included (each looked up and its parameters checked), is
+validated when the options are made, before any model is read.
 """
+
+from __future__ import annotations
 
 import dataclasses
 import logging
 import math
 import time
 from dataclasses import dataclass
-from typing import Annotated, Any, Literal
+from typing import Annotated, Literal
 
 import torch
-import torch.nn.functional as F
-from pydantic import Field
+from pydantic import AfterValidator, Field
+from pydantic_core import PydanticCustomError
 
-from mergekit_omp.approximators.base import Approximation, ApproximationProblem, approximator
+from mergekit_omp.approximators.base import Approximation, ApproximationProblem
+from mergekit_omp.approximators.omp import shared_omp_runs
+from mergekit_omp.approximators.spec import parse_method_spec
 from mergekit_omp.errors import TransplantError
+from mergekit_omp.select.base import ChosenApproximation, SelectionContext, Selector, selector
+from mergekit_omp.select.holdout import (
+    hidden_base_rows,
+    holdout_size,
+    mean_cosine,
+    nearest_anchor_counts,
+    vocabulary_without,
+)
+from mergekit_omp.select.text import MAX_RUN_PARAMETERS, TextScorer, ValidationUnavailable
 
 LOG = logging.getLogger(__name__)
 
@@ -46,17 +62,36 @@ CANDIDATES = (
     "omp:k=16",
 )
 """``NAME[:PARAM=VALUE,...]`` specs, in order of preference on equal scores."""
-HoldoutCount = Annotated[int, Field(ge=1, le=100_000)]
-ValidationKind = Literal["text", "leave_out"]
+MAX_HOLDOUT = 100_000
+"""The most anchors leave-out validation holds out (``holdout``)."""
 TEXT_VALIDATION = "bits per byte on the validation text, lower is better"
 LEAVE_OUT_VALIDATION = "leave-out mean cosine on anchors like the new tokens, higher is better"
 
 
-@dataclass(frozen=True)
-class ChosenApproximation(Approximation):
-    """The chosen method's rows, and the validation that chose it."""
+def checked_candidates(candidates: tuple[str, ...]) -> tuple[str, ...]:
+    """At least one candidate, each an installed method (not a selector) with valid
+    parameters; an error names the candidate (an unknown name with its close matches)."""
+    if not candidates:
+        raise PydanticCustomError("candidates", "auto needs at least one candidate method")
+    for spec in candidates:
+        try:
+            parsed = parse_method_spec(spec)
+        except TransplantError as exc:
+            raise PydanticCustomError(
+                "candidates", "candidate '{spec}': {message}", {"spec": spec, "message": str(exc)}
+            ) from None
+        if isinstance(parsed.approximator, Selector):
+            raise PydanticCustomError(
+                "candidates",
+                "candidate '{spec}' chooses among methods: auto cannot be its own candidate",
+                {"spec": spec},
+            )
+    return candidates
 
-    choice: dict[str, Any] = dataclasses.field(default_factory=dict)
+
+Candidates = Annotated[tuple[str, ...], AfterValidator(checked_candidates)]
+HoldoutCount = Annotated[int, Field(ge=1, le=MAX_HOLDOUT)]
+ValidationKind = Literal["text", "leave_out"]
 
 
 @dataclass(frozen=True)
@@ -69,10 +104,8 @@ class Validation:
 
 def held_out_positions(problem: ApproximationProblem, size: int | None, seed: int) -> list[int]:
     """Anchor positions to hold out (``size`` base tokens, by default the smaller of 1,000
-    and 5% of them, ``leave_out.holdout_size``): the base tokens nearest the most new tokens
+    and 5% of them, ``holdout.holdout_size``): the base tokens nearest the most new tokens
     first, then a seeded random order; every anchor position of a chosen base token."""
-    from mergekit_omp.evaluate.leave_out import holdout_size, nearest_anchor_counts
-
     counts = nearest_anchor_counts(problem.targets, problem.donor_anchors, seed).tolist()
     votes: dict[int, int] = {}
     for position, base_id in enumerate(problem.base_anchor_ids):
@@ -87,8 +120,6 @@ def held_out_positions(problem: ApproximationProblem, size: int | None, seed: in
 
 def validation_problem(problem: ApproximationProblem, size: int | None, seed: int) -> Validation:
     """The problem with ``held_out_positions`` as its targets, hidden from every method."""
-    import mergekit_omp.evaluate.leave_out as leave_out
-
     held = held_out_positions(problem, size, seed)
     held_set = set(held)
     keep = [j for j in range(len(problem.base_anchor_ids)) if j not in held_set]
@@ -100,11 +131,11 @@ def validation_problem(problem: ApproximationProblem, size: int | None, seed: in
         targets=problem.donor_anchors[held_t],
         donor_anchors=problem.donor_anchors[keep_t],
         base_anchors=problem.base_anchors[keep_t],
-        base_matrix=leave_out.hidden_base_rows(problem.base_matrix, held_base),
+        base_matrix=hidden_base_rows(problem.base_matrix, held_base),
         target_ids=[problem.donor_anchor_ids[j] for j in held],
         donor_anchor_ids=[problem.donor_anchor_ids[j] for j in keep],
         base_anchor_ids=[problem.base_anchor_ids[j] for j in keep],
-        base_vocab=leave_out.vocabulary_without(problem.base_vocab, held_base),
+        base_vocab=vocabulary_without(problem.base_vocab, held_base),
         progress=False,
     )
     return Validation(validation, problem.base_anchors[held_t])
@@ -112,8 +143,6 @@ def validation_problem(problem: ApproximationProblem, size: int | None, seed: in
 
 def score_candidates(validation: Validation, candidates: tuple[str, ...]) -> dict[str, float]:
     """Mean cosine of each candidate's rows with the held-out true rows (failures: -inf)."""
-    from mergekit_omp.approximators.spec import parse_method_spec
-
     scores: dict[str, float] = {}
     for spec in candidates:
         parsed = parse_method_spec(spec)
@@ -123,29 +152,15 @@ def score_candidates(validation: Validation, candidates: tuple[str, ...]) -> dic
             LOG.warning("auto: candidate %s failed on the validation set: %s", spec, exc)
             scores[spec] = float("-inf")
             continue
-        cosine = F.cosine_similarity(rows.double(), validation.truth.double(), dim=1, eps=1e-12)
-        scores[spec] = round(cosine.mean().item(), 6)
+        scores[spec] = round(mean_cosine(rows, validation.truth), 6)
     return scores
 
 
-def check_candidates(candidates: tuple[str, ...]) -> None:
-    from mergekit_omp.approximators.spec import parse_method_spec
-
-    if not candidates:
-        raise TransplantError("auto needs at least one candidate method")
-    for spec in candidates:
-        if parse_method_spec(spec).approximator.name == "auto":
-            raise TransplantError("auto cannot be its own candidate")
-
-
 def by_text_bits_per_byte(
-    problem: ApproximationProblem, candidates: tuple[str, ...], scorer: Any
+    problem: ApproximationProblem, candidates: tuple[str, ...], scorer: TextScorer
 ) -> tuple[str, Approximation, dict[str, float]]:
-    """Each candidate run on the new tokens and scored by ``scorer`` (a
-    ``validation.TextScorer``); the lowest bits per byte wins (the first of equals)."""
-    from mergekit_omp.approximators.omp import shared_omp_runs
-    from mergekit_omp.approximators.spec import parse_method_spec
-
+    """Each candidate run on the new tokens and scored by ``scorer``; the lowest bits per
+    byte wins (the first of equals)."""
     scores: dict[str, float] = {}
     best: tuple[str, Approximation] | None = None
     with shared_omp_runs():
@@ -167,12 +182,12 @@ def by_text_bits_per_byte(
     return best[0], best[1], scores
 
 
-def text_scorer(problem: ApproximationProblem, max_parameters: int) -> tuple[Any, str | None]:
+def text_scorer(
+    problem: ApproximationProblem, context: SelectionContext, max_parameters: int
+) -> tuple[TextScorer | None, str | None]:
     """(the text scorer, None), or (None, why the model cannot be run)."""
-    from mergekit_omp.evaluate.validation import TextScorer, ValidationUnavailable
-
     try:
-        return TextScorer(problem, max_parameters=max_parameters), None
+        return TextScorer(problem, context, max_parameters=max_parameters), None
     except ValidationUnavailable as exc:
         LOG.warning("auto: %s; choosing by leave-out validation instead", exc)
         return None, str(exc)
@@ -183,8 +198,6 @@ def by_leave_out(
 ) -> tuple[str, Approximation, dict[str, float], int]:
     """The candidate with the best leave-out mean cosine, run on the new tokens; and how many
     anchors were held out."""
-    from mergekit_omp.approximators.spec import parse_method_spec
-
     held = validation_problem(problem, holdout, problem.seed)
     scores = score_candidates(held, candidates)
     best = max(candidates, key=lambda spec: scores[spec])  # first of equals wins
@@ -192,26 +205,22 @@ def by_leave_out(
     return best, parsed.approximator(problem, **parsed.parameters), scores, held.problem.num_targets
 
 
-@approximator("auto", pretty_name="Chosen by validation")
+@selector("auto", pretty_name="Chosen by validation")
 def auto(
     problem: ApproximationProblem,
+    context: SelectionContext,
     *,
-    candidates: tuple[str, ...] = CANDIDATES,
+    candidates: Candidates = CANDIDATES,
     validation: ValidationKind = "text",
     holdout: HoldoutCount | None = None,
-    max_run_parameters: Annotated[int, Field(ge=0)] = 1_000_000_000,
-) -> Approximation:
+    max_run_parameters: Annotated[int, Field(ge=0)] = MAX_RUN_PARAMETERS,
+) -> ChosenApproximation:
     """The candidate whose transplant scores the lowest bits per byte on a validation text."""
-    from mergekit_omp.approximators.spec import parse_method_spec
-    from mergekit_omp.evaluate.validation import ValidationUnavailable
-
     candidates = tuple(candidates)
-    check_candidates(candidates)
     start = time.perf_counter()
+    scorer, unavailable = None, None
     if validation == "text":
-        scorer, unavailable = text_scorer(problem, max_run_parameters)
-    else:
-        scorer, unavailable = None, None
+        scorer, unavailable = text_scorer(problem, context, max_run_parameters)
     if scorer is not None:
         try:
             best, result, scores = by_text_bits_per_byte(problem, candidates, scorer)
@@ -226,10 +235,11 @@ def auto(
         how = LEAVE_OUT_VALIDATION
         if unavailable:
             how += f"; the model could not be run: {unavailable}"
+    chosen = parse_method_spec(best)
     choice = {
         "chosen": best,
-        "method": parse_method_spec(best).approximator.name,
-        "parameters": parse_method_spec(best).parameters,
+        "method": chosen.approximator.name,
+        "parameters": chosen.parameters,
         "scores": scores,
         "validation": how,
         "evidence": evidence,

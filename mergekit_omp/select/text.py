@@ -1,5 +1,5 @@
-"""Validation text bits per byte: ``auto``'s way of scoring a candidate method by running
-the model.
+"""Validation text bits per byte: how ``auto`` scores a candidate method by running the
+model.
 
 The base model is loaded with ``transformers`` once; its vocabulary matrices are made
 donor-sized, as the transplant writes them (each anchor's base row at its donor id). A
@@ -41,7 +41,8 @@ import torch
 
 from mergekit_omp.approximators.base import ApproximationProblem
 from mergekit_omp.errors import TransplantError
-from mergekit_omp.evaluate.bpb import effective_window
+from mergekit_omp.lm import effective_window, tokenizer_adds_bos
+from mergekit_omp.select.base import SelectionContext
 
 VALIDATION_BYTES = 3000
 """Bytes of each validation text (prose, code)."""
@@ -50,7 +51,7 @@ TITLE_UNDERLINE = re.compile(r"[*=\-^]+")
 MAX_RUN_PARAMETERS = 1_000_000_000
 """The largest base (parameters, from its safetensors headers) that is run by default: its
 float32 copy takes 4 GB, and five passes over the validation text a minute or two on a
-CPU. Larger bases fall back to leave-out (``auto``'s ``max_run_parameters``)."""
+CPU. Larger bases fall back to leave-out: the default of ``auto``'s ``max_run_parameters``."""
 MEMORY_FRACTION = 0.5
 """The float32 copy of the base may take at most this share of the available memory."""
 LOGITS_BYTES = 512 * 1024**2
@@ -94,16 +95,26 @@ def running_text(restructured: str) -> str:
     )
 
 
+def matched_ids(
+    problem: ApproximationProblem, context: SelectionContext
+) -> tuple[list[int], list[int]]:
+    """Donor and base ids of the rows the transplant copies from the base: the context's
+    matched tokens, else the problem's anchors."""
+    return context.matched_ids or (problem.donor_anchor_ids, problem.base_anchor_ids)
+
+
 def donor_sized(
-    weight: torch.Tensor, problem: ApproximationProblem, size: int, *, validated: bool
+    weight: torch.Tensor,
+    problem: ApproximationProblem,
+    matched: tuple[list[int], list[int]],
+    size: int,
+    *,
+    validated: bool,
 ) -> torch.Tensor:
-    """A ``size``-row matrix laid out as the transplant assembles it: each matched donor id
-    with its base token's row (of ``problem.base_matrix`` for the validated matrix, of
+    """A ``size``-row matrix laid out as the transplant assembles it: each ``matched`` donor
+    id with its base token's row (of ``problem.base_matrix`` for the validated matrix, of
     ``weight`` for the other), zero elsewhere (the new tokens' rows come later)."""
-    donor_ids, base_ids = problem.matched_ids or (
-        problem.donor_anchor_ids,
-        problem.base_anchor_ids,
-    )
+    donor_ids, base_ids = matched
     source = problem.base_matrix if validated else weight
     matrix = weight.new_zeros(size, weight.shape[1])
     matrix[torch.tensor(donor_ids, dtype=torch.long)] = source[torch.tensor(base_ids)].to(weight)
@@ -116,21 +127,22 @@ class TextScorer:
     def __init__(
         self,
         problem: ApproximationProblem,
+        context: SelectionContext,
         texts: dict[str, str] | None = None,
         *,
         max_parameters: int = MAX_RUN_PARAMETERS,
     ) -> None:
-        if problem.base_path is None or problem.donor_tokenizer is None:
+        if context.base_path is None or problem.donor_tokenizer is None:
             raise ValidationUnavailable("the problem has no base model path or donor tokenizer")
-        check_size(problem.base_path, max_parameters)
+        check_size(context.base_path, max_parameters)
         self.tokenizer = problem.donor_tokenizer
         self.targets = torch.tensor(problem.target_ids)
-        donor_ids = problem.matched_ids[0] if problem.matched_ids else problem.donor_anchor_ids
-        size = max(len(self.tokenizer), 1 + max(problem.target_ids + donor_ids))
-        self.model = load_base(problem.base_path)
+        matched = matched_ids(problem, context)
+        size = max(len(self.tokenizer), 1 + max(problem.target_ids + matched[0]))
+        self.model = load_base(context.base_path)
         self.bos_row = base_bos_row(self.model, problem)
         try:
-            self.matrix = self.prepare(problem, size)
+            self.matrix = self.prepare(problem, matched, size)
         except Exception as exc:  # an architecture transformers cannot resize or rewrite
             raise ValidationUnavailable(
                 f"cannot give the model the donor's vocabulary: {exc}"
@@ -151,7 +163,9 @@ class TextScorer:
         }
         self.bytes = sum(len(text.encode("utf-8")) for text in texts.values())
 
-    def prepare(self, problem: ApproximationProblem, size: int) -> torch.Tensor:
+    def prepare(
+        self, problem: ApproximationProblem, matched: tuple[list[int], list[int]], size: int
+    ) -> torch.Tensor:
         """Make the model's vocabulary matrices donor-sized, as the transplant lays them out;
         the matrix being validated."""
         inputs = self.model.get_input_embeddings()
@@ -163,13 +177,13 @@ class TextScorer:
         bias = getattr(output, "bias", None) if output is not None else None
         validated = "output" if problem.is_lm_head and not tied else "input"
         donor_matrices = {
-            name: donor_sized(weight, problem, size, validated=name == validated)
+            name: donor_sized(weight, problem, matched, size, validated=name == validated)
             for name, weight in matrices.items()
         }
         donor_bias = (
             None
             if bias is None
-            else donor_sized(bias.detach()[:, None], problem, size, validated=False)[:, 0]
+            else donor_sized(bias.detach()[:, None], problem, matched, size, validated=False)[:, 0]
         )
         self.model.resize_token_embeddings(size, mean_resizing=False)
         inputs = self.model.get_input_embeddings()
@@ -276,8 +290,6 @@ def check_size(path: str, max_parameters: int) -> None:
 @torch.no_grad()
 def base_bos_row(model, problem: ApproximationProblem) -> torch.Tensor | None:
     """The base's BOS row as its embedding module outputs it, if its tokenizer inserts BOS."""
-    from mergekit_omp.evaluate.bpb import tokenizer_adds_bos
-
     tokenizer = problem.base_tokenizer
     if tokenizer is None or not tokenizer_adds_bos(tokenizer):
         return None
