@@ -3,20 +3,87 @@
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Mapping
+from dataclasses import dataclass
 from typing import Any
 
 import torch
+from transformers import PretrainedConfig, PreTrainedTokenizerBase
 
 from mergekit_omp.approximators import Approximation, ApproximationProblem, Approximator
 from mergekit_omp.errors import TransplantError
 from mergekit_omp.load import LoadedModel
 from mergekit_omp.match import VocabularyMatch
 from mergekit_omp.select.base import SelectionContext, Selector
+from mergekit_omp.vocabulary import Vocabulary
 
 
 def work_dtype(*tensors: torch.Tensor) -> torch.dtype:
     """float64 if any input is float64, else float32 (half types are upcast)."""
     return torch.float64 if any(t.dtype == torch.float64 for t in tensors) else torch.float32
+
+
+@dataclass(frozen=True)
+class ProblemSide:
+    """One model's side of an approximation problem: its vocabulary matrix and what
+    describes its ids."""
+
+    name: str
+    matrix: torch.Tensor
+    vocabulary: Vocabulary
+    tokenizer: PreTrainedTokenizerBase | None = None
+    config: PretrainedConfig | None = None
+    rows: Mapping[int, int] | None = None
+    """The matrix row of each id where ids are not rows (a merge's output ids)."""
+
+    @classmethod
+    def of(cls, model: LoadedModel, matrix: torch.Tensor) -> ProblemSide:
+        return cls(model.path, matrix, model.vocabulary, model.tokenizer, model.config)
+
+    def gather(self, ids: list[int]) -> torch.Tensor:
+        """The matrix rows of ``ids``, in the matrix's dtype."""
+        rows = ids if self.rows is None else [self.rows[i] for i in ids]
+        return self.matrix[torch.tensor(rows, dtype=torch.long, device=self.matrix.device)]
+
+
+def make_problem(
+    base: ProblemSide,
+    donor: ProblemSide,
+    target_ids: list[int],
+    anchors: tuple[list[int], list[int]],
+    *,
+    is_lm_head: bool,
+    batch_size: int | None,
+    progress: bool,
+    seed: int,
+) -> ApproximationProblem:
+    """The problem of approximating the donor's ``target_ids`` from ``anchors`` (donor ids,
+    base ids): the one builder, for transplants (``build_problem``) and merges."""
+    donor_ids, base_ids = anchors
+    if not donor_ids:
+        raise TransplantError(
+            f"{base.name} and {donor.name} share no tokens: nothing to anchor an approximation on"
+        )
+    dtype = work_dtype(base.matrix, donor.matrix)
+    return ApproximationProblem(
+        targets=donor.gather(target_ids).to(dtype),
+        donor_anchors=donor.gather(donor_ids).to(dtype),
+        base_anchors=base.gather(base_ids),
+        base_matrix=base.matrix,
+        target_ids=list(target_ids),
+        donor_anchor_ids=list(donor_ids),
+        base_anchor_ids=list(base_ids),
+        donor_vocab=donor.vocabulary,
+        base_vocab=base.vocabulary,
+        donor_tokenizer=donor.tokenizer,
+        base_tokenizer=base.tokenizer,
+        is_lm_head=is_lm_head,
+        batch_size=batch_size if batch_size and batch_size > 0 else None,
+        progress=progress,
+        seed=seed,
+        base_config=base.config,
+        donor_config=donor.config,
+    )
 
 
 def build_problem(
@@ -31,31 +98,16 @@ def build_problem(
     progress: bool,
     seed: int,
 ) -> ApproximationProblem:
-    donor_ids, base_ids = match.anchors()
-    if not donor_ids:
-        raise TransplantError(
-            f"{base.path} and {donor.path} share no tokens: nothing to anchor an approximation on"
-        )
-    dtype = work_dtype(base_matrix, donor_matrix)
-    targets = torch.tensor(match.new_tokens, dtype=torch.long, device=donor_matrix.device)
-    return ApproximationProblem(
-        targets=donor_matrix[targets].to(dtype),
-        donor_anchors=donor_matrix[torch.tensor(donor_ids, device=donor_matrix.device)].to(dtype),
-        base_anchors=base_matrix[torch.tensor(base_ids, device=base_matrix.device)],
-        base_matrix=base_matrix,
-        target_ids=list(match.new_tokens),
-        donor_anchor_ids=donor_ids,
-        base_anchor_ids=base_ids,
-        donor_vocab=donor.vocabulary,
-        base_vocab=base.vocabulary,
-        donor_tokenizer=donor.tokenizer,
-        base_tokenizer=base.tokenizer,
+    """A transplant's problem: the match's new tokens from its anchors."""
+    return make_problem(
+        ProblemSide.of(base, base_matrix),
+        ProblemSide.of(donor, donor_matrix),
+        list(match.new_tokens),
+        match.anchors(),
         is_lm_head=is_lm_head,
-        batch_size=batch_size if batch_size and batch_size > 0 else None,
+        batch_size=batch_size,
         progress=progress,
         seed=seed,
-        base_config=base.config,
-        donor_config=donor.config,
     )
 
 

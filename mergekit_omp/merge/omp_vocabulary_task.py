@@ -37,7 +37,7 @@ from mergekit.tokenizer import PermutedVocabulary, TokenizerInfo
 from mergekit.vocabulary import vocabulary_views
 from transformers import PretrainedConfig, PreTrainedTokenizerBase
 
-from mergekit_omp.approximate import approximate_new_rows, work_dtype
+from mergekit_omp.approximate import ProblemSide, approximate_new_rows, make_problem, work_dtype
 from mergekit_omp.approximators import get_approximator
 from mergekit_omp.approximators.base import (
     DEFAULT_BATCH_SIZE,
@@ -210,26 +210,25 @@ def fill_problem(
     The source's rows of the tokens the model lacks are the targets, the tokens both have
     the anchors; the base matrix is the model's own, in its own ids.
     """
-    model_rows, source_rows = rows[fill.model], rows[fill.source]
-    model_permutation, source_permutation = permutations[fill.model], permutations[fill.source]
-    dtype = work_dtype(source_rows, model_rows)
-    return ApproximationProblem(
-        targets=source_rows[[source_permutation[i] for i in token_ids]].to(dtype),
-        donor_anchors=source_rows[[source_permutation[i] for i in anchor_ids]].to(dtype),
-        base_anchors=model_rows[[model_permutation[i] for i in anchor_ids]].to(dtype),
-        base_matrix=model_rows,
-        target_ids=list(token_ids),
-        donor_anchor_ids=list(anchor_ids),
-        base_anchor_ids=[model_permutation[i] for i in anchor_ids],
-        donor_vocab=output_vocabulary,
-        base_vocab=model.vocabulary,
-        donor_tokenizer=output_tokenizer,
-        base_tokenizer=model.tokenizer,
+    model_permutation = permutations[fill.model]
+    return make_problem(
+        ProblemSide(
+            str(fill.model), rows[fill.model], model.vocabulary, model.tokenizer, model.config
+        ),
+        ProblemSide(
+            str(fill.source),
+            rows[fill.source],
+            output_vocabulary,
+            output_tokenizer,
+            source.config,
+            rows=permutations[fill.source],
+        ),
+        token_ids,
+        (anchor_ids, [model_permutation[i] for i in anchor_ids]),
         is_lm_head=is_lm_head,
         batch_size=DEFAULT_BATCH_SIZE,
+        progress=False,
         seed=seed,
-        base_config=model.config,
-        donor_config=source.config,
     )
 
 
@@ -331,11 +330,6 @@ class OmpPermutedVocabulary(PermutedVocabulary):
     ) -> tuple[torch.Tensor, dict[str, Any] | None]:
         """``self.method``'s rows on the transplant's problem (``fill_problem``), and
         ``auto``'s choice."""
-        if not anchor_ids:
-            raise TransplantError(
-                f"{fill.model} and {fill.source} share no tokens: nothing to anchor an "
-                "approximation on"
-            )
         model = sides[fill.model]
         names = self.gather_tensors.weight_info.data[fill.model]
         problem = fill_problem(
