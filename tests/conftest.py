@@ -1,9 +1,15 @@
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import pytest
 import tiny
+
+FIXED_CALIBRATION = Path(__file__).parent / "fixtures" / "calibration.json"
+# Plans made from fixed rates, in this process and in the commands it runs, so that no test
+# depends on this machine's speed (tests/test_calibrate.py measures).
+os.environ["MERGEKIT_OMP_CALIBRATION"] = str(FIXED_CALIBRATION)
 
 
 def pytest_addoption(parser: pytest.Parser) -> None:

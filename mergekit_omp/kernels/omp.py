@@ -71,7 +71,12 @@ from mergekit_omp.kernels.omp_screen import (
 LOG = logging.getLogger(__name__)
 
 DEFAULT_MEMORY_FRACTION = 0.5
-"""Share of the currently available memory (RAM, or free memory of the GPU) used by default."""
+"""Most of the currently available memory (RAM, or free memory of the GPU) used by default."""
+
+MIN_DEFAULT_BUDGET_BYTES = 1024**3
+"""The default budget is OMP's own inputs' size (targets and anchors in the work dtype), at
+least this much: a ceiling, so a transplant's peak stays near the loaded matrices' size plus
+theirs. A larger Gram matrix (8.5 GB for 46,018 anchors) needs ``-p memory_gb=``."""
 
 FALLBACK_MEMORY_BUDGET_BYTES = 4 * 1024**3
 """Budget used when the available memory cannot be queried."""
@@ -173,15 +178,16 @@ def batch_omp(
         k: atoms per target; must not exceed N.
         eps: norms of orthogonalised atoms below this count as zero, as in mergekit.
         memory_budget_bytes: working memory allowed for the Gram matrix and the per-chunk
-            state; defaults to ``DEFAULT_MEMORY_FRACTION`` of the available memory.
+            state; defaults to the size of the inputs (at least 1 GiB), within
+            ``DEFAULT_MEMORY_FRACTION`` of the available memory (``plan_call``).
         batch_size: at most this many targets per chunk (default ``MAX_CHUNK_TOKENS``);
             chunks are smaller when the budget requires.
         strategy: force ``full_gram`` or ``residual`` instead of planning (for tests and
             benchmarks; full_gram ignores the budget then).
         screen: let residual screen its correlations with a bfloat16 GEMM and recompute the
             candidates in float32 (same picks); default: for float32 work with D up to
-            ``SCREEN_MAX_DIM`` where bfloat16 GEMMs are fast (CUDA, CPUs with AVX-512 BF16
-            or AMX).
+            ``SCREEN_MAX_DIM`` where bfloat16 GEMMs are fast (CUDA, or a CPU whose
+            calibration measured them at least 1.5x float32's: ``kernels/calibrate.py``).
         progress: show a tqdm bar over the targets.
     """
     if targets.ndim != 2 or candidate_points.ndim != 2:
@@ -262,10 +268,13 @@ def plan_call(
     screen: bool | None = None,
 ) -> OmpPlan:
     """The plan ``batch_omp`` runs with these arguments: ``plan_omp`` with the default
-    budget (``default_memory_budget``) and screening (``screens_by_default``) filled in."""
-    budget = (
-        memory_budget_bytes if memory_budget_bytes is not None else default_memory_budget(device)
-    )
+    budget and screening (``screens_by_default``) filled in. The default budget is the
+    size of OMP's inputs (at least ``MIN_DEFAULT_BUDGET_BYTES``), within
+    ``default_memory_budget``."""
+    budget = memory_budget_bytes
+    if budget is None:
+        inputs = (num_targets + num_points) * dim * (torch.finfo(dtype).bits // 8)
+        budget = min(default_memory_budget(device), max(MIN_DEFAULT_BUDGET_BYTES, inputs))
     if screen is None:
         screen = screens_by_default(dtype, dim, device)
     return plan_omp(num_targets, num_points, dim, k, dtype, budget, batch_size, strategy, screen)

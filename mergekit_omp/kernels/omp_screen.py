@@ -36,6 +36,8 @@ from collections.abc import Iterator
 
 import torch
 
+from mergekit_omp.kernels.calibrate import machine_rates
+
 BF16_UNIT_ROUNDOFF = 2.0**-8
 SCREEN_BLOCK = 64
 """Anchors per block: candidates are found by block maxima first, then within the blocks."""
@@ -47,19 +49,22 @@ float32 pass over every anchor (checking the candidates one by one would cost mo
 ABS_MASK = 0x7FFF
 
 
+BF16_MIN_SPEEDUP = 1.5
+"""Screening is the default where a bfloat16 GEMM measures at least this many times a float32
+one (``calibrate.machine_rates``): 2.4x with AVX-512 BF16, 0.3x on AVX2 alone, where the
+screen would make OMP three times slower."""
+
+
 @functools.cache
 def bf16_matmul_is_fast(device_type: str) -> bool:
-    """bfloat16 GEMMs beat float32 on GPUs and on CPUs with AVX-512 BF16 or AMX."""
+    """bfloat16 GEMMs beat float32 by ``BF16_MIN_SPEEDUP`` on GPUs, and on CPUs where this
+    machine's calibration measured it (AVX-512 BF16 or AMX, not AVX2 alone)."""
     if device_type == "cuda":
         return True
     if device_type != "cpu":
         return False
-    try:
-        with open("/proc/cpuinfo", encoding="ascii", errors="replace") as cpuinfo:
-            flags = cpuinfo.read()
-    except OSError:
-        return False
-    return "avx512_bf16" in flags or "amx_bf16" in flags
+    rates = machine_rates("cpu")
+    return rates.bfloat16_gemm >= BF16_MIN_SPEEDUP * rates.float32_gemm
 
 
 GEMM_ROW_ALIGN = 16

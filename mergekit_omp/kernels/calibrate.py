@@ -1,0 +1,221 @@
+"""What this machine does fast: the rates ``plan_omp`` weighs its routes by.
+
+OMP's routes differ in which hardware they lean on: residual on float32 GEMMs, screened
+residual on bfloat16 GEMMs (fast only with AVX-512 BF16, AMX or a GPU; on an AVX2 CPU
+several times slower than float32), full_gram on memory bandwidth (its update loop streams
+rows that do not fit in the cache, and its Gram matrix is fresh memory to map). Which one
+wins therefore depends on the CPU, not only on the shapes, so the plan is made from rates
+measured here, once per machine, in well under a second:
+
+    float32_gemm     multiply-adds per second of a (256 x 512) @ (512 x 8192) float32 GEMM
+    bfloat16_gemm    the same GEMM in bfloat16
+    stream_update    multiply-adds per second of full_gram's update loop (``addcmul_`` of
+                     8 x 32 rows of 65,536 anchors, 64 MiB: out of any CPU's cache)
+    fresh_memory     bytes per second of first writes to freshly mapped memory
+
+The rates are cached per machine (CPU model, torch's CPU capability, threads, torch
+version; or the GPU's name) in ``$XDG_CACHE_HOME/mergekit-omp/calibration.json`` (default
+``~/.cache``), never in an output. ``MERGEKIT_OMP_CALIBRATION=FILE`` reads and writes FILE
+instead; a file holding a single ``MachineRates`` (as ``--report`` shows it) fixes the rates
+on any machine, which is how tests and reproductions pin a plan. Delete the file to measure
+again.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import mmap
+import os
+import platform
+import time
+from pathlib import Path
+
+import torch
+from pydantic import BaseModel, ConfigDict, ValidationError
+
+LOG = logging.getLogger(__name__)
+
+CALIBRATION_ENV = "MERGEKIT_OMP_CALIBRATION"
+GEMM_SHAPE = (256, 512, 8192)
+"""(rows, D, anchors) of the calibration GEMMs: 1.07 G multiply-adds, 13 ms at 80 GMAC/s."""
+STREAM_SHAPE = (8, 32, 65536)
+"""(passes, targets, anchors) of the update-loop measurement: 64 MiB of rows."""
+FRESH_BYTES = 64 * 1024**2
+REPEATS = 3
+
+
+class MachineRates(BaseModel):
+    """Measured rates of one machine (see the module docstring)."""
+
+    model_config = ConfigDict(frozen=True)
+
+    machine: str
+    float32_gemm: float
+    bfloat16_gemm: float
+    stream_update: float
+    fresh_memory: float
+    seconds: float = 0.0
+    """How long the measurement took."""
+
+    def describe(self) -> str:
+        return (
+            f"{self.machine}: float32 GEMM {self.float32_gemm / 1e9:.0f} GMAC/s, bfloat16 "
+            f"{self.bfloat16_gemm / 1e9:.0f}, update loop {self.stream_update / 1e9:.1f}, "
+            f"fresh memory {self.fresh_memory / 1e9:.1f} GB/s"
+        )
+
+
+_MEMO: dict[tuple[str, str], MachineRates] = {}
+
+
+def machine_rates(device: torch.device | str = "cpu") -> MachineRates:
+    """This machine's rates: from the cache file, else measured now and cached."""
+    device = torch.device(device)
+    path = calibration_path()
+    key = machine_key(device)
+    if (str(path), key) in _MEMO:
+        return _MEMO[(str(path), key)]
+    stored = read_calibration(path)
+    if isinstance(stored, MachineRates):
+        rates = stored
+    elif key in stored:
+        rates = stored[key]
+    else:
+        rates = measure_rates(device, key)
+        LOG.info("calibrated OMP routes: %s (%.2f s)", rates.describe(), rates.seconds)
+        write_calibration(path, {**stored, key: rates})
+    _MEMO[(str(path), key)] = rates
+    return rates
+
+
+def calibration_path() -> Path:
+    """``MERGEKIT_OMP_CALIBRATION``, else the per-user cache file."""
+    configured = os.environ.get(CALIBRATION_ENV)
+    if configured:
+        return Path(configured).expanduser()
+    cache = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+    return Path(cache) / "mergekit-omp" / "calibration.json"
+
+
+def machine_key(device: torch.device) -> str:
+    """What the rates depend on: the processor, the kernels torch picks for it, the threads."""
+    if device.type == "cuda":
+        return f"cuda {torch.cuda.get_device_name(device)} | torch {torch.__version__}"
+    capability = torch.backends.cpu.get_cpu_capability()
+    return (
+        f"{cpu_model()} | {capability} | {torch.get_num_threads()} threads | "
+        f"torch {torch.__version__}"
+    )
+
+
+def cpu_model() -> str:
+    """The CPU's model name (``/proc/cpuinfo``), else what ``platform`` says."""
+    try:
+        for line in Path("/proc/cpuinfo").read_text(errors="replace").splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine() or "unknown CPU"
+
+
+def read_calibration(path: Path) -> MachineRates | dict[str, MachineRates]:
+    """One fixed ``MachineRates``, or the cached rates by machine key ({} when unreadable:
+    a damaged cache is measured anew, never an error)."""
+    try:
+        data = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return {}
+    try:
+        if isinstance(data, dict) and "float32_gemm" in data:
+            return MachineRates.model_validate(data)
+        return {key: MachineRates.model_validate(value) for key, value in data.items()}
+    except (ValidationError, AttributeError):
+        LOG.warning("ignoring the unreadable OMP calibration in %s", path)
+        return {}
+
+
+def write_calibration(path: Path, rates: dict[str, MachineRates]) -> None:
+    """Replace the cache file atomically; a cache that cannot be written is only logged."""
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        staging = path.with_name(f".{path.name}.{os.getpid()}")
+        staging.write_text(
+            json.dumps({key: r.model_dump() for key, r in rates.items()}, indent=2) + "\n"
+        )
+        os.replace(staging, path)
+    except OSError as error:
+        LOG.warning("could not cache the OMP calibration in %s: %s", path, error)
+
+
+def measure_rates(device: torch.device, key: str) -> MachineRates:
+    start = time.perf_counter()
+    float32 = gemm_rate(torch.float32, device)
+    bfloat16 = gemm_rate(torch.bfloat16, device)
+    stream = stream_update_rate(device)
+    fresh = fresh_memory_rate() if device.type == "cpu" else 1e12
+    return MachineRates(
+        machine=key,
+        float32_gemm=float32,
+        bfloat16_gemm=bfloat16,
+        stream_update=stream,
+        fresh_memory=fresh,
+        seconds=round(time.perf_counter() - start, 3),
+    )
+
+
+def best_seconds(run, device: torch.device) -> float:
+    """Fastest of ``REPEATS`` timed calls of ``run`` after one untimed warm-up."""
+    run()
+    best = float("inf")
+    for _ in range(REPEATS):
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        start = time.perf_counter()
+        run()
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        best = min(best, time.perf_counter() - start)
+    return max(best, 1e-9)
+
+
+def gemm_rate(dtype: torch.dtype, device: torch.device) -> float:
+    rows, dim, anchors = GEMM_SHAPE
+    generator = torch.Generator().manual_seed(0)
+    left = torch.randn(rows, dim, generator=generator).to(device=device, dtype=dtype)
+    right = torch.randn(anchors, dim, generator=generator).to(device=device, dtype=dtype)
+    out = torch.empty(rows, anchors, dtype=dtype, device=device)
+    seconds = best_seconds(lambda: torch.matmul(left, right.T, out=out), device)
+    return rows * dim * anchors / seconds
+
+
+def stream_update_rate(device: torch.device) -> float:
+    """full_gram's update, ``v_t -= w_s v_s`` for each earlier s, over rows out of cache."""
+    passes, targets, anchors = STREAM_SHAPE
+    rows = torch.ones((passes + 1, targets, anchors), device=device)
+    weights = torch.full((targets, 1), 1e-3, device=device)
+
+    def update() -> None:
+        for s in range(passes):
+            rows[passes].addcmul_(rows[s], weights, value=-1)
+
+    return passes * targets * anchors / best_seconds(update, device)
+
+
+def fresh_memory_rate() -> float:
+    """First writes to new anonymous memory (page faults included), as ``omp.allocate``
+    maps a Gram matrix: huge pages asked for where Linux has them."""
+    best = float("inf")
+    for _ in range(REPEATS):
+        buffer = mmap.mmap(-1, FRESH_BYTES, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
+        hugepage = getattr(mmap, "MADV_HUGEPAGE", None)
+        if hugepage is not None:
+            buffer.madvise(hugepage)
+        tensor = torch.frombuffer(buffer, dtype=torch.float32)
+        start = time.perf_counter()
+        tensor.fill_(1.0)
+        best = min(best, time.perf_counter() - start)
+        del tensor
+        buffer.close()
+    return FRESH_BYTES / max(best, 1e-9)
