@@ -223,3 +223,22 @@ def test_assembled_matrix_copies_matched_rows_takes_new_rows_and_zeroes_the_rest
     expected[1], expected[6] = new_rows[0], new_rows[1]
     assert result.dtype == dtype
     assert torch.equal(result, expected)
+
+
+@pytest.mark.parametrize("method", ["omp", "auto"])
+@pytest.mark.parametrize("through_a_link", [False, True], ids=["same-path", "symlink"])
+def test_donor_equal_to_base_is_an_exact_identity(mixed_pair, tmp_path, method, through_a_link):
+    base = mixed_pair[0]
+    donor = base
+    if through_a_link:
+        donor = tmp_path / "link"
+        donor.symlink_to(base)
+    out = tmp_path / "out"
+    options = TransplantOptions(base_model=str(base), donor=str(donor), method=method)
+    result = transplant(options, out, progress=False)
+    assert all(m.counts.get("approximated", 0) == 0 for m in result.report.matrices)
+    written, original = load_tensors(out), load_tensors(base)
+    assert written.keys() == original.keys()
+    for name, tensor in original.items():
+        assert torch.equal(written[name], tensor), name
+    assert (out / "tokenizer.json").read_bytes() == (base / "tokenizer.json").read_bytes()
