@@ -180,6 +180,31 @@ def refuse_inputs(
             )
 
 
+def refuse_empty(shown: str, what: str) -> None:
+    """An empty path (an unset shell variable) would mean the current directory."""
+    if not shown:
+        raise TransplantError(f"{what} is empty (an unset variable?): give a path")
+
+
+def refuse_clashes(files: dict[str, str], out: Path | None, out_shown: str | None) -> None:
+    """Output files (``--report``, ``--plot``) must be neither OUT, nor inside it (they are
+    written once OUT is published), nor one another."""
+    seen: dict[Path, str] = {}
+    for option, path in files.items():
+        target = _resolved(path)
+        if out is not None and _is_within(target, out):
+            where = "is" if target == out else "lies inside"
+            raise TransplantError(
+                f"{option} {path} {where} the output directory {out_shown}: give a file "
+                "outside it (the report is written into it anyway)"
+            )
+        if target in seen:
+            raise TransplantError(
+                f"{seen[target]} and {option} are the same file {path}: give two paths"
+            )
+        seen[target] = option
+
+
 def _writable_directory(directory: Path, shown: str, what: str) -> None:
     """The nearest existing ancestor of ``directory`` must be a directory we may write."""
     existing = directory
@@ -209,6 +234,7 @@ def check_output_path(
     ``inputs`` are the paths the command reads (models, a recipe, a merge configuration).
     """
     shown = _display(out_path)
+    refuse_empty(shown, "output path")
     lexical = Path(os.path.abspath(os.path.expanduser(shown)))
     if lexical.is_symlink():
         target = os.readlink(lexical)
@@ -237,6 +263,7 @@ def check_output_file(
     """A file a command will write (``--report``, ``--json``, ``--plot``), checked up front:
     its folder exists and is writable, it is not a directory and not an input."""
     shown = _display(path)
+    refuse_empty(shown, option)
     target = _resolved(shown)
     if target.is_dir():
         raise TransplantError(f"{option} {shown} is a directory")

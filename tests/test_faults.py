@@ -34,6 +34,7 @@ from safetensors.torch import load_file, save_file
 
 from mergekit_omp import checkpoint, publish
 from mergekit_omp.assemble import require_finite
+from mergekit_omp.cli import check as check_cli
 from mergekit_omp.cli import evaluate as eval_cli
 from mergekit_omp.cli import merge as merge_cli
 from mergekit_omp.cli import recipe
@@ -726,3 +727,100 @@ def test_fault_during_approximation_stops_the_copy_before_cleanup(m, tmp_path, m
     assert when_stopped == [(True, True)]
     assert (out / "keep.txt").read_text() == "the previous model"
     assert leftovers(tmp_path) == [] and copy_threads() == []
+
+
+# 14. An empty output path (an unset variable) is a usage error in every command.
+
+
+def empty_path_commands(m: Path, tmp_path: Path) -> dict[str, tuple]:
+    recipe_file = tmp_path / "r.yml"
+    recipe_file.write_text(
+        yaml.safe_dump({"base_model": str(m / "base"), "donor": str(m / "donor")})
+    )
+    config_file = m / "merge.yml"
+    config_file.write_text(yaml.safe_dump(merge_config(m)))
+    models = (m / "base", m / "donor")
+    out = tmp_path / "out"
+    return {
+        "mergekit-omp OUT": (cli.main, *models, "", "--overwrite"),
+        "mergekit-omp-yaml OUT": (recipe.main, recipe_file, "", "--overwrite"),
+        "mergekit-omp-merge OUT": (merge_cli.main, config_file, "", "--overwrite"),
+        "mergekit-omp --report": (cli.main, *models, out, "--report", ""),
+        "mergekit-omp-yaml --report": (recipe.main, recipe_file, out, "--report", ""),
+        "mergekit-omp-merge --report": (merge_cli.main, config_file, out, "--report", ""),
+        "mergekit-omp-eval --report": (eval_cli.main, *models, "--report", ""),
+        "mergekit-omp-eval --json": (eval_cli.main, *models, "--json", ""),
+        "mergekit-omp-report --report": (report_cli.main, *models, "--report", ""),
+        "mergekit-omp-report --plot": (report_cli.main, *models, "--plot", ""),
+        "mergekit-omp-check --report": (check_cli.main, *models, "--report", ""),
+    }
+
+
+EMPTY_PATH_CASES = [
+    "mergekit-omp OUT",
+    "mergekit-omp-yaml OUT",
+    "mergekit-omp-merge OUT",
+    "mergekit-omp --report",
+    "mergekit-omp-yaml --report",
+    "mergekit-omp-merge --report",
+    "mergekit-omp-eval --report",
+    "mergekit-omp-eval --json",
+    "mergekit-omp-report --report",
+    "mergekit-omp-report --plot",
+    "mergekit-omp-check --report",
+]
+
+
+@pytest.mark.parametrize("case", EMPTY_PATH_CASES)
+def test_an_empty_output_path_is_refused(m, tmp_path, monkeypatch, case):
+    command, *args = empty_path_commands(m, tmp_path)[case]
+    cwd = tmp_path / "cwd"
+    cwd.mkdir()
+    (cwd / "user-file.txt").write_text("mine")
+    monkeypatch.chdir(cwd)
+    before = fingerprint(tmp_path)
+    result = invoke(command, *args)
+    line = error_line(result, "empty")
+    assert result.exit_code == 2, line
+    assert fingerprint(tmp_path) == before
+
+
+def test_the_library_refuses_an_empty_output_path(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(TransplantError, match="empty"):
+        publish.check_output_path("", overwrite=True)
+    with pytest.raises(TransplantError, match="empty"):
+        publish.check_output_file("", "--report")
+
+
+# 15. An output file that is OUT, lies inside it or is another output file.
+
+
+@pytest.mark.parametrize("existing", [False, True], ids=["new-out", "existing-out"])
+@pytest.mark.parametrize("report_at", ["out", "inside"])
+def test_report_at_or_inside_out_is_refused_before_any_work(
+    m, tmp_path, monkeypatch, existing, report_at
+):
+    calls = []
+    monkeypatch.setattr(transplant_module, "load_pair", lambda *a, **kw: calls.append(a))
+    out = tmp_path / "out"
+    if existing:
+        previous_output(out)
+    report = out if report_at == "out" else out / "keep.txt"
+    result = run(m / "base", m / "donor", out, "--overwrite", "--report", report)
+    error_line(result, "--report")
+    assert calls == []
+    assert out.exists() == existing
+    if existing:
+        assert (out / "keep.txt").read_text() == "the previous model"
+
+
+def test_two_output_files_at_one_path_are_refused(m, tmp_path, monkeypatch):
+    calls = []
+    monkeypatch.setattr(
+        sys.modules[report_cli.main.callback.__module__], "transplant", calls.append
+    )
+    same = tmp_path / "same"
+    result = invoke(report_cli.main, m / "base", m / "donor", "--report", same, "--plot", same)
+    error_line(result, "--report", "--plot", "same file")
+    assert calls == []

@@ -13,6 +13,7 @@ from pydantic_core import to_jsonable_python
 from mergekit_omp.cli.common import (
     check_outputs,
     command_class,
+    out_path_argument,
     overwrite_option,
     report_option,
     run_cli_action,
@@ -46,7 +47,7 @@ def fill_method(fill: OmpFill) -> str:
 
 @click.command("mergekit-omp-merge", cls=command_class())
 @click.argument("config_file", type=str)
-@click.argument("out_path", type=str)
+@out_path_argument
 @overwrite_option
 @report_option
 @add_merge_options

@@ -25,6 +25,7 @@ from mergekit.options import OPTION_HELP, MergeOptions, ShardSizeParamType
 from mergekit.tokensurgeon import SubwordMethod, WeightingScheme
 
 from mergekit_omp.approximators import approximator_names, get_approximator
+from mergekit_omp.cli.common import output_file_option
 from mergekit_omp.errors import TransplantError
 from mergekit_omp.options import TransplantOptions
 
@@ -264,15 +265,9 @@ bos_option = click.option(
 
 def json_report_options(f: Callable[..., Any]) -> Callable[..., Any]:
     """``--report PATH`` for the JSON report (``--json PATH``, hidden, still works)."""
-    f = click.option(
-        "--json", "json_path", type=click.Path(dir_okay=False), default=None, hidden=True
-    )(f)
-    return click.option(
-        "--report",
-        "report_path",
-        type=click.Path(dir_okay=False),
-        default=None,
-        help="Also write the JSON report to this path.",
+    f = output_file_option("--json", "json_path", help_text="", hidden=True)(f)
+    return output_file_option(
+        "--report", "report_path", help_text="Also write the JSON report to this path."
     )(f)
 
 

@@ -21,6 +21,7 @@ from mergekit_omp.cli.common import (
     check_outputs,
     command_class,
     echo_summary,
+    out_path_argument,
     overwrite_option,
     report_option,
     run_cli_action,
@@ -198,7 +199,7 @@ def transplant_options(f: Callable[..., Any]) -> Callable[..., Any]:
 @click.command("mergekit-omp", cls=command_class())
 @click.argument("base_model", type=str)
 @click.argument("donor", type=str)
-@click.argument("out_path", type=str)
+@out_path_argument
 @transplant_options
 @overwrite_option
 @report_option
