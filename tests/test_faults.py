@@ -824,3 +824,91 @@ def test_two_output_files_at_one_path_are_refused(m, tmp_path, monkeypatch):
     result = invoke(report_cli.main, m / "base", m / "donor", "--report", same, "--plot", same)
     error_line(result, "--report", "--plot", "same file")
     assert calls == []
+
+
+# 16. Weights and configs that would escape the model directory, hang, or print other
+# libraries' lines.
+
+
+def indexed(base: Path, shard_of_first_tensor: str) -> Path:
+    """``base`` as a one-shard indexed checkpoint whose first tensor points elsewhere."""
+    (base / "model.safetensors").rename(base / "model-00001-of-00001.safetensors")
+    names = sorted(load_file(base / "model-00001-of-00001.safetensors"))
+    weight_map = dict.fromkeys(names, "model-00001-of-00001.safetensors")
+    weight_map[names[0]] = shard_of_first_tensor
+    index = {"metadata": {"total_size": 1}, "weight_map": weight_map}
+    (base / "model.safetensors.index.json").write_text(json.dumps(index))
+    return base
+
+
+@pytest.mark.parametrize("shard", ["/etc/passwd", "../../../../../../etc/passwd", "../donor/x"])
+def test_a_shard_outside_the_model_directory_is_refused(m, tmp_path, shard):
+    base = indexed(m / "base", shard)
+    line = error_line(run(base, m / "donor", tmp_path / "out"), "model.safetensors.index.json")
+    assert shard in line and "outside the model directory" in line
+
+
+def test_a_header_longer_than_its_file_is_one_line(m, tmp_path):
+    shard = "model-00001-of-00001.safetensors"
+    indexed(m / "base", shard)
+    (m / "base" / shard).write_bytes((10**15).to_bytes(8, "little") + b"{}")
+    error_line(run(m / "base", m / "donor", tmp_path / "out"), "not a safetensors file")
+
+
+def run_script(entry: str, *args, timeout: float = 300) -> subprocess.CompletedProcess:
+    """A console script in a process of its own (SIGKILLed after ``timeout`` seconds)."""
+    script = f"from mergekit_omp.cli.common import {entry}; {entry}()"
+    return subprocess.run(
+        [sys.executable, "-c", script, *map(str, args)],
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
+
+
+@pytest.mark.parametrize("name", ["model.safetensors", "tokenizer.json", "config.json"])
+def test_a_named_pipe_in_a_model_is_refused_not_read(m, tmp_path, name):
+    (m / "base" / name).unlink()
+    os.mkfifo(m / "base" / name)  # a reader would wait for a writer forever
+    try:
+        done = run_script("mergekit_omp", m / "base", m / "donor", tmp_path / "out", timeout=90)
+    except subprocess.TimeoutExpired:
+        pytest.fail(f"reading a model whose {name} is a named pipe blocked")
+    assert done.returncode == 1, done.stderr
+    (line,) = done.stderr.strip().splitlines()
+    assert name in line and "named pipe" in line, line
+
+
+def test_a_pickle_checkpoint_leaves_no_torch_warning(m, tmp_path):
+    import pickle
+    import warnings
+
+    (m / "base" / "model.safetensors").unlink()
+    (m / "base" / "pytorch_model.bin").write_bytes(pickle.dumps({"a": 1}, protocol=4))
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        result = run(m / "base", m / "donor", tmp_path / "out")
+    error_line(result, "weights")
+    assert [str(w.message) for w in caught if "pickle" in str(w.message)] == []
+
+
+@pytest.mark.parametrize("value", [-5, 0, 1.5, "400", True])
+@pytest.mark.parametrize("model", ["base", "donor"])
+def test_a_config_vocab_size_that_is_not_a_positive_count(m, tmp_path, value, model):
+    config = json.loads((m / model / "config.json").read_text())
+    config["vocab_size"] = value
+    (m / model / "config.json").write_text(json.dumps(config))
+    line = error_line(run(m / "base", m / "donor", tmp_path / "out"), "vocab_size")
+    assert json.dumps(value) in line and "at least 1" in line
+    assert not (tmp_path / "out").exists()
+
+
+def test_a_merge_refusal_prints_no_transformers_note(m, tmp_path):
+    config_file = m / "merge.yml"
+    settings = {"missing_tokens": "omp", "method": "omp", "k": 100000}
+    config_file.write_text(yaml.safe_dump(merge_config(m, omp=settings)))
+    done = run_script("mergekit_omp_merge", config_file, tmp_path / "out", "--quiet")
+    assert done.returncode == 1, done.stderr
+    assert "torch_dtype" not in done.stderr
+    errors = [line for line in done.stderr.splitlines() if "Building tokenizer" not in line]
+    assert len([line for line in errors if line.strip()]) == 1, done.stderr
