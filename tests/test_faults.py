@@ -912,3 +912,73 @@ def test_a_merge_refusal_prints_no_transformers_note(m, tmp_path):
     assert "torch_dtype" not in done.stderr
     errors = [line for line in done.stderr.splitlines() if "Building tokenizer" not in line]
     assert len([line for line in errors if line.strip()]) == 1, done.stderr
+
+
+# 17. Absurd values: one line before any work.
+
+ABSURD_VALUES = [
+    ("--out-shard-size", "-1"),
+    ("--out-shard-size", "abc"),
+    ("--out-shard-size", "1e999"),
+    ("--out-shard-size", "0"),
+    ("-nvn", "-1"),
+    ("--batch-size", "0"),
+    ("--batch-size", "-2"),
+    ("--batch-size", "1e20"),
+    ("--batch-size", str(10**20)),
+    ("--write-threads", "0"),
+    ("--write-threads", "-1"),
+]
+
+
+@pytest.mark.parametrize("flag,value", ABSURD_VALUES)
+def test_absurd_values_are_usage_errors(m, tmp_path, monkeypatch, flag, value):
+    calls = []
+    monkeypatch.setattr(transplant_module, "load_pair", lambda *a, **kw: calls.append(a))
+    result = run(m / "base", m / "donor", tmp_path / "out", flag, value)
+    line = error_line(result, value)
+    assert result.exit_code == 2, line
+    assert calls == [] and not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("flag,value", [("--out-shard-size", "0"), ("--write-threads", "0")])
+def test_absurd_values_are_usage_errors_in_merges(m, tmp_path, flag, value):
+    config_file = m / "merge.yml"
+    config_file.write_text(yaml.safe_dump(merge_config(m)))
+    result = invoke(merge_cli.main, config_file, tmp_path / "out", flag, value)
+    line = error_line(result, flag)
+    assert result.exit_code == 2, line
+    assert not (tmp_path / "out").exists()
+
+
+def test_eval_batch_size_zero_is_a_usage_error(m, monkeypatch):
+    calls = []
+    eval_module = sys.modules[eval_cli.main.callback.__module__]
+    monkeypatch.setattr(eval_module, "compare_methods", lambda *a, **kw: calls.append(a))
+    result = invoke(eval_cli.main, m / "base", m / "donor", "--batch-size", "0")
+    assert result.exit_code == 2 and "--batch-size" in error_line(result)
+    assert calls == []
+
+
+@pytest.mark.parametrize("method", ["hybrid", "omp_ridge"])
+@pytest.mark.parametrize("memory", ["0", "-5"])
+def test_memory_gb_must_be_positive_for_every_method_built_on_omp(m, tmp_path, method, memory):
+    result = run(
+        m / "base", m / "donor", tmp_path / "out", "-a", method, "-p", f"memory_gb={memory}"
+    )
+    error_line(result, "memory_gb", "greater than 0", method)
+
+
+@pytest.mark.parametrize("key,value", [("batch_size", 0), ("new_vocab_noise", -1)])
+def test_absurd_values_in_a_recipe(m, tmp_path, key, value):
+    recipe_file = tmp_path / "r.yml"
+    recipe_file.write_text(
+        yaml.safe_dump({"base_model": str(m / "base"), "donor": str(m / "donor"), key: value})
+    )
+    error_line(invoke(recipe.main, recipe_file, tmp_path / "out", "--quiet"), key)
+    assert not (tmp_path / "out").exists()
+
+
+def test_eval_holdout_count_beyond_the_shared_tokens(m):
+    result = invoke(eval_cli.main, m / "base", m / "donor", "-a", "mean", "--holdout", "1000000")
+    error_line(result, "--holdout 1000000", "at most")

@@ -18,6 +18,7 @@ from mergekit_omp.cli.common import (
     report_option,
     run_cli_action,
 )
+from mergekit_omp.cli.options import strict_merge_types
 from mergekit_omp.merge.config import load_merge_config
 from mergekit_omp.merge.omp_vocabulary_task import OmpFill
 from mergekit_omp.merge.run import run_omp_merge
@@ -50,6 +51,7 @@ def fill_method(fill: OmpFill) -> str:
 @out_path_argument
 @overwrite_option
 @report_option
+@strict_merge_types
 @add_merge_options
 @run_cli_action
 def main(

@@ -31,6 +31,7 @@ from mergekit_omp.cli.options import (
     READ_OPTIONS,
     SUMMARY_HELP,
     WRITE_OPTIONS,
+    BatchSize,
     bos_option,
     byte_match_option,
     knob_values,
@@ -131,7 +132,7 @@ def transplant_options(f: Callable[..., Any]) -> Callable[..., Any]:
         method_knob_options,
         click.option(
             "--batch-size",
-            type=int,
+            type=BatchSize(),
             default=option_default("batch_size"),
             show_default=True,
             help="Tokens approximated per batch. -1 for one batch. For omp an upper bound: "
@@ -148,7 +149,7 @@ def transplant_options(f: Callable[..., Any]) -> Callable[..., Any]:
         click.option(
             "--new-vocab-noise",
             "-nvn",
-            type=float,
+            type=click.FloatRange(min=0),
             default=option_default("new_vocab_noise"),
             help="Add Gaussian noise of this std to approximated rows.",
         ),

@@ -48,8 +48,9 @@ HoldoutLike = Literal["random", "new"]
 
 
 def holdout_size(anchors: int, holdout: float | None) -> int:
-    """How many anchors to hold out: a count (>= 1), a fraction (< 1), or by default the
-    smaller of 1,000 and 5% of the anchors. At least one anchor is always kept."""
+    """How many anchors to hold out: a count (>= 1, fewer than the anchors), a fraction
+    (< 1), or by default the smaller of 1,000 and 5% of the anchors. At least one anchor is
+    always kept."""
     if anchors < 2:
         raise TransplantError(
             f"leave-out validation needs at least 2 shared tokens, found {anchors}"
@@ -60,6 +61,11 @@ def holdout_size(anchors: int, holdout: float | None) -> int:
         size = math.ceil(holdout * anchors)
     elif holdout >= 1 and float(holdout).is_integer():
         size = int(holdout)
+        if size >= anchors:
+            raise TransplantError(
+                f"--holdout {size} is not fewer than the {anchors} shared tokens: give a "
+                f"count of at most {anchors - 1}, or a fraction"
+            )
     else:
         raise TransplantError(
             f"--holdout must be a whole number of tokens or a fraction in (0, 1), got {holdout}"
