@@ -242,3 +242,20 @@ def test_donor_equal_to_base_is_an_exact_identity(mixed_pair, tmp_path, method, 
     for name, tensor in original.items():
         assert torch.equal(written[name], tensor), name
     assert (out / "tokenizer.json").read_bytes() == (base / "tokenizer.json").read_bytes()
+
+
+def test_reports_of_two_runs_differ_only_in_their_seconds(mixed_pair, tmp_path):
+    base, donor = mixed_pair
+    options = TransplantOptions(base_model=str(base), donor=str(donor))  # auto: a choice
+    reports = []
+    for run in ("first", "second"):
+        out = tmp_path / run / "out"
+        transplant(options, out, progress=False)
+        reports.append(json.loads((out / "mergekit_omp_report.json").read_text()))
+        assert (out / "README.md").read_text() == (
+            tmp_path / "first" / "out" / "README.md"
+        ).read_text()
+    timings = [report.pop("seconds") for report in reports]
+    assert reports[0] == reports[1]
+    assert all(m["choice"] and "seconds" not in m["choice"] for m in reports[0]["matrices"])
+    assert {"load", "approximate", "auto embed (within approximate)"} <= timings[0].keys()
