@@ -982,3 +982,64 @@ def test_absurd_values_in_a_recipe(m, tmp_path, key, value):
 def test_eval_holdout_count_beyond_the_shared_tokens(m):
     result = invoke(eval_cli.main, m / "base", m / "donor", "-a", "mean", "--holdout", "1000000")
     error_line(result, "--holdout 1000000", "at most")
+
+
+# 18. SIGTERM while the command starts; staging directories a killed run left.
+
+SCRIPT_TERMINATED_DURING_IMPORTS = """
+import os, signal, sys
+
+class TerminateOnTorchImport:
+    def find_spec(self, name, path=None, target=None):
+        if name == "torch":
+            os.kill(os.getpid(), signal.SIGTERM)
+        return None
+
+sys.meta_path.insert(0, TerminateOnTorchImport())
+from mergekit_omp.cli.common import {entry}
+sys.exit({entry}())
+"""
+
+
+@pytest.mark.parametrize("entry", ["mergekit_omp", "mergekit_omp_eval"])
+def test_sigterm_during_imports_is_one_line_and_130(entry, tmp_path):
+    script = textwrap.dedent(SCRIPT_TERMINATED_DURING_IMPORTS.format(entry=entry))
+    done = subprocess.run(
+        [sys.executable, "-c", script, "a", "b", str(tmp_path / "out")],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert done.returncode == 130, done.stderr
+    assert done.stderr.strip().splitlines() == ["Interrupted: nothing was written."]
+
+
+def dead_pid() -> int:
+    child = subprocess.Popen([sys.executable, "-c", "pass"])
+    child.wait()
+    return child.pid
+
+
+def test_staging_left_by_a_killed_run_is_swept_and_nothing_else(m, tmp_path):
+    out = tmp_path / "out"
+    tag = publish.machine_tag()
+    stale = tmp_path / f".out.partial-{dead_pid()}.{tag}-abc123_x"
+    running = tmp_path / f".out.partial-{os.getpid()}.{tag}-abc123_y"
+    elsewhere = tmp_path / f".out.partial-{dead_pid()}.0badc0de-abc123_z"
+    mine = tmp_path / ".out.partial-notes"
+    for directory in (stale, running, elsewhere, mine):
+        directory.mkdir()
+        (directory / "f").write_text("x")
+    result = run(m / "base", m / "donor", out, "-a", "mean")
+    assert result.exit_code == 0, result.output
+    assert not stale.exists()
+    assert running.exists() and elsewhere.exists() and mine.exists()
+
+
+def test_staging_names_fit_a_long_out_name(m, tmp_path):
+    out = tmp_path / ("x" * 250)
+    result = run(m / "base", m / "donor", out, "-a", "mean")
+    assert result.exit_code == 0, result.output
+    assert a_model_was_written(out) and leftovers(tmp_path) == []
+    assert len(os.fsencode(publish.staging_prefix(out))) + publish.RANDOM_SUFFIX <= 255
+    assert len(os.fsencode(publish.staging_prefix(tmp_path / ("é" * 127), "old"))) < 255

@@ -155,6 +155,7 @@ def one_shot_entry_point(
     """
 
     def entry() -> NoReturn:
+        signal.signal(signal.SIGTERM, _raise_keyboard_interrupt)  # imports take seconds
         _process["one_shot"] = True
         prepare_process()
         if not collect_garbage:
