@@ -47,10 +47,10 @@ VOTE_BATCH = 1024
 HoldoutLike = Literal["random", "new"]
 
 
-def holdout_size(anchors: int, holdout: float | None) -> int:
-    """How many anchors to hold out: a count (>= 1, fewer than the anchors), a fraction
-    (< 1), or by default the smaller of 1,000 and 5% of the anchors. At least one anchor is
-    always kept."""
+def holdout_size(anchors: int, holdout: float | None, *, exact: bool = False) -> int:
+    """How many anchors to hold out: a count (>= 1), a fraction (< 1), or by default the
+    smaller of 1,000 and 5% of the anchors. At least one anchor is always kept: a count
+    that leaves none is cut to fit, or refused if ``exact`` (``mergekit-omp-eval``)."""
     if anchors < 2:
         raise TransplantError(
             f"leave-out validation needs at least 2 shared tokens, found {anchors}"
@@ -61,7 +61,7 @@ def holdout_size(anchors: int, holdout: float | None) -> int:
         size = math.ceil(holdout * anchors)
     elif holdout >= 1 and float(holdout).is_integer():
         size = int(holdout)
-        if size >= anchors:
+        if exact and size >= anchors:
             raise TransplantError(
                 f"--holdout {size} is not fewer than the {anchors} shared tokens: give a "
                 f"count of at most {anchors - 1}, or a fraction"
@@ -97,7 +97,7 @@ def choose_held_out(
     """
     donor_ids, base_ids = match.anchors()
     distinct_base = sorted(set(base_ids))
-    size = holdout_size(len(distinct_base), holdout)
+    size = holdout_size(len(distinct_base), holdout, exact=True)
     generator = torch.Generator().manual_seed(seed)
     order = torch.randperm(len(distinct_base), generator=generator).tolist()
     if like == "new":
