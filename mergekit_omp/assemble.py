@@ -51,7 +51,11 @@ def require_finite(matrix: torch.Tensor, name: str, rows: list[int] | None = Non
     not. float16 is summed in float32 (its own sum overflows); bfloat16 and float32 have
     float32's range and are summed as they are (30 times faster than converting 262,144 x
     3,840 bfloat16 entries)."""
-    checked = matrix if rows is None else matrix[torch.tensor(rows, device=matrix.device)]
+    checked = (
+        matrix
+        if rows is None
+        else matrix[torch.tensor(rows, dtype=torch.long, device=matrix.device)]
+    )
     total = checked.sum(dtype=torch.float32) if checked.dtype == torch.float16 else checked.sum()
     if torch.isfinite(total):
         return

@@ -13,6 +13,7 @@ from __future__ import annotations
 import html
 import os
 import re
+import unicodedata
 
 from huggingface_hub import ModelCard, ModelCardData
 
@@ -79,6 +80,29 @@ OMP_NOTE = (
     "donor's embedding space; the same coefficients applied to the base model's rows of "
     "those anchors give its new row ({paper})."
 )
+
+
+BIDI_CONTROLS = frozenset(
+    "\u061c\u200e\u200f\u202a\u202b\u202c\u202d\u202e\u2066\u2067\u2068\u2069"
+)  # noqa: E501
+"""Characters that reorder the text around them when shown."""
+
+
+def _escaped_control(character: str) -> str:
+    code = ord(character)
+    return f"\\x{code:02x}" if code < 0x100 else f"\\u{code:04x}"
+
+
+def without_controls(text: str) -> str:
+    """``text`` with every control character but newline and tab (ESC of a terminal colour,
+    a bidirectional override, a line separator) written as its escape (``\\x1b``), so that
+    what a card shows is what it holds."""
+    return "".join(
+        _escaped_control(c)
+        if c not in "\n\t" and (unicodedata.category(c) in ("Cc", "Zl", "Zp") or c in BIDI_CONTROLS)
+        else c
+        for c in text
+    )
 
 
 def is_hub_id(model: str) -> bool:
@@ -207,4 +231,4 @@ def model_card(
         fence=code_fence(recipe),
         recipe_file=RECIPE_FILE,
     )
-    return str(ModelCard(content))
+    return str(ModelCard(without_controls(content)))

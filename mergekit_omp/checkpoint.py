@@ -27,6 +27,7 @@ import json
 import mmap
 import os
 import shutil
+import stat
 import struct
 import threading
 import time
@@ -38,6 +39,8 @@ import torch
 from mergekit.common import ModelReference
 from mergekit.io.lazy_tensor_loader import ShardedTensorIndex
 from mergekit.io.tasks import LoaderCache
+
+from mergekit_omp.errors import TransplantError
 
 SAFETENSORS_INDEX = "model.safetensors.index.json"
 SAFETENSORS_DTYPES = {
@@ -108,8 +111,70 @@ class Checkpoint:
 def read_header(path: Path) -> tuple[int, dict]:
     """(byte offset where tensor data starts, the JSON header) of a safetensors file."""
     with open(path, "rb") as handle:
-        (length,) = struct.unpack("<Q", handle.read(8))
-        return 8 + length, json.loads(handle.read(length))
+        size = os.fstat(handle.fileno()).st_size
+        try:
+            (length,) = struct.unpack("<Q", handle.read(8))
+            if length > size - 8:
+                raise ValueError(f"a header of {length} bytes in a file of {size}")
+            return 8 + length, json.loads(handle.read(length))
+        except (struct.error, ValueError) as exc:
+            raise TransplantError(f"{path} is not a safetensors file ({exc})") from None
+
+
+WEIGHT_FILES = ("model.safetensors", "pytorch_model.bin")
+"""The checkpoints mergekit looks for, each alone or with ``NAME.index.json`` and shards."""
+FILE_KINDS = {
+    stat.S_IFIFO: "a named pipe",
+    stat.S_IFSOCK: "a socket",
+    stat.S_IFCHR: "a device",
+    stat.S_IFBLK: "a device",
+}
+
+
+def check_model_files(directory: str) -> None:
+    """Before anything in a local model directory is read: every entry is a regular file or
+    a folder (a named pipe would block a reader forever), and every shard an index names lies
+    inside the directory (symbolic links, as in the hub's cache, are followed as usual)."""
+    for entry in sorted(os.listdir(directory)):
+        require_regular(os.path.join(directory, entry))
+    for name in WEIGHT_FILES:
+        index = os.path.join(directory, name + ".index.json")
+        if os.path.isfile(index):
+            for shard in indexed_shards(index):
+                require_inside(directory, index, shard)
+                require_regular(os.path.join(directory, shard))
+
+
+def require_regular(path: str) -> None:
+    try:
+        mode = os.stat(path).st_mode
+    except OSError:  # missing or a dangling link: reading it says so
+        return
+    if not (stat.S_ISREG(mode) or stat.S_ISDIR(mode)):
+        kind = FILE_KINDS.get(stat.S_IFMT(mode), "not a regular file")
+        raise TransplantError(f"{path} is {kind}, not a regular file: refusing to read it")
+
+
+def indexed_shards(index: str) -> list[str]:
+    """The shard file names of a checkpoint index (none if mergekit could not read it
+    either: its own error says why)."""
+    require_regular(index)
+    try:
+        with open(index, encoding="utf-8") as handle:
+            weight_map = json.load(handle)["weight_map"]
+        return sorted({str(shard) for shard in weight_map.values()})
+    except (OSError, ValueError, KeyError, TypeError, AttributeError):
+        return []
+
+
+def require_inside(directory: str, index: str, shard: str) -> None:
+    """A shard name is a relative path that stays inside the model directory."""
+    normal = os.path.normpath(shard)
+    if os.path.isabs(shard) or normal == ".." or normal.startswith(".." + os.sep):
+        raise TransplantError(
+            f"{index} names the shard {shard}, outside the model directory: shards must lie "
+            "inside it (refusing to read it)"
+        )
 
 
 class CopyCancelled(Exception):

@@ -10,9 +10,11 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import gc
+import json
 import logging
 import os
 import re
+import warnings
 from collections.abc import Iterator
 from dataclasses import dataclass
 
@@ -25,7 +27,7 @@ from mergekit.options import MergeOptions
 from mergekit.vocabulary import vocabulary_views
 from transformers import PretrainedConfig, PreTrainedTokenizerBase
 
-from mergekit_omp.checkpoint import Checkpoint
+from mergekit_omp.checkpoint import Checkpoint, check_model_files, require_regular
 from mergekit_omp.errors import TransplantError
 from mergekit_omp.locate import VocabularyTensors, vocabulary_tensors
 from mergekit_omp.vocabulary import Vocabulary, vocabulary_of
@@ -74,10 +76,54 @@ def model_reference(path: str) -> ModelReference:
         if not os.path.isdir(path):
             raise TransplantError(f"{path} is a file, not a model directory")
         if not os.path.isfile(os.path.join(path, "config.json")):
+            require_regular(os.path.join(path, "config.json"))
             raise TransplantError(f"{path} is not a model directory (no config.json)")
+        check_local_model(path)
     elif not HUB_ID_RE.match(path):
         raise TransplantError(f"model directory {path} does not exist")
     return ModelReference.model_validate(path)
+
+
+def check_local_model(directory: str) -> None:
+    """What is checked before anything of a local model directory is read."""
+    check_model_files(directory)
+    check_config_values(directory)
+
+
+SIZE_KEYS = ("vocab_size",)
+"""Config values that size a matrix: a whole number of at least 1, checked before
+transformers reads the config (it accepts ``vocab_size: -5`` with a warning)."""
+
+
+def check_config_values(directory: str) -> None:
+    """The sizes in a local model's ``config.json`` (and its ``text_config``) are positive."""
+    path = os.path.join(directory, "config.json")
+    try:
+        with open(path, encoding="utf-8") as handle:
+            config = json.load(handle)
+    except (OSError, ValueError):
+        return  # reading the config says what is wrong
+    sections = [config, config.get("text_config")] if isinstance(config, dict) else []
+    for section in sections:
+        if not isinstance(section, dict):
+            continue
+        for key in SIZE_KEYS:
+            value = section.get(key)
+            if key in section and not (
+                isinstance(value, int) and not isinstance(value, bool) and value >= 1
+            ):
+                raise TransplantError(
+                    f"{path}: {key} is {json.dumps(value)}: it must be a whole number of at least 1"
+                )
+
+
+@contextlib.contextmanager
+def library_warnings_silenced() -> Iterator[None]:
+    """torch's warnings while unpickling a checkpoint (``Detected pickle protocol 4 ...``,
+    three lines): what matters reaches the user as the error, if any, on one line."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", category=UserWarning, module="torch")
+        yield
 
 
 def read_config(reference: ModelReference, options: MergeOptions) -> PretrainedConfig:
@@ -89,7 +135,8 @@ def read_config(reference: ModelReference, options: MergeOptions) -> PretrainedC
 
 def read_checkpoint(reference: ModelReference) -> Checkpoint:
     try:
-        return Checkpoint.of(reference)
+        with library_warnings_silenced():
+            return Checkpoint.of(reference)
     except Exception as exc:
         raise TransplantError(f"cannot read the weights of {reference}: {exc}") from exc
 
@@ -109,9 +156,10 @@ def _read_matrix(
 ) -> torch.Tensor | None:
     try:
         loader = LoaderCache().get(reference)
-        tensor = loader.get_tensor(
-            info.name, device=device, aliases=aliases, raise_on_missing=False
-        )
+        with library_warnings_silenced():
+            tensor = loader.get_tensor(
+                info.name, device=device, aliases=aliases, raise_on_missing=False
+            )
     except TransplantError:
         raise
     except Exception as exc:

@@ -37,7 +37,7 @@ from pydantic import (
 from pydantic_core import ErrorDetails, InitErrorDetails, PydanticCustomError
 
 from mergekit_omp.approximators import Approximator, get_approximator
-from mergekit_omp.approximators.base import DEFAULT_BATCH_SIZE
+from mergekit_omp.approximators.base import DEFAULT_BATCH_SIZE, MAX_BATCH_SIZE
 from mergekit_omp.bos import BosPolicy
 from mergekit_omp.errors import TransplantError
 from mergekit_omp.match import MatchPolicy
@@ -104,7 +104,7 @@ class TransplantOptions(BaseModel):
     byte_match: MatchScope = MatchScope.NO
     magikarp: bool = Field(False, description="Ignore under-trained tokens (arXiv 2405.05417)")
     new_vocab_noise: float | None = Field(
-        None, allow_inf_nan=False, description="Gaussian noise std for new rows"
+        None, ge=0, allow_inf_nan=False, description="Gaussian noise std for new rows"
     )
     new_vocab_scale: float | None = Field(
         None, allow_inf_nan=False, description="Scale factor for new rows"
@@ -150,6 +150,18 @@ class TransplantOptions(BaseModel):
         if isinstance(value, bool):
             return MatchScope.YES if value else MatchScope.NO
         return value
+
+    @field_validator("batch_size")
+    @classmethod
+    def _batch_size_in_range(cls, size: int | None) -> int | None:
+        if size is None or size == -1 or 1 <= size <= MAX_BATCH_SIZE:
+            return size
+        raise PydanticCustomError(
+            "batch_size",
+            "{size} is not a batch size: give a whole number of tokens from 1 to {most}, or "
+            "-1 for one batch",
+            {"size": size, "most": MAX_BATCH_SIZE},
+        )
 
     @field_validator("tokens")
     @classmethod

@@ -26,9 +26,14 @@ from __future__ import annotations
 import contextlib
 import ctypes
 import errno
+import functools
+import hashlib
+import logging
 import os
+import re
 import shutil
 import signal
+import socket
 import tempfile
 import threading
 from collections.abc import Iterable, Iterator
@@ -37,6 +42,7 @@ from typing import Any
 
 from mergekit_omp.errors import TransplantError
 
+LOG = logging.getLogger(__name__)
 RENAME_NOREPLACE = 1
 RENAME_EXCHANGE = 2
 _AT_FDCWD = -100
@@ -180,6 +186,31 @@ def refuse_inputs(
             )
 
 
+def refuse_empty(shown: str, what: str) -> None:
+    """An empty path (an unset shell variable) would mean the current directory."""
+    if not shown:
+        raise TransplantError(f"{what} is empty (an unset variable?): give a path")
+
+
+def refuse_clashes(files: dict[str, str], out: Path | None, out_shown: str | None) -> None:
+    """Output files (``--report``, ``--plot``) must be neither OUT, nor inside it (they are
+    written once OUT is published), nor one another."""
+    seen: dict[Path, str] = {}
+    for option, path in files.items():
+        target = _resolved(path)
+        if out is not None and _is_within(target, out):
+            where = "is" if target == out else "lies inside"
+            raise TransplantError(
+                f"{option} {path} {where} the output directory {out_shown}: give a file "
+                "outside it (the report is written into it anyway)"
+            )
+        if target in seen:
+            raise TransplantError(
+                f"{seen[target]} and {option} are the same file {path}: give two paths"
+            )
+        seen[target] = option
+
+
 def _writable_directory(directory: Path, shown: str, what: str) -> None:
     """The nearest existing ancestor of ``directory`` must be a directory we may write."""
     existing = directory
@@ -209,6 +240,7 @@ def check_output_path(
     ``inputs`` are the paths the command reads (models, a recipe, a merge configuration).
     """
     shown = _display(out_path)
+    refuse_empty(shown, "output path")
     lexical = Path(os.path.abspath(os.path.expanduser(shown)))
     if lexical.is_symlink():
         target = os.readlink(lexical)
@@ -237,6 +269,7 @@ def check_output_file(
     """A file a command will write (``--report``, ``--json``, ``--plot``), checked up front:
     its folder exists and is writable, it is not a directory and not an input."""
     shown = _display(path)
+    refuse_empty(shown, option)
     target = _resolved(shown)
     if target.is_dir():
         raise TransplantError(f"{option} {shown} is a directory")
@@ -279,7 +312,8 @@ def staged_output(
     out = check_output_path(out_path, overwrite, inputs)
     created = _missing_ancestors(out.parent)
     out.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{out.name}.partial-", dir=out.parent))
+    sweep_stale_staging(out)
+    staging = Path(tempfile.mkdtemp(prefix=staging_prefix(out), dir=out.parent))
     already = len(_published)
     try:
         yield staging
@@ -291,6 +325,72 @@ def staged_output(
                 for directory in created:
                     with contextlib.suppress(OSError):
                         directory.rmdir()
+
+
+NAME_MAX = 255
+"""Bytes in a file name on Linux filesystems; staging names are kept within it."""
+RANDOM_SUFFIX = 8
+"""Characters ``mkdtemp`` appends (letters, digits and ``_``)."""
+
+
+@functools.cache
+def machine_tag() -> str:
+    """8 hex digits naming this machine, boot and PID namespace: a staging directory with
+    this tag was made by a process whose PID means the same here and now."""
+    try:
+        with open("/proc/sys/kernel/random/boot_id", encoding="ascii") as boot:
+            boot_id = boot.read().strip()
+        namespace = str(os.stat("/proc/self/ns/pid").st_ino)
+    except OSError:
+        boot_id, namespace = "unknown", "unknown"
+    text = f"{socket.gethostname()} {boot_id} {namespace}"
+    return hashlib.sha256(text.encode()).hexdigest()[:8]
+
+
+def staging_prefix(out: Path, kind: str = "partial") -> str:
+    """``.OUT.partial-PID.TAG-``: the owner's PID and machine tag, with OUT's name cut so
+    that the whole name, random suffix included, fits in ``NAME_MAX`` bytes."""
+    owner = f".{kind}-{os.getpid()}.{machine_tag()}-"
+    budget = NAME_MAX - 1 - len(owner) - RANDOM_SUFFIX
+    name = os.fsencode(out.name)[:budget].decode("utf-8", errors="ignore")
+    return f".{name}{owner}"
+
+
+_STAGING = re.compile(r"\.partial-(\d+)\.([0-9a-f]{8})-[A-Za-z0-9_]+")
+
+
+def _owner_is_dead(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return True
+    except OSError:  # alive, another user's
+        return False
+    return False
+
+
+def sweep_stale_staging(out: Path) -> None:
+    """Remove the staging directories of OUT that runs of this tool left when killed: named
+    by :func:`staging_prefix`, made on this machine, boot and PID namespace by a process
+    that no longer exists, and owned by this user. Others that look stale (another machine's,
+    or a name without an owner) are reported, never removed."""
+    prefix = staging_prefix(out).rsplit(".partial-", 1)[0]
+    if not out.parent.is_dir():
+        return
+    for entry in out.parent.iterdir():
+        if not entry.name.startswith(prefix + ".partial-"):
+            continue
+        found = _STAGING.fullmatch(entry.name[len(prefix) :])
+        if entry.is_symlink() or not entry.is_dir() or entry.stat().st_uid != os.getuid():
+            continue
+        if found is None or found.group(2) != machine_tag():
+            LOG.warning(
+                "%s looks like the staging directory of an interrupted run (of another "
+                "machine or version): remove it if no run is writing there",
+                entry,
+            )
+        elif _owner_is_dead(int(found.group(1))):
+            shutil.rmtree(entry, ignore_errors=True)
 
 
 def _apply_umask(staging: Path) -> None:
@@ -331,7 +431,7 @@ def _replace(staging: Path, out: Path) -> None:
         return
     except RenameUnsupported:
         pass
-    retired = Path(tempfile.mkdtemp(prefix=f".{out.name}.old-", dir=out.parent))
+    retired = Path(tempfile.mkdtemp(prefix=staging_prefix(out, "old"), dir=out.parent))
     previous = retired / "previous"
     try:
         os.rename(out, previous)

@@ -99,7 +99,7 @@ def build_matrix(
             noise=options.new_vocab_noise,
             scale=options.new_vocab_scale,
         )
-    choice = getattr(approximation, "choice", None)
+    choice = report.choice_without_seconds(matrix.name, getattr(approximation, "choice", None))
     with report.timed("audit"):
         approximation, diagnosis = audit_matrix(
             problem,

@@ -179,3 +179,25 @@ def test_no_card_with_no_write_model_card(tmp_path, mixed_pair):
     transplant(options, tmp_path / "out", merge_options=MergeOptions(write_model_card=False))
     assert (tmp_path / "out" / "config.json").exists()
     assert not (tmp_path / "out" / "README.md").exists()
+
+
+CONTROLS = "\x1b[31mred\x07\u202eevil\u2028end\x9b"
+CONTROL_CHARACTERS = set("\x1b\x07\u202e\u2028\x9b")
+
+
+def test_control_characters_of_input_paths_never_reach_the_card(mixed_pair, tmp_path):
+    base, donor = mixed_pair
+    odd_base = tmp_path / f"base{CONTROLS}"
+    odd_base.symlink_to(base)
+    out = tmp_path / f"out{CONTROLS}"
+    run(cli_main, [str(odd_base), str(donor), str(out), "-a", "mean", "--quiet"])
+    card = (out / "README.md").read_text(encoding="utf-8")
+    assert CONTROL_CHARACTERS.isdisjoint(card)
+    assert "\\x1b" in card and "\\u202e" in card
+    assert str(odd_base) in yaml.safe_load((out / RECIPE_FILE).read_text())["base_model"]
+
+
+def test_without_controls_escapes_all_but_newline_and_tab():
+    from mergekit_omp.card import without_controls
+
+    assert without_controls("a\x1b[0mb\n\tc\u202ed") == "a\\x1b[0mb\n\tc\\u202ed"

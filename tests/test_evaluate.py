@@ -103,6 +103,8 @@ def test_holdout_size():
     assert holdout_size(100, 0.2) == 20
     assert holdout_size(100, 30) == 30
     assert holdout_size(3, 10) == 2  # one anchor is always kept
+    with pytest.raises(TransplantError, match="at most 2"):
+        holdout_size(3, 10, exact=True)
     with pytest.raises(TransplantError, match="fraction"):
         holdout_size(100, 1.5)
     with pytest.raises(TransplantError, match="at least 2"):

@@ -34,6 +34,7 @@ from safetensors.torch import load_file, save_file
 
 from mergekit_omp import checkpoint, publish
 from mergekit_omp.assemble import require_finite
+from mergekit_omp.cli import check as check_cli
 from mergekit_omp.cli import evaluate as eval_cli
 from mergekit_omp.cli import merge as merge_cli
 from mergekit_omp.cli import recipe
@@ -726,3 +727,319 @@ def test_fault_during_approximation_stops_the_copy_before_cleanup(m, tmp_path, m
     assert when_stopped == [(True, True)]
     assert (out / "keep.txt").read_text() == "the previous model"
     assert leftovers(tmp_path) == [] and copy_threads() == []
+
+
+# 14. An empty output path (an unset variable) is a usage error in every command.
+
+
+def empty_path_commands(m: Path, tmp_path: Path) -> dict[str, tuple]:
+    recipe_file = tmp_path / "r.yml"
+    recipe_file.write_text(
+        yaml.safe_dump({"base_model": str(m / "base"), "donor": str(m / "donor")})
+    )
+    config_file = m / "merge.yml"
+    config_file.write_text(yaml.safe_dump(merge_config(m)))
+    models = (m / "base", m / "donor")
+    out = tmp_path / "out"
+    return {
+        "mergekit-omp OUT": (cli.main, *models, "", "--overwrite"),
+        "mergekit-omp-yaml OUT": (recipe.main, recipe_file, "", "--overwrite"),
+        "mergekit-omp-merge OUT": (merge_cli.main, config_file, "", "--overwrite"),
+        "mergekit-omp --report": (cli.main, *models, out, "--report", ""),
+        "mergekit-omp-yaml --report": (recipe.main, recipe_file, out, "--report", ""),
+        "mergekit-omp-merge --report": (merge_cli.main, config_file, out, "--report", ""),
+        "mergekit-omp-eval --report": (eval_cli.main, *models, "--report", ""),
+        "mergekit-omp-eval --json": (eval_cli.main, *models, "--json", ""),
+        "mergekit-omp-report --report": (report_cli.main, *models, "--report", ""),
+        "mergekit-omp-report --plot": (report_cli.main, *models, "--plot", ""),
+        "mergekit-omp-check --report": (check_cli.main, *models, "--report", ""),
+    }
+
+
+EMPTY_PATH_CASES = [
+    "mergekit-omp OUT",
+    "mergekit-omp-yaml OUT",
+    "mergekit-omp-merge OUT",
+    "mergekit-omp --report",
+    "mergekit-omp-yaml --report",
+    "mergekit-omp-merge --report",
+    "mergekit-omp-eval --report",
+    "mergekit-omp-eval --json",
+    "mergekit-omp-report --report",
+    "mergekit-omp-report --plot",
+    "mergekit-omp-check --report",
+]
+
+
+@pytest.mark.parametrize("case", EMPTY_PATH_CASES)
+def test_an_empty_output_path_is_refused(m, tmp_path, monkeypatch, case):
+    command, *args = empty_path_commands(m, tmp_path)[case]
+    cwd = tmp_path / "cwd"
+    cwd.mkdir()
+    (cwd / "user-file.txt").write_text("mine")
+    monkeypatch.chdir(cwd)
+    before = fingerprint(tmp_path)
+    result = invoke(command, *args)
+    line = error_line(result, "empty")
+    assert result.exit_code == 2, line
+    assert fingerprint(tmp_path) == before
+
+
+def test_the_library_refuses_an_empty_output_path(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(TransplantError, match="empty"):
+        publish.check_output_path("", overwrite=True)
+    with pytest.raises(TransplantError, match="empty"):
+        publish.check_output_file("", "--report")
+
+
+# 15. An output file that is OUT, lies inside it or is another output file.
+
+
+@pytest.mark.parametrize("existing", [False, True], ids=["new-out", "existing-out"])
+@pytest.mark.parametrize("report_at", ["out", "inside"])
+def test_report_at_or_inside_out_is_refused_before_any_work(
+    m, tmp_path, monkeypatch, existing, report_at
+):
+    calls = []
+    monkeypatch.setattr(transplant_module, "load_pair", lambda *a, **kw: calls.append(a))
+    out = tmp_path / "out"
+    if existing:
+        previous_output(out)
+    report = out if report_at == "out" else out / "keep.txt"
+    result = run(m / "base", m / "donor", out, "--overwrite", "--report", report)
+    error_line(result, "--report")
+    assert calls == []
+    assert out.exists() == existing
+    if existing:
+        assert (out / "keep.txt").read_text() == "the previous model"
+
+
+def test_two_output_files_at_one_path_are_refused(m, tmp_path, monkeypatch):
+    calls = []
+    monkeypatch.setattr(
+        sys.modules[report_cli.main.callback.__module__], "transplant", calls.append
+    )
+    same = tmp_path / "same"
+    result = invoke(report_cli.main, m / "base", m / "donor", "--report", same, "--plot", same)
+    error_line(result, "--report", "--plot", "same file")
+    assert calls == []
+
+
+# 16. Weights and configs that would escape the model directory, hang, or print other
+# libraries' lines.
+
+
+def indexed(base: Path, shard_of_first_tensor: str) -> Path:
+    """``base`` as a one-shard indexed checkpoint whose first tensor points elsewhere."""
+    (base / "model.safetensors").rename(base / "model-00001-of-00001.safetensors")
+    names = sorted(load_file(base / "model-00001-of-00001.safetensors"))
+    weight_map = dict.fromkeys(names, "model-00001-of-00001.safetensors")
+    weight_map[names[0]] = shard_of_first_tensor
+    index = {"metadata": {"total_size": 1}, "weight_map": weight_map}
+    (base / "model.safetensors.index.json").write_text(json.dumps(index))
+    return base
+
+
+@pytest.mark.parametrize("shard", ["/etc/passwd", "../../../../../../etc/passwd", "../donor/x"])
+def test_a_shard_outside_the_model_directory_is_refused(m, tmp_path, shard):
+    base = indexed(m / "base", shard)
+    line = error_line(run(base, m / "donor", tmp_path / "out"), "model.safetensors.index.json")
+    assert shard in line and "outside the model directory" in line
+
+
+def test_a_header_longer_than_its_file_is_one_line(m, tmp_path):
+    shard = "model-00001-of-00001.safetensors"
+    indexed(m / "base", shard)
+    (m / "base" / shard).write_bytes((10**15).to_bytes(8, "little") + b"{}")
+    error_line(run(m / "base", m / "donor", tmp_path / "out"), "not a safetensors file")
+
+
+def run_script(entry: str, *args, timeout: float = 300) -> subprocess.CompletedProcess:
+    """A console script in a process of its own (SIGKILLed after ``timeout`` seconds)."""
+    script = f"from mergekit_omp.cli.common import {entry}; {entry}()"
+    return subprocess.run(
+        [sys.executable, "-c", script, *map(str, args)],
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
+
+
+@pytest.mark.parametrize("name", ["model.safetensors", "tokenizer.json", "config.json"])
+def test_a_named_pipe_in_a_model_is_refused_not_read(m, tmp_path, name):
+    (m / "base" / name).unlink()
+    os.mkfifo(m / "base" / name)  # a reader would wait for a writer forever
+    try:
+        done = run_script("mergekit_omp", m / "base", m / "donor", tmp_path / "out", timeout=90)
+    except subprocess.TimeoutExpired:
+        pytest.fail(f"reading a model whose {name} is a named pipe blocked")
+    assert done.returncode == 1, done.stderr
+    (line,) = done.stderr.strip().splitlines()
+    assert name in line and "named pipe" in line, line
+
+
+def test_a_pickle_checkpoint_leaves_no_torch_warning(m, tmp_path):
+    import pickle
+    import warnings
+
+    (m / "base" / "model.safetensors").unlink()
+    (m / "base" / "pytorch_model.bin").write_bytes(pickle.dumps({"a": 1}, protocol=4))
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        result = run(m / "base", m / "donor", tmp_path / "out")
+    error_line(result, "weights")
+    assert [str(w.message) for w in caught if "pickle" in str(w.message)] == []
+
+
+@pytest.mark.parametrize("value", [-5, 0, 1.5, "400", True])
+@pytest.mark.parametrize("model", ["base", "donor"])
+def test_a_config_vocab_size_that_is_not_a_positive_count(m, tmp_path, value, model):
+    config = json.loads((m / model / "config.json").read_text())
+    config["vocab_size"] = value
+    (m / model / "config.json").write_text(json.dumps(config))
+    line = error_line(run(m / "base", m / "donor", tmp_path / "out"), "vocab_size")
+    assert json.dumps(value) in line and "at least 1" in line
+    assert not (tmp_path / "out").exists()
+
+
+def test_a_merge_refusal_prints_no_transformers_note(m, tmp_path):
+    config_file = m / "merge.yml"
+    settings = {"missing_tokens": "omp", "method": "omp", "k": 100000}
+    config_file.write_text(yaml.safe_dump(merge_config(m, omp=settings)))
+    done = run_script("mergekit_omp_merge", config_file, tmp_path / "out", "--quiet")
+    assert done.returncode == 1, done.stderr
+    assert "torch_dtype" not in done.stderr
+    errors = [line for line in done.stderr.splitlines() if "Building tokenizer" not in line]
+    assert len([line for line in errors if line.strip()]) == 1, done.stderr
+
+
+# 17. Absurd values: one line before any work.
+
+ABSURD_VALUES = [
+    ("--out-shard-size", "-1"),
+    ("--out-shard-size", "abc"),
+    ("--out-shard-size", "1e999"),
+    ("--out-shard-size", "0"),
+    ("-nvn", "-1"),
+    ("--batch-size", "0"),
+    ("--batch-size", "-2"),
+    ("--batch-size", "1e20"),
+    ("--batch-size", str(10**20)),
+    ("--write-threads", "0"),
+    ("--write-threads", "-1"),
+]
+
+
+@pytest.mark.parametrize("flag,value", ABSURD_VALUES)
+def test_absurd_values_are_usage_errors(m, tmp_path, monkeypatch, flag, value):
+    calls = []
+    monkeypatch.setattr(transplant_module, "load_pair", lambda *a, **kw: calls.append(a))
+    result = run(m / "base", m / "donor", tmp_path / "out", flag, value)
+    line = error_line(result, value)
+    assert result.exit_code == 2, line
+    assert calls == [] and not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("flag,value", [("--out-shard-size", "0"), ("--write-threads", "0")])
+def test_absurd_values_are_usage_errors_in_merges(m, tmp_path, flag, value):
+    config_file = m / "merge.yml"
+    config_file.write_text(yaml.safe_dump(merge_config(m)))
+    result = invoke(merge_cli.main, config_file, tmp_path / "out", flag, value)
+    line = error_line(result, flag)
+    assert result.exit_code == 2, line
+    assert not (tmp_path / "out").exists()
+
+
+def test_eval_batch_size_zero_is_a_usage_error(m, monkeypatch):
+    calls = []
+    eval_module = sys.modules[eval_cli.main.callback.__module__]
+    monkeypatch.setattr(eval_module, "compare_methods", lambda *a, **kw: calls.append(a))
+    result = invoke(eval_cli.main, m / "base", m / "donor", "--batch-size", "0")
+    assert result.exit_code == 2 and "--batch-size" in error_line(result)
+    assert calls == []
+
+
+@pytest.mark.parametrize("method", ["hybrid", "omp_ridge"])
+@pytest.mark.parametrize("memory", ["0", "-5"])
+def test_memory_gb_must_be_positive_for_every_method_built_on_omp(m, tmp_path, method, memory):
+    result = run(
+        m / "base", m / "donor", tmp_path / "out", "-a", method, "-p", f"memory_gb={memory}"
+    )
+    error_line(result, "memory_gb", "greater than 0", method)
+
+
+@pytest.mark.parametrize("key,value", [("batch_size", 0), ("new_vocab_noise", -1)])
+def test_absurd_values_in_a_recipe(m, tmp_path, key, value):
+    recipe_file = tmp_path / "r.yml"
+    recipe_file.write_text(
+        yaml.safe_dump({"base_model": str(m / "base"), "donor": str(m / "donor"), key: value})
+    )
+    error_line(invoke(recipe.main, recipe_file, tmp_path / "out", "--quiet"), key)
+    assert not (tmp_path / "out").exists()
+
+
+def test_eval_holdout_count_beyond_the_shared_tokens(m):
+    result = invoke(eval_cli.main, m / "base", m / "donor", "-a", "mean", "--holdout", "1000000")
+    error_line(result, "--holdout 1000000", "at most")
+
+
+# 18. SIGTERM while the command starts; staging directories a killed run left.
+
+SCRIPT_TERMINATED_DURING_IMPORTS = """
+import os, signal, sys
+
+class TerminateOnTorchImport:
+    def find_spec(self, name, path=None, target=None):
+        if name == "torch":
+            os.kill(os.getpid(), signal.SIGTERM)
+        return None
+
+sys.meta_path.insert(0, TerminateOnTorchImport())
+from mergekit_omp.cli.common import {entry}
+sys.exit({entry}())
+"""
+
+
+@pytest.mark.parametrize("entry", ["mergekit_omp", "mergekit_omp_eval"])
+def test_sigterm_during_imports_is_one_line_and_130(entry, tmp_path):
+    script = textwrap.dedent(SCRIPT_TERMINATED_DURING_IMPORTS.format(entry=entry))
+    done = subprocess.run(
+        [sys.executable, "-c", script, "a", "b", str(tmp_path / "out")],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert done.returncode == 130, done.stderr
+    assert done.stderr.strip().splitlines() == ["Interrupted: nothing was written."]
+
+
+def dead_pid() -> int:
+    child = subprocess.Popen([sys.executable, "-c", "pass"])
+    child.wait()
+    return child.pid
+
+
+def test_staging_left_by_a_killed_run_is_swept_and_nothing_else(m, tmp_path):
+    out = tmp_path / "out"
+    tag = publish.machine_tag()
+    stale = tmp_path / f".out.partial-{dead_pid()}.{tag}-abc123_x"
+    running = tmp_path / f".out.partial-{os.getpid()}.{tag}-abc123_y"
+    elsewhere = tmp_path / f".out.partial-{dead_pid()}.0badc0de-abc123_z"
+    mine = tmp_path / ".out.partial-notes"
+    for directory in (stale, running, elsewhere, mine):
+        directory.mkdir()
+        (directory / "f").write_text("x")
+    result = run(m / "base", m / "donor", out, "-a", "mean")
+    assert result.exit_code == 0, result.output
+    assert not stale.exists()
+    assert running.exists() and elsewhere.exists() and mine.exists()
+
+
+def test_staging_names_fit_a_long_out_name(m, tmp_path):
+    out = tmp_path / ("x" * 250)
+    result = run(m / "base", m / "donor", out, "-a", "mean")
+    assert result.exit_code == 0, result.output
+    assert a_model_was_written(out) and leftovers(tmp_path) == []
+    assert len(os.fsencode(publish.staging_prefix(out))) + publish.RANDOM_SUFFIX <= 255
+    assert len(os.fsencode(publish.staging_prefix(tmp_path / ("é" * 127), "old"))) < 255

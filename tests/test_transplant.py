@@ -223,3 +223,39 @@ def test_assembled_matrix_copies_matched_rows_takes_new_rows_and_zeroes_the_rest
     expected[1], expected[6] = new_rows[0], new_rows[1]
     assert result.dtype == dtype
     assert torch.equal(result, expected)
+
+
+@pytest.mark.parametrize("method", ["omp", "auto"])
+@pytest.mark.parametrize("through_a_link", [False, True], ids=["same-path", "symlink"])
+def test_donor_equal_to_base_is_an_exact_identity(mixed_pair, tmp_path, method, through_a_link):
+    base = mixed_pair[0]
+    donor = base
+    if through_a_link:
+        donor = tmp_path / "link"
+        donor.symlink_to(base)
+    out = tmp_path / "out"
+    options = TransplantOptions(base_model=str(base), donor=str(donor), method=method)
+    result = transplant(options, out, progress=False)
+    assert all(m.counts.get("approximated", 0) == 0 for m in result.report.matrices)
+    written, original = load_tensors(out), load_tensors(base)
+    assert written.keys() == original.keys()
+    for name, tensor in original.items():
+        assert torch.equal(written[name], tensor), name
+    assert (out / "tokenizer.json").read_bytes() == (base / "tokenizer.json").read_bytes()
+
+
+def test_reports_of_two_runs_differ_only_in_their_seconds(mixed_pair, tmp_path):
+    base, donor = mixed_pair
+    options = TransplantOptions(base_model=str(base), donor=str(donor))  # auto: a choice
+    reports = []
+    for run in ("first", "second"):
+        out = tmp_path / run / "out"
+        transplant(options, out, progress=False)
+        reports.append(json.loads((out / "mergekit_omp_report.json").read_text()))
+        assert (out / "README.md").read_text() == (
+            tmp_path / "first" / "out" / "README.md"
+        ).read_text()
+    timings = [report.pop("seconds") for report in reports]
+    assert reports[0] == reports[1]
+    assert all(m["choice"] and "seconds" not in m["choice"] for m in reports[0]["matrices"])
+    assert {"load", "approximate", "auto embed (within approximate)"} <= timings[0].keys()

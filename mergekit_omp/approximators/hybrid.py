@@ -29,7 +29,7 @@ from mergekit_omp.approximators.base import (
     combine_anchor_rows,
 )
 from mergekit_omp.approximators.fvt import BasePieces, SubwordMethod, pooling_weights
-from mergekit_omp.approximators.omp import omp
+from mergekit_omp.approximators.omp import MemoryGb, omp
 from mergekit_omp.approximators.omp_ridge import (
     DEFAULT_K,
     SparseK,
@@ -90,7 +90,7 @@ def hybrid(
     omp_error_scale: ErrorScale = 30.0,
     subword_method: SubwordMethod = "mean",
     fvt_residual: bool = True,
-    memory_gb: float | None = None,
+    memory_gb: MemoryGb | None = None,
     screen: bool | None = None,
 ) -> Approximation:
     """FVT and OMP (each plus its mapped residual) mixed per token by their donor errors."""

@@ -35,6 +35,10 @@ def shared_omp_runs() -> Iterator[None]:
         SHARED_RUNS.reset(token)
 
 
+MemoryGb = Annotated[float, Field(gt=0, allow_inf_nan=False)]
+"""Working memory for OMP in GB: a positive finite number (methods built on OMP take it too)."""
+
+
 @approximator(
     "omp",
     pretty_name="Orthogonal Matching Pursuit",
@@ -44,7 +48,7 @@ def omp(
     problem: ApproximationProblem,
     *,
     k: Annotated[int, Field(ge=1)] = DEFAULT_K,
-    memory_gb: Annotated[float, Field(gt=0, allow_inf_nan=False)] | None = None,
+    memory_gb: MemoryGb | None = None,
     screen: bool | None = None,
 ) -> Approximation:
     """Sparse anchor combination found by OMP in the donor space (default).

@@ -24,7 +24,7 @@ from mergekit_omp.approximators.base import (
     approximator,
     combine_anchor_rows,
 )
-from mergekit_omp.approximators.omp import omp
+from mergekit_omp.approximators.omp import MemoryGb, omp
 from mergekit_omp.approximators.ridge import DEFAULT_ALPHA, Alpha, RidgeMap, problem_ridge_map
 
 SparseK = Annotated[int, Field(ge=1, le=4096)]
@@ -58,7 +58,7 @@ def omp_ridge(
     *,
     k: SparseK = DEFAULT_K,
     alpha: Alpha = DEFAULT_ALPHA,
-    memory_gb: float | None = None,
+    memory_gb: MemoryGb | None = None,
     screen: bool | None = None,
 ) -> Approximation:
     """OMP's anchor combination plus what it leaves of the donor row, mapped by ridge."""

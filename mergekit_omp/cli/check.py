@@ -8,18 +8,21 @@ from pathlib import Path
 import click
 
 from mergekit_omp.check import check_draft
-from mergekit_omp.cli.common import check_outputs, command_class, run_cli_action
+from mergekit_omp.cli.common import (
+    check_outputs,
+    command_class,
+    output_file_option,
+    run_cli_action,
+)
 
 
 @click.command("mergekit-omp-check", cls=command_class())
 @click.argument("out_path", type=str)
 @click.argument("target", type=str)
-@click.option(
+@output_file_option(
     "--report",
     "report_path",
-    type=click.Path(dir_okay=False),
-    default=None,
-    help="Also write every check and the verdicts as JSON to this path.",
+    help_text="Also write every check and the verdicts as JSON to this path.",
 )
 @click.option(
     "--trust-remote-code/--no-trust-remote-code",

@@ -155,6 +155,7 @@ def one_shot_entry_point(
     """
 
     def entry() -> NoReturn:
+        signal.signal(signal.SIGTERM, _raise_keyboard_interrupt)  # imports take seconds
         _process["one_shot"] = True
         prepare_process()
         if not collect_garbage:
@@ -233,6 +234,31 @@ def echo_summary(
     click.echo(report.summary(out_path, verbose=merge_options.verbosity > 0), err=True)
 
 
+def refuse_empty_path(ctx: click.Context, param: click.Parameter, value: Any) -> Any:
+    """A click callback for output paths: an empty one (``"$OUT"`` with ``OUT`` unset) would
+    mean the current directory, so it is a usage error."""
+    if value == "":
+        raise click.BadParameter("the path is empty (an unset variable?): give a path")
+    return value
+
+
+def out_path_argument(f: Callable[..., Any]) -> Callable[..., Any]:
+    """``OUT_PATH``, the directory a command publishes its model to."""
+    return click.argument("out_path", type=str, callback=refuse_empty_path)(f)
+
+
+def output_file_option(*declarations: str, help_text: str, hidden: bool = False) -> Any:
+    """An option naming a file a command writes (``--report``, ``--plot``)."""
+    return click.option(
+        *declarations,
+        type=click.Path(dir_okay=False),
+        default=None,
+        callback=refuse_empty_path,
+        hidden=hidden,
+        help=help_text,
+    )
+
+
 overwrite_option = click.option(
     "--overwrite",
     is_flag=True,
@@ -241,12 +267,10 @@ overwrite_option = click.option(
     "holding one).",
 )
 
-report_option = click.option(
+report_option = output_file_option(
     "--report",
     "report_path",
-    type=click.Path(dir_okay=False),
-    default=None,
-    help="Also write the JSON report (match counts, method, seconds) to this path.",
+    help_text="Also write the JSON report (match counts, method, seconds) to this path.",
 )
 
 
@@ -258,10 +282,13 @@ def check_outputs(
     inputs: tuple[str, ...] = (),
 ) -> None:
     """Every output of a command checked before any work: OUT (a directory published
-    atomically) and the files of options such as ``--report``; none may touch an input."""
+    atomically) and the files of options such as ``--report``; none may touch an input,
+    OUT or one another."""
     inputs = tuple(path for path in inputs if path)
+    out = None
     if out_path is not None:
-        publish.check_output_path(out_path, overwrite, inputs)
-    for option, path in (files or {}).items():
-        if path is not None:
-            publish.check_output_file(path, option, inputs)
+        out = publish.check_output_path(out_path, overwrite, inputs)
+    given = {option: path for option, path in (files or {}).items() if path is not None}
+    for option, path in given.items():
+        publish.check_output_file(path, option, inputs)
+    publish.refuse_clashes(given, out, out_path)

@@ -20,6 +20,7 @@ from mergekit_omp.cli.common import check_outputs, command_class, run_cli_action
 from mergekit_omp.cli.options import (
     METHOD_METAVAR,
     READ_OPTIONS,
+    BatchSize,
     bos_option,
     byte_match_option,
     json_report_options,
@@ -115,7 +116,7 @@ def parse_holdout(value: str | None) -> float | None:
 @bos_option
 @click.option(
     "--batch-size",
-    type=int,
+    type=BatchSize(),
     default=DEFAULT_BATCH_SIZE,
     show_default=True,
     help="Tokens approximated per batch. -1 for one batch.",

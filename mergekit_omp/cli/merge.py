@@ -13,10 +13,12 @@ from pydantic_core import to_jsonable_python
 from mergekit_omp.cli.common import (
     check_outputs,
     command_class,
+    out_path_argument,
     overwrite_option,
     report_option,
     run_cli_action,
 )
+from mergekit_omp.cli.options import strict_merge_types
 from mergekit_omp.merge.config import load_merge_config
 from mergekit_omp.merge.omp_vocabulary_task import OmpFill
 from mergekit_omp.merge.run import run_omp_merge
@@ -46,9 +48,10 @@ def fill_method(fill: OmpFill) -> str:
 
 @click.command("mergekit-omp-merge", cls=command_class())
 @click.argument("config_file", type=str)
-@click.argument("out_path", type=str)
+@out_path_argument
 @overwrite_option
 @report_option
+@strict_merge_types
 @add_merge_options
 @run_cli_action
 def main(

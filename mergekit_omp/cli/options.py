@@ -22,10 +22,13 @@ from collections.abc import Callable
 from typing import Any, Literal, Union, get_args, get_origin
 
 import click
-from mergekit.options import OPTION_HELP, MergeOptions, ShardSizeParamType
+from mergekit.common import parse_kmb
+from mergekit.options import OPTION_HELP, MergeOptions
 from mergekit.tokensurgeon import SubwordMethod, WeightingScheme
 
 from mergekit_omp.approximators import approximator_names, get_approximator
+from mergekit_omp.approximators.base import MAX_BATCH_SIZE
+from mergekit_omp.cli.common import output_file_option
 from mergekit_omp.errors import TransplantError
 from mergekit_omp.options import TransplantOptions
 
@@ -69,6 +72,59 @@ scripts pass ``-k`` to every method. The others are refused where no method uses
 
 
 OPTION_FIELDS = TransplantOptions.model_fields
+
+
+class ShardSize(click.ParamType):
+    """mergekit's ``--out-shard-size`` (bytes, or a number with K, M or B for thousand,
+    million, billion), refused in one line unless it is a positive size."""
+
+    name = "size"
+
+    def convert(self, value: Any, param: click.Parameter | None, ctx: click.Context | None) -> int:
+        try:
+            size = parse_kmb(value)
+        except (ValueError, IndexError, OverflowError, AttributeError):
+            size = 0
+        if isinstance(size, int) and size >= 1:
+            return size
+        self.fail(
+            f"{value!r} is not a shard size: give a whole number of bytes of at least 1, "
+            "optionally with K, M or B (thousand, million, billion), e.g. 5B"
+        )
+
+
+class BatchSize(click.ParamType):
+    """``--batch-size``: tokens per batch, from 1 to ``MAX_BATCH_SIZE``, or -1 for one batch."""
+
+    name = "integer"
+
+    def convert(self, value: Any, param: click.Parameter | None, ctx: click.Context | None) -> int:
+        try:
+            size = int(value)
+        except (TypeError, ValueError):
+            size = 0
+        if size == -1 or 1 <= size <= MAX_BATCH_SIZE:
+            return size
+        self.fail(
+            f"{value!r} is not a batch size: give a whole number of tokens from 1 to "
+            f"{MAX_BATCH_SIZE}, or -1 for one batch"
+        )
+
+
+STRICT_MERGE_TYPES: dict[str, click.ParamType] = {
+    "out_shard_size": ShardSize(),
+    "write_threads": click.IntRange(min=1),
+}
+"""mergekit options whose values mergekit takes unchecked (a traceback, or a size of 0)."""
+
+
+def strict_merge_types(f: Callable[..., Any]) -> Callable[..., Any]:
+    """The checked types of ``STRICT_MERGE_TYPES`` on options mergekit's own
+    ``add_merge_options`` declared (``mergekit-omp-merge`` takes all of them)."""
+    for param in getattr(f, "__click_params__", []):
+        if param.name in STRICT_MERGE_TYPES:
+            param.type = STRICT_MERGE_TYPES[param.name]
+    return f
 
 
 def option_default(name: str) -> Any:
@@ -118,8 +174,8 @@ def merge_option(
     field_type: Any = info.annotation
     if typing.get_origin(field_type) is Union:
         field_type = next(t for t in typing.get_args(field_type) if t is not type(None))
-    if name == "out_shard_size":
-        field_type = ShardSizeParamType()
+    if name in STRICT_MERGE_TYPES:
+        field_type = STRICT_MERGE_TYPES[name]
     if name == "random_seed":  # mergekit passes it to numpy, which takes 0 .. 2**32 - 1
         field_type = click.IntRange(0, 2**32 - 1)
     flag = name.replace("_", "-")
@@ -268,15 +324,9 @@ bos_option = click.option(
 
 def json_report_options(f: Callable[..., Any]) -> Callable[..., Any]:
     """``--report PATH`` for the JSON report (``--json PATH``, hidden, still works)."""
-    f = click.option(
-        "--json", "json_path", type=click.Path(dir_okay=False), default=None, hidden=True
-    )(f)
-    return click.option(
-        "--report",
-        "report_path",
-        type=click.Path(dir_okay=False),
-        default=None,
-        help="Also write the JSON report to this path.",
+    f = output_file_option("--json", "json_path", help_text="", hidden=True)(f)
+    return output_file_option(
+        "--report", "report_path", help_text="Also write the JSON report to this path."
     )(f)
 
 

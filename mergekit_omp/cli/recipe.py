@@ -14,6 +14,7 @@ from mergekit_omp.cli.common import (
     check_outputs,
     command_class,
     echo_summary,
+    out_path_argument,
     overwrite_option,
     report_option,
     run_cli_action,
@@ -58,7 +59,7 @@ def run_recipe(
 
 @click.command("mergekit-omp-yaml", cls=command_class())
 @click.argument("recipe_file", type=str)
-@click.argument("out_path", type=str)
+@out_path_argument
 @overwrite_option
 @report_option
 @merge_options(*READ_OPTIONS, *WRITE_OPTIONS, help_overrides=SUMMARY_HELP)

@@ -12,7 +12,12 @@ from typing import Any
 import click
 from mergekit.options import MergeOptions
 
-from mergekit_omp.cli.common import check_outputs, command_class, run_cli_action
+from mergekit_omp.cli.common import (
+    check_outputs,
+    command_class,
+    output_file_option,
+    run_cli_action,
+)
 from mergekit_omp.cli.options import (
     READ_OPTIONS,
     json_report_options,
@@ -30,12 +35,10 @@ from mergekit_omp.transplant import transplant
 @click.argument("donor", type=str)
 @transplant_options
 @json_report_options
-@click.option(
+@output_file_option(
     "--plot",
     "plot_path",
-    type=click.Path(dir_okay=False),
-    default=None,
-    help="Write a PNG of the base-norm and residual distributions with the flagged "
+    help_text="Write a PNG of the base-norm and residual distributions with the flagged "
     "tokens marked (needs matplotlib: pip install 'mergekit-omp[plot]').",
 )
 @merge_options(*READ_OPTIONS)

@@ -21,6 +21,7 @@ from mergekit_omp.cli.common import (
     check_outputs,
     command_class,
     echo_summary,
+    out_path_argument,
     overwrite_option,
     report_option,
     run_cli_action,
@@ -30,6 +31,7 @@ from mergekit_omp.cli.options import (
     READ_OPTIONS,
     SUMMARY_HELP,
     WRITE_OPTIONS,
+    BatchSize,
     bos_option,
     byte_match_option,
     knob_values,
@@ -127,7 +129,7 @@ def transplant_options(f: Callable[..., Any]) -> Callable[..., Any]:
         method_knob_options,
         click.option(
             "--batch-size",
-            type=int,
+            type=BatchSize(),
             default=option_default("batch_size"),
             show_default=True,
             help="Tokens approximated per batch. -1 for one batch. For omp an upper bound: "
@@ -144,7 +146,7 @@ def transplant_options(f: Callable[..., Any]) -> Callable[..., Any]:
         click.option(
             "--new-vocab-noise",
             "-nvn",
-            type=float,
+            type=click.FloatRange(min=0),
             default=option_default("new_vocab_noise"),
             help="Add Gaussian noise of this std to approximated rows.",
         ),
@@ -195,7 +197,7 @@ def transplant_options(f: Callable[..., Any]) -> Callable[..., Any]:
 @click.command("mergekit-omp", cls=command_class())
 @click.argument("base_model", type=str)
 @click.argument("donor", type=str)
-@click.argument("out_path", type=str)
+@out_path_argument
 @transplant_options
 @overwrite_option
 @report_option

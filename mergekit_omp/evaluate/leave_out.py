@@ -70,7 +70,7 @@ def choose_held_out(
     """
     donor_ids, base_ids = match.anchors()
     distinct_base = sorted(set(base_ids))
-    size = holdout_size(len(distinct_base), holdout)
+    size = holdout_size(len(distinct_base), holdout, exact=True)
     generator = torch.Generator().manual_seed(seed)
     order = torch.randperm(len(distinct_base), generator=generator).tolist()
     if like == "new":

@@ -5,7 +5,7 @@ from __future__ import annotations
 import yaml
 from mergekit.card import CARD_TEMPLATE, method_md
 
-from mergekit_omp.card import PAPER, is_hub_id
+from mergekit_omp.card import PAPER, is_hub_id, without_controls
 from mergekit_omp.merge.config import OmpMergeConfig
 from mergekit_omp.merge.omp_vocabulary_task import OmpFill
 
@@ -81,9 +81,10 @@ def merge_card(config: OmpMergeConfig, fills: list[OmpFill], name: str) -> str:
     )
     section = OMP_SECTION.format(paper=PAPER, table=fills_table(fills))
     card = card.replace("### Configuration", section + "### Configuration", 1)
-    return card.replace(
+    card = card.replace(
         "The following YAML configuration was used to produce this model:",
         "The following YAML configuration was used to produce this model with "
         "`mergekit-omp-merge`:",
         1,
     )
+    return without_controls(card)

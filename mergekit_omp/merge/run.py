@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import contextlib
+import logging
 import os
+from collections.abc import Iterator
 from pathlib import Path
 
 import transformers
@@ -10,6 +13,7 @@ from mergekit.merge import run_merge
 from mergekit.options import MergeOptions
 
 from mergekit_omp.errors import TransplantError
+from mergekit_omp.load import check_local_model
 from mergekit_omp.merge.card import merge_card
 from mergekit_omp.merge.config import OmpMergeConfig
 from mergekit_omp.merge.omp_vocabulary_task import OmpFill, omp_token_rows
@@ -40,6 +44,27 @@ def check_vocabularies_fit(config: OmpMergeConfig, merge_options: MergeOptions) 
             )
 
 
+DEPRECATED_DTYPE_NOTE = "`torch_dtype` is deprecated"
+"""What transformers logs when mergekit's ``run_merge`` sets ``config.torch_dtype``."""
+
+
+class _WithoutDeprecatedDtype(logging.Filter):
+    def filter(self, record: logging.LogRecord) -> bool:
+        return DEPRECATED_DTYPE_NOTE not in record.getMessage()
+
+
+@contextlib.contextmanager
+def deprecated_dtype_note_silenced() -> Iterator[None]:
+    """mergekit's own use of ``torch_dtype``: nothing the user can act on."""
+    logger = logging.getLogger("transformers.configuration_utils")
+    note = _WithoutDeprecatedDtype()
+    logger.addFilter(note)
+    try:
+        yield
+    finally:
+        logger.removeFilter(note)
+
+
 def run_omp_merge(
     config: OmpMergeConfig,
     out_path: str | os.PathLike,
@@ -57,10 +82,14 @@ def run_omp_merge(
     merge_options = merge_options or MergeOptions()
     inner_options = merge_options.model_copy(update={"write_model_card": False})
     name = Path(os.path.abspath(out_path)).name
+    for path in config.models.values():
+        if os.path.isdir(path):
+            check_local_model(path)
     check_vocabularies_fit(config, merge_options)
     with (
         staged_output(out_path, overwrite, inputs=config.models.values()) as staging,
         omp_token_rows(config.settings, config.token_sources, merge_options) as fills,
+        deprecated_dtype_note_silenced(),
     ):
         run_merge(config.merge, str(staging), options=inner_options, config_source=config.text)
         if merge_options.write_model_card:

@@ -26,9 +26,10 @@ VOTERS = 8192
 VOTE_BATCH = 1024
 
 
-def holdout_size(anchors: int, holdout: float | None) -> int:
+def holdout_size(anchors: int, holdout: float | None, *, exact: bool = False) -> int:
     """How many anchors to hold out: a count (>= 1), a fraction (< 1), or by default the
-    smaller of 1,000 and 5% of the anchors. At least one anchor is always kept."""
+    smaller of 1,000 and 5% of the anchors. At least one anchor is always kept: a count
+    that leaves none is cut to fit, or refused if ``exact`` (``mergekit-omp-eval``)."""
     if anchors < 2:
         raise TransplantError(
             f"leave-out validation needs at least 2 shared tokens, found {anchors}"
@@ -39,6 +40,11 @@ def holdout_size(anchors: int, holdout: float | None) -> int:
         size = math.ceil(holdout * anchors)
     elif holdout >= 1 and float(holdout).is_integer():
         size = int(holdout)
+        if exact and size >= anchors:
+            raise TransplantError(
+                f"--holdout {size} is not fewer than the {anchors} shared tokens: give a "
+                f"count of at most {anchors - 1}, or a fraction"
+            )
     else:
         raise TransplantError(
             f"--holdout must be a whole number of tokens or a fraction in (0, 1), got {holdout}"
