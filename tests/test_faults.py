@@ -546,9 +546,15 @@ sys.exit({entry}())
 
 @pytest.mark.parametrize("entry", ["mergekit_omp", "mergekit_omp_merge"])
 def test_sigint_during_imports_is_one_line(entry, tmp_path):
-    script = textwrap.dedent(SCRIPT_INTERRUPTED_DURING_IMPORTS.format(entry=entry))
+    assert_interrupted_during_imports(SCRIPT_INTERRUPTED_DURING_IMPORTS, entry, tmp_path)
+
+
+def assert_interrupted_during_imports(script: str, entry: str, tmp_path: Path) -> None:
+    """``script`` (one of the scripts above, for console script ``entry``) exits 130 with
+    the one line an interruption before publishing promises."""
     done = subprocess.run(
-        [sys.executable, "-c", script, "a", "b", str(tmp_path / "out")],
+        [sys.executable, "-c", textwrap.dedent(script.format(entry=entry)), "a", "b"]
+        + [str(tmp_path / "out")],
         capture_output=True,
         text=True,
         timeout=300,
@@ -1003,15 +1009,7 @@ sys.exit({entry}())
 
 @pytest.mark.parametrize("entry", ["mergekit_omp", "mergekit_omp_eval"])
 def test_sigterm_during_imports_is_one_line_and_130(entry, tmp_path):
-    script = textwrap.dedent(SCRIPT_TERMINATED_DURING_IMPORTS.format(entry=entry))
-    done = subprocess.run(
-        [sys.executable, "-c", script, "a", "b", str(tmp_path / "out")],
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
-    assert done.returncode == 130, done.stderr
-    assert done.stderr.strip().splitlines() == ["Interrupted: nothing was written."]
+    assert_interrupted_during_imports(SCRIPT_TERMINATED_DURING_IMPORTS, entry, tmp_path)
 
 
 def dead_pid() -> int:
