@@ -11,9 +11,7 @@ import torch
 from mergekit_omp.kernels import calibrate, omp_screen
 from mergekit_omp.kernels.calibrate import MachineRates, machine_key, machine_rates
 
-FIXED = MachineRates(
-    machine="fixed", float32_gemm=8e10, bfloat16_gemm=2e11, stream_update=5e9, fresh_memory=1e9
-)
+FIXED = MachineRates(machine="fixed", float32_gemm=8e10, bfloat16_gemm=2e11)
 
 
 @pytest.fixture
@@ -40,7 +38,6 @@ def counting_measure(monkeypatch: pytest.MonkeyPatch, rates: MachineRates) -> li
 def test_measured_rates_are_positive_and_quick() -> None:
     rates = calibrate.measure_rates(torch.device("cpu"), "this machine")
     assert rates.float32_gemm > 0 and rates.bfloat16_gemm > 0
-    assert rates.stream_update > 0 and rates.fresh_memory > 0
     assert rates.seconds < 10  # well under a second when idle; a loaded CI machine is slower
 
 

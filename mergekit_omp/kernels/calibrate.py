@@ -1,22 +1,17 @@
-"""What this machine does fast: the rates ``plan_omp`` weighs its routes by.
+"""What this machine does fast: whether OMP screens its correlations in bfloat16.
 
-OMP's routes differ in which hardware they lean on: residual on float32 GEMMs, screened
-residual on bfloat16 GEMMs (fast only with AVX-512 BF16, AMX or a GPU; on an AVX2 CPU
-several times slower than float32), full_gram on memory bandwidth (its update loop streams
-rows that do not fit in the cache, and its Gram matrix is fresh memory to map). Which one
-wins therefore depends on the CPU, not only on the shapes, so the plan is made from rates
-measured here, once per machine, in well under a second:
+The screened residual route leans on bfloat16 GEMMs, fast only with AVX-512 BF16, AMX or a
+GPU; on an AVX2 CPU they are several times slower than float32, and screening would make
+OMP slower instead of faster. So the choice is made from rates measured here, once per
+machine, in well under a second:
 
     float32_gemm     multiply-adds per second of a (256 x 512) @ (512 x 8192) float32 GEMM
     bfloat16_gemm    the same GEMM in bfloat16
-    stream_update    multiply-adds per second of full_gram's update loop (``addcmul_`` of
-                     8 x 32 rows of 65,536 anchors, 64 MiB: out of any CPU's cache)
-    fresh_memory     bytes per second of first writes to freshly mapped memory
 
 The rates are cached per machine (CPU model, torch's CPU capability, threads, torch
 version; or the GPU's name) in ``$XDG_CACHE_HOME/mergekit-omp/calibration.json`` (default
 ``~/.cache``), never in an output. ``MERGEKIT_OMP_CALIBRATION=FILE`` reads and writes FILE
-instead; a file holding a single ``MachineRates`` (as ``--report`` shows it) fixes the rates
+instead; a file holding one ``MachineRates`` (``machine`` and the two rates) fixes the rates
 on any machine, which is how tests and reproductions pin a plan. Delete the file to measure
 again.
 """
@@ -25,7 +20,6 @@ from __future__ import annotations
 
 import json
 import logging
-import mmap
 import os
 import platform
 import time
@@ -39,9 +33,6 @@ LOG = logging.getLogger(__name__)
 CALIBRATION_ENV = "MERGEKIT_OMP_CALIBRATION"
 GEMM_SHAPE = (256, 512, 8192)
 """(rows, D, anchors) of the calibration GEMMs: 1.07 G multiply-adds, 13 ms at 80 GMAC/s."""
-STREAM_SHAPE = (8, 32, 65536)
-"""(passes, targets, anchors) of the update-loop measurement: 64 MiB of rows."""
-FRESH_BYTES = 64 * 1024**2
 REPEATS = 3
 
 
@@ -53,16 +44,13 @@ class MachineRates(BaseModel):
     machine: str
     float32_gemm: float
     bfloat16_gemm: float
-    stream_update: float
-    fresh_memory: float
     seconds: float = 0.0
     """How long the measurement took."""
 
     def describe(self) -> str:
         return (
-            f"{self.machine}: float32 GEMM {self.float32_gemm / 1e9:.0f} GMAC/s, bfloat16 "
-            f"{self.bfloat16_gemm / 1e9:.0f}, update loop {self.stream_update / 1e9:.1f}, "
-            f"fresh memory {self.fresh_memory / 1e9:.1f} GB/s"
+            f"{self.machine}: float32 GEMM {self.float32_gemm / 1e9:.0f} GMAC/s, "
+            f"bfloat16 {self.bfloat16_gemm / 1e9:.0f}"
         )
 
 
@@ -153,14 +141,10 @@ def measure_rates(device: torch.device, key: str) -> MachineRates:
     start = time.perf_counter()
     float32 = gemm_rate(torch.float32, device)
     bfloat16 = gemm_rate(torch.bfloat16, device)
-    stream = stream_update_rate(device)
-    fresh = fresh_memory_rate() if device.type == "cpu" else 1e12
     return MachineRates(
         machine=key,
         float32_gemm=float32,
         bfloat16_gemm=bfloat16,
-        stream_update=stream,
-        fresh_memory=fresh,
         seconds=round(time.perf_counter() - start, 3),
     )
 
@@ -188,34 +172,3 @@ def gemm_rate(dtype: torch.dtype, device: torch.device) -> float:
     out = torch.empty(rows, anchors, dtype=dtype, device=device)
     seconds = best_seconds(lambda: torch.matmul(left, right.T, out=out), device)
     return rows * dim * anchors / seconds
-
-
-def stream_update_rate(device: torch.device) -> float:
-    """full_gram's update, ``v_t -= w_s v_s`` for each earlier s, over rows out of cache."""
-    passes, targets, anchors = STREAM_SHAPE
-    rows = torch.ones((passes + 1, targets, anchors), device=device)
-    weights = torch.full((targets, 1), 1e-3, device=device)
-
-    def update() -> None:
-        for s in range(passes):
-            rows[passes].addcmul_(rows[s], weights, value=-1)
-
-    return passes * targets * anchors / best_seconds(update, device)
-
-
-def fresh_memory_rate() -> float:
-    """First writes to new anonymous memory (page faults included), as ``omp.allocate``
-    maps a Gram matrix: huge pages asked for where Linux has them."""
-    best = float("inf")
-    for _ in range(REPEATS):
-        buffer = mmap.mmap(-1, FRESH_BYTES, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
-        hugepage = getattr(mmap, "MADV_HUGEPAGE", None)
-        if hugepage is not None:
-            buffer.madvise(hugepage)
-        tensor = torch.frombuffer(buffer, dtype=torch.float32)
-        start = time.perf_counter()
-        tensor.fill_(1.0)
-        best = min(best, time.perf_counter() - start)
-        del tensor
-        buffer.close()
-    return FRESH_BYTES / max(best, 1e-9)
