@@ -11,7 +11,7 @@ import torch
 from mergekit_omp.kernels import calibrate, omp_screen
 from mergekit_omp.kernels.calibrate import MachineRates, machine_key, machine_rates
 
-FIXED = MachineRates(machine="fixed", float32_gemm=8e10, bfloat16_gemm=2e11)
+FIXED = MachineRates(machine="fixed", float32_gemm=8e10, bfloat16_gemm=2e11, gram_row_pass=7e9)
 
 
 @pytest.fixture
@@ -37,7 +37,7 @@ def counting_measure(monkeypatch: pytest.MonkeyPatch, rates: MachineRates) -> li
 
 def test_measured_rates_are_positive_and_quick() -> None:
     rates = calibrate.measure_rates(torch.device("cpu"), "this machine")
-    assert rates.float32_gemm > 0 and rates.bfloat16_gemm > 0
+    assert rates.float32_gemm > 0 and rates.bfloat16_gemm > 0 and rates.gram_row_pass > 0
     assert rates.seconds < 10  # well under a second when idle; a loaded CI machine is slower
 
 
@@ -82,6 +82,21 @@ def test_a_damaged_cache_is_measured_again(
     assert len(calls) == 2
 
 
+def test_rates_cached_without_a_newer_rate_are_measured_again(
+    calibration_file: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A cache written before gram_row_pass existed: this machine's entry is measured anew,
+    the other machines' entries that are complete are kept."""
+    calibration_file.parent.mkdir(parents=True)
+    key = machine_key(torch.device("cpu"))
+    old = {"machine": key, "float32_gemm": 8e10, "bfloat16_gemm": 2e11}
+    other = FIXED.model_copy(update={"machine": "other"}).model_dump()
+    calibration_file.write_text(json.dumps({key: old, "other CPU": other}))
+    calls = counting_measure(monkeypatch, FIXED)
+    assert machine_rates("cpu").gram_row_pass == 7e9 and calls == [key]
+    assert json.loads(calibration_file.read_text())["other CPU"] == other
+
+
 def test_a_file_of_one_machines_rates_fixes_them_anywhere(
     calibration_file: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -108,17 +123,25 @@ def test_screening_is_the_default_only_where_bfloat16_measured_fast(
 def test_the_default_budget_is_a_ceiling_near_the_inputs_size(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
-    """SmolLM2 <- Gemma-3 (216,122 targets, 46,018 anchors, D = 640): the 8.5 GB Gram matrix
-    fits half of 24 GiB but not the 1 GiB default ceiling, so OMP stays in embedding space."""
+    """SmolLM2 <- Gemma-3 (216,122 targets, 46,018 anchors, D = 640): the 8.5 GB float32 Gram
+    matrix fits half of 24 GiB but not the default ceiling (4x the 0.67 GB inputs); the
+    2.1 GB int8 one does, and it is the fastest. A larger budget is not a reason to take a
+    slower route: with 12 GiB int8_gram still runs."""
     from mergekit_omp.kernels import omp
 
     monkeypatch.setattr(omp, "default_memory_budget", lambda device: 12 * 1024**3)
     cpu = torch.device("cpu")
+    inputs = (216122 + 46018) * 640 * 4
     plan = omp.plan_call(216122, 46018, 640, 16, torch.float32, cpu, screen=False)
-    assert plan.strategy == "residual" and plan.working_bytes <= 1024**3
-    forced = omp.plan_call(
+    assert plan.strategy == "int8_gram" and plan.working_bytes <= 4 * inputs
+    larger = omp.plan_call(
         216122, 46018, 640, 16, torch.float32, cpu, memory_budget_bytes=12 * 1024**3, screen=False
     )
-    assert forced.strategy == "full_gram"
+    assert (larger.strategy, larger.chunk_tokens) == (plan.strategy, plan.chunk_tokens)
+    assert "full_gram" in dict(larger.estimated_seconds)  # it fits, but is slower
+    tight = omp.plan_call(
+        216122, 46018, 640, 16, torch.float32, cpu, memory_budget_bytes=2 * 1024**3, screen=False
+    )
+    assert tight.strategy == "residual" and tight.working_bytes <= 2 * 1024**3
     monkeypatch.setattr(omp, "default_memory_budget", lambda device: 300 * 1024**2)
     assert omp.plan_call(2048, 16000, 1024, 64, torch.float32, cpu).working_bytes <= 300 * 1024**2

@@ -9,6 +9,7 @@ import torch
 from mergekit.tokensurgeon import batch_omp as mergekit_batch_omp
 
 from mergekit_omp.kernels import omp
+from mergekit_omp.kernels.calibrate import REFERENCE_RATES
 from mergekit_omp.kernels.omp import (
     OmpPlan,
     batch_omp,
@@ -16,8 +17,11 @@ from mergekit_omp.kernels.omp import (
     gram_matrix,
     plan_call,
     plan_omp,
+    recorded_calls,
+    route_seconds,
     screens_by_default,
 )
+from mergekit_omp.kernels.omp_int8_gram import Int8Gram
 from mergekit_omp.kernels.omp_screen import Bf16Screen
 
 # Budget small enough that an N = 600 Gram (1.4 MB in float32) cannot be held.
@@ -179,7 +183,8 @@ def test_low_memory_path_gives_the_same_answers() -> None:
 
 
 @pytest.mark.parametrize(
-    ("strategy", "screen"), [("full_gram", False), ("residual", False), ("residual", True)]
+    ("strategy", "screen"),
+    [("full_gram", False), ("residual", False), ("residual", True), ("int8_gram", False)],
 )
 def test_every_strategy_matches_mergekit_on_correlated_anchors(strategy: str, screen: bool) -> None:
     points = correlated_anchors(700, 40, seed=35)
@@ -187,21 +192,29 @@ def test_every_strategy_matches_mergekit_on_correlated_anchors(strategy: str, sc
     assert_matches_mergekit(targets, points, k=20, strategy=strategy, screen=screen)
 
 
+SCREENS = {
+    "bfloat16": {"strategy": "residual", "screen": True},
+    "int8_gram": {"strategy": "int8_gram"},
+}
+"""The two routes that screen with low-precision scores and decide the picks in float32."""
+
+
 def screened_and_float32(
-    targets: torch.Tensor, points: torch.Tensor, k: int
+    targets: torch.Tensor, points: torch.Tensor, k: int, route: str = "bfloat16"
 ) -> tuple[tuple[torch.Tensor, torch.Tensor], tuple[torch.Tensor, torch.Tensor]]:
-    screened = batch_omp(targets, points, k, strategy="residual", screen=True)
+    screened = batch_omp(targets, points, k, **SCREENS[route])  # type: ignore[arg-type]
     plain = batch_omp(targets, points, k, strategy="residual", screen=False)
     return screened, plain
 
 
-def test_screening_picks_what_float32_picks_among_near_duplicates() -> None:
+@pytest.mark.parametrize("route", SCREENS)
+def test_screening_picks_what_float32_picks_among_near_duplicates(route: str) -> None:
     # Pairs of anchors 1e-4 apart: bfloat16 (8 bits) cannot tell them apart, float32 can.
     base = gaussian(150, 48, seed=40)
     points = torch.cat([base, base + 1e-4 * gaussian(150, 48, seed=41)])
     targets = gaussian(120, 48, seed=42) + 3 * points[:120]
     (screened_idx, screened_coeffs), (plain_idx, plain_coeffs) = screened_and_float32(
-        targets, points, 12
+        targets, points, 12, route
     )
     assert torch.equal(screened_idx, plain_idx)
     assert torch.equal(screened_coeffs, plain_coeffs)
@@ -209,12 +222,13 @@ def test_screening_picks_what_float32_picks_among_near_duplicates() -> None:
     assert torch.isin(screened_idx[:, 0] % 150, torch.arange(120)).all()
 
 
-def test_screening_scores_rows_at_rounding_level_in_float32() -> None:
+@pytest.mark.parametrize("route", SCREENS)
+def test_screening_scores_rows_at_rounding_level_in_float32(route: str) -> None:
     points = gaussian(200, 16, seed=43)
     exact = 0.5 * points[3] - 2 * points[170]  # the residual is 0 after two picks
     targets = torch.stack([torch.zeros(16), exact, gaussian(1, 16, seed=44)[0]])
     (screened_idx, screened_coeffs), (plain_idx, plain_coeffs) = screened_and_float32(
-        targets, points, 6
+        targets, points, 6, route
     )
     assert torch.equal(screened_idx, plain_idx)
     assert torch.equal(screened_coeffs, plain_coeffs)
@@ -239,11 +253,44 @@ def test_screening_bound_holds_for_every_anchor() -> None:
     assert (sorted_norms[:-1] >= sorted_norms[1:]).all()  # blocks hold similar norms
 
 
+def test_int8_gram_rows_are_within_half_a_scale_of_float64() -> None:
+    """The screen's premise: every entry of a stored row, times its scale, is within half the
+    scale of G in float64, the diagonal exact; heavy tails and padding included."""
+    generator = torch.Generator().manual_seed(46)
+    points = torch.randn(300, 40, generator=generator) ** 3
+    gram = Int8Gram(points, omp.allocate, padded=320)
+    atoms = torch.tensor([0, 7, 299, 7])
+    rows = torch.empty(4, 320)
+    scales = gram.rows(atoms, rows, torch.empty(4, 320, dtype=torch.int8))
+    exact = points[atoms].double() @ points.double().T
+    error = (rows[:, :300].double() * scales.double().unsqueeze(1) - exact).abs()
+    assert (error <= scales.double().unsqueeze(1) / 2 * (1 + 1e-5)).all()
+    assert error.max() > 0.1 * scales.max()  # the bound is not vacuous
+    assert torch.equal(rows[:, 300:], torch.zeros(4, 20))
+    diagonal = rows[torch.arange(4), atoms] * scales
+    assert torch.allclose(diagonal, (points[atoms] ** 2).sum(dim=1), rtol=1e-6)
+
+
+def test_every_call_is_recorded_with_its_route_and_why() -> None:
+    points, targets = gaussian(300, 32, seed=47), gaussian(40, 32, seed=48)
+    batch_omp(targets, points, 4)  # outside a recording: nothing kept
+    with recorded_calls() as calls:
+        batch_omp(targets, points, 4, strategy="int8_gram")
+        batch_omp(targets, points, 4)
+    assert [call.plan.strategy for call in calls] == ["int8_gram", "residual"]
+    forced, planned = (call.to_dict() for call in calls)
+    assert forced["reason"] == "int8_gram was asked for"
+    assert (forced["targets"], forced["anchors"], forced["dim"], forced["k"]) == (40, 300, 32, 4)
+    assert planned["route"] == "residual" and planned["reason"].startswith("residual: the fastest")
+    estimates = planned["estimated_seconds"]
+    assert estimates["residual"] == min(estimates.values()) and planned["seconds"] > 0
+
+
 def test_residual_chunks_fit_a_budget_too_small_for_the_gram_matrix() -> None:
     points, targets = gaussian(300, 32, seed=14), gaussian(64, 32, seed=15)
     budget = 3 * 4 * (2 * 300 + 64 + 14 * 32 + 12 * 15)  # three targets' residual state
     plan = plan_omp(64, 300, 32, 12, torch.float32, budget)
-    assert plan == OmpPlan("residual", chunk_tokens=3, working_bytes=budget)
+    assert (plan.strategy, plan.chunk_tokens, plan.working_bytes) == ("residual", 3, budget)
     assert_matches_mergekit(targets, points, k=12, memory_budget_bytes=budget)
 
 
@@ -282,10 +329,18 @@ def test_chunks_are_as_few_and_as_even_as_the_cap_allows(count, cap, sizes) -> N
     assert all(a[1] == b[0] for a, b in zip(chunks, chunks[1:], strict=False))
 
 
-def test_chunking_does_not_change_answers() -> None:
-    points, targets = gaussian(300, 32, seed=16), gaussian(50, 32, seed=17)
-    whole_idx, whole_coeffs = batch_omp(targets, points, 8)
-    chunked_idx, chunked_coeffs = batch_omp(targets, points, 8, batch_size=7)
+@pytest.mark.parametrize("strategy", ["residual", "int8_gram"])
+def test_chunking_does_not_change_answers(strategy: str) -> None:
+    """int8_gram's alpha_0 blocks span several chunks (ALPHA_0_BLOCK targets)."""
+    points, targets = gaussian(300, 32, seed=16), gaussian(700, 32, seed=17)
+    whole_idx, whole_coeffs = batch_omp(targets, points, 8, strategy=strategy)  # type: ignore[arg-type]
+    chunked_idx, chunked_coeffs = batch_omp(
+        targets,
+        points,
+        8,
+        batch_size=7,
+        strategy=strategy,  # type: ignore[arg-type]
+    )
     assert torch.equal(whole_idx, chunked_idx)
     assert torch.allclose(whole_coeffs, chunked_coeffs, rtol=1e-5, atol=1e-6)
 
@@ -305,22 +360,24 @@ def test_k_equal_to_candidates_selects_every_anchor() -> None:
     )
 
 
-def test_zero_target_picks_lowest_indices_with_zero_weight_like_mergekit() -> None:
+@pytest.mark.parametrize("strategy", ["residual", "int8_gram"])
+def test_zero_target_picks_lowest_indices_with_zero_weight_like_mergekit(strategy: str) -> None:
     points = gaussian(50, 16, seed=22)
     targets = torch.zeros(3, 16)
-    indices, coeffs = batch_omp(targets, points, 6)
+    indices, coeffs = batch_omp(targets, points, 6, strategy=strategy)  # type: ignore[arg-type]
     ref_idx, ref_coeffs = mergekit_batch_omp(targets, points, 6)
     assert torch.equal(indices, ref_idx)
     assert torch.equal(indices, torch.arange(6).expand(3, 6))
     assert torch.equal(coeffs, torch.zeros(3, 6))
 
 
-def test_duplicate_anchors_tie_to_the_lower_index_and_stay_finite() -> None:
+@pytest.mark.parametrize("strategy", ["residual", "full_gram", "int8_gram"])
+def test_duplicate_anchors_tie_to_the_lower_index_and_stay_finite(strategy: str) -> None:
     points = gaussian(60, 24, seed=23)
     points[40] = points[7]
     points[41] = points[7]
     targets = torch.stack([2 * points[7] + points[3], points[7], gaussian(1, 24, seed=24)[0]])
-    indices, coeffs = batch_omp(targets, points, 10)
+    indices, coeffs = batch_omp(targets, points, 10, strategy=strategy)  # type: ignore[arg-type]
     ref_idx, ref_coeffs = mergekit_batch_omp(targets, points, 10)
     assert torch.isfinite(coeffs).all()
     # Once a target is represented exactly, later picks are decided by rounding noise.
@@ -335,10 +392,11 @@ def test_duplicate_anchors_tie_to_the_lower_index_and_stay_finite() -> None:
     assert torch.allclose(ours_rec[2], reconstruct(ref_idx, ref_coeffs, points)[2], atol=1e-5)
 
 
-def test_rank_deficient_anchors_with_k_above_the_rank_stay_finite() -> None:
+@pytest.mark.parametrize("strategy", ["residual", "int8_gram"])
+def test_rank_deficient_anchors_with_k_above_the_rank_stay_finite(strategy: str) -> None:
     points = gaussian(50, 6, seed=25) @ gaussian(6, 16, seed=26)  # rank 6 in 16 dimensions
     targets = gaussian(20, 6, seed=27) @ gaussian(6, 16, seed=26)
-    indices, coeffs = batch_omp(targets, points, 12)
+    indices, coeffs = batch_omp(targets, points, 12, strategy=strategy)  # type: ignore[arg-type]
     assert torch.isfinite(coeffs).all()
     assert (indices.sort(dim=1).values.diff(dim=1) > 0).all()
     ref_idx, ref_coeffs = mergekit_batch_omp(targets, points, 12)
@@ -360,22 +418,25 @@ def test_progress_bar_is_labelled(capsys: pytest.CaptureFixture[str]) -> None:
     assert "OMP" in capsys.readouterr().err
 
 
-def test_plan_prefers_the_full_gram_only_when_it_fits_and_pays_off() -> None:
+def test_plan_takes_the_fastest_strategy_that_fits() -> None:
+    """On the reference rates (``calibrate.REFERENCE_RATES``: float32 GEMM 80 G, bfloat16 200 G
+    multiply-adds/s, Gram row pass 7 G floats/s)."""
     big = 8 * 1024**3
     assert plan_omp(2048, 16000, 1024, 64, torch.float32, big).strategy == "full_gram"
     # Few targets: building G (N^2 D) costs more than B N D k.
     assert plan_omp(10, 16000, 1024, 64, torch.float32, big).strategy == "residual"
-    # Small D: the memory-bound updates (5 B N k^2 / 2) cost more than B N D k.
+    # Small D: the memory-bound updates (B N k^2 / 2) cost more than B N D k.
     assert plan_omp(2048, 16000, 128, 64, torch.float32, big).strategy == "residual"
-    # G (1 GB) does not fit.
-    assert plan_omp(2048, 16000, 1024, 64, torch.float32, 512 * 1024**2).strategy == "residual"
-    # G fits but leaves room for fewer than MIN_GRAM_CHUNK_TOKENS targets.
-    assert plan_omp(2048, 16000, 1024, 64, torch.float32, 1000 * 1024**2).strategy == "residual"
+    # float32 G (1 GB) does not fit; the int8 one (256 MB) does and beats residual.
+    assert plan_omp(2048, 16000, 1024, 64, torch.float32, 512 * 1024**2).strategy == "int8_gram"
+    assert plan_omp(2048, 16000, 1024, 64, torch.float64, 512 * 1024**2).strategy == "residual"
+    # G fits but leaves room for fewer than MIN_GRAM_CHUNK_TOKENS targets; int8 G does not fit.
+    assert plan_omp(2048, 16000, 1024, 64, torch.float32, 100 * 1024**2).strategy == "residual"
     assert plan_omp(2048, 16000, 1024, 64, torch.float32, big, batch_size=32).chunk_tokens == 32
-    # Gemma-3 <- SmolLM2 (N = 46018, D = 576): the update loop leaves the cache; no 8 GB G.
+    # Gemma-3 <- SmolLM2 (N = 46018, D = 576, k = 64): G's rows are dearer than the GEMMs.
     assert plan_omp(3131, 46018, 576, 64, torch.float32, big * 2).strategy == "residual"
     # bfloat16 screening makes residual cheaper than G for N = 32000, D = 1024.
-    assert plan_omp(2048, 32000, 1024, 64, torch.float32, big).strategy == "full_gram"
+    assert plan_omp(2048, 32000, 1024, 64, torch.float32, big).strategy == "int8_gram"
     screened = plan_omp(2048, 32000, 1024, 64, torch.float32, big, screen=True)
     assert screened.strategy == "residual" and screened.screened
     # ... and for N = 16000 (181 tok/s against full_gram's 145, 8192 targets).
@@ -384,11 +445,17 @@ def test_plan_prefers_the_full_gram_only_when_it_fits_and_pays_off() -> None:
     assert plan_omp(8192, 16000, 2048, 64, torch.float32, big, screen=True).strategy == (
         "full_gram"
     )
-    # SmolLM2 <- Gemma-3 (216,122 targets, k = 16, D = 640): screened residual ran 631 tok/s,
-    # full_gram 550 plus 25 s for an 8.5 GB G; float32 residual (157 tok/s) would not pay.
-    smollm_from_gemma = (216122, 46018, 640, 16, torch.float32, big * 2)
-    assert plan_omp(*smollm_from_gemma, screen=True).screened
-    assert plan_omp(*smollm_from_gemma).strategy == "full_gram"
+    # SmolLM2 <- Gemma-3 (216,122 targets, k = 16, D = 640): int8_gram ran 478 tok/s against
+    # screened residual's 347 and float32 residual's 126 (docs/performance.md).
+    smollm_from_gemma = (216122, 46018, 640, 16, torch.float32, 3 * 1024**3)
+    assert plan_omp(*smollm_from_gemma, screen=True).strategy == "int8_gram"
+    assert plan_omp(*smollm_from_gemma).strategy == "int8_gram"
+    # Where bfloat16 is slow (AVX2: 0.18x float32) screening is not assumed to pay.
+    avx2 = REFERENCE_RATES.model_copy(update={"bfloat16_gemm": 1.45e10})
+    assert (
+        route_seconds(8192, 16000, 1024, 64, True, avx2)["residual"]
+        == (route_seconds(8192, 16000, 1024, 64, False, avx2)["residual"])
+    )
     # batch_size only lowers the strategy's own cap (128 targets for full_gram).
     assert plan_omp(2048, 16000, 1024, 64, torch.float32, big, batch_size=512).chunk_tokens == 128
 

@@ -1,12 +1,16 @@
-"""What this machine does fast: whether OMP screens its correlations in bfloat16.
+"""What this machine does fast: the rates OMP's plan (``kernels/omp.plan_omp``) runs on.
 
 The screened residual route leans on bfloat16 GEMMs, fast only with AVX-512 BF16, AMX or a
 GPU; on an AVX2 CPU they are several times slower than float32, and screening would make
-OMP slower instead of faster. So the choice is made from rates measured here, once per
-machine, in well under a second:
+OMP slower instead of faster. int8_gram trades GEMMs for passes over rows of the Gram
+matrix, bound by memory rather than arithmetic. So the choice is made from rates measured
+here, once per machine, in well under a second:
 
     float32_gemm     multiply-adds per second of a (256 x 512) @ (512 x 8192) float32 GEMM
     bfloat16_gemm    the same GEMM in bfloat16
+    gram_row_pass    float32 elements per second that a batched row combination reads
+                     (``baddbmm`` of 32 targets' 8 rows of 32,768 entries each), the inner
+                     loop of int8_gram
 
 The rates are cached per machine (CPU model, torch's CPU capability, threads, torch
 version; or the GPU's name) in ``$XDG_CACHE_HOME/mergekit-omp/calibration.json`` (default
@@ -33,6 +37,10 @@ LOG = logging.getLogger(__name__)
 CALIBRATION_ENV = "MERGEKIT_OMP_CALIBRATION"
 GEMM_SHAPE = (256, 512, 8192)
 """(rows, D, anchors) of the calibration GEMMs: 1.07 G multiply-adds, 13 ms at 80 GMAC/s."""
+ROW_PASS_SHAPE = (32, 8, 32768)
+"""(targets, rows per target, anchors) of the row-pass measurement: 8.4 M float32 read per
+call from a buffer with room for twice the rows, laid out as int8_gram's chunk state (64 MB:
+larger than CPU caches, as int8_gram's chunks are)."""
 REPEATS = 3
 
 
@@ -44,15 +52,25 @@ class MachineRates(BaseModel):
     machine: str
     float32_gemm: float
     bfloat16_gemm: float
+    gram_row_pass: float
     seconds: float = 0.0
     """How long the measurement took."""
 
     def describe(self) -> str:
         return (
             f"{self.machine}: float32 GEMM {self.float32_gemm / 1e9:.0f} GMAC/s, "
-            f"bfloat16 {self.bfloat16_gemm / 1e9:.0f}"
+            f"bfloat16 {self.bfloat16_gemm / 1e9:.0f}; Gram row pass "
+            f"{self.gram_row_pass / 1e9:.1f} G float32/s"
         )
 
+
+REFERENCE_RATES = MachineRates(
+    machine="the calibration VM: 2-core AMD EPYC (Zen 4), AVX-512 BF16, torch 2.13.0, 2 threads",
+    float32_gemm=8e10,
+    bfloat16_gemm=2e11,
+    gram_row_pass=7e9,
+)
+"""Rates that ``plan_omp`` assumes when it is not told a machine's."""
 
 _MEMO: dict[tuple[str, str], MachineRates] = {}
 
@@ -115,13 +133,23 @@ def read_calibration(path: Path) -> MachineRates | dict[str, MachineRates]:
         data = json.loads(path.read_text())
     except (OSError, ValueError):
         return {}
-    try:
-        if isinstance(data, dict) and "float32_gemm" in data:
+    if isinstance(data, dict) and "float32_gemm" in data:
+        try:
             return MachineRates.model_validate(data)
-        return {key: MachineRates.model_validate(value) for key, value in data.items()}
-    except (ValidationError, AttributeError):
+        except ValidationError as error:
+            LOG.warning("ignoring the unreadable OMP calibration in %s: %s", path, error)
+            return {}
+    if not isinstance(data, dict):
         LOG.warning("ignoring the unreadable OMP calibration in %s", path)
         return {}
+    rates: dict[str, MachineRates] = {}
+    for key, value in data.items():
+        try:
+            rates[key] = MachineRates.model_validate(value)
+        except ValidationError:
+            # An entry from an older version (a rate missing) or damaged: measured again.
+            LOG.debug("re-measuring the OMP calibration of %s", key)
+    return rates
 
 
 def write_calibration(path: Path, rates: dict[str, MachineRates]) -> None:
@@ -145,6 +173,7 @@ def measure_rates(device: torch.device, key: str) -> MachineRates:
         machine=key,
         float32_gemm=float32,
         bfloat16_gemm=bfloat16,
+        gram_row_pass=row_pass_rate(device),
         seconds=round(time.perf_counter() - start, 3),
     )
 
@@ -172,3 +201,16 @@ def gemm_rate(dtype: torch.dtype, device: torch.device) -> float:
     out = torch.empty(rows, anchors, dtype=dtype, device=device)
     seconds = best_seconds(lambda: torch.matmul(left, right.T, out=out), device)
     return rows * dim * anchors / seconds
+
+
+def row_pass_rate(device: torch.device) -> float:
+    targets, rows, anchors = ROW_PASS_SHAPE
+    generator = torch.Generator().manual_seed(0)
+    gram_rows = torch.randn(targets, 2 * rows, anchors, generator=generator).to(device)[:, :rows]
+    weights = torch.randn(targets, 1, rows, generator=generator).to(device)
+    start = torch.randn(targets, 1, anchors, generator=generator).to(device)
+    out = torch.empty_like(start)
+    seconds = best_seconds(
+        lambda: torch.baddbmm(start, weights, gram_rows, alpha=-1, out=out), device
+    )
+    return targets * rows * anchors / seconds

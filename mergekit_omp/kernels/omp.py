@@ -1,18 +1,25 @@
 """Batched Orthogonal Matching Pursuit, with the anchor Gram matrix when it pays (Batch-OMP).
 
-Same inputs, outputs and answers as ``mergekit.tokensurgeon.batch_omp``. Two strategies:
+Same inputs, outputs and answers as ``mergekit.tokensurgeon.batch_omp``. Three strategies:
 
 ``full_gram`` (Batch-OMP; Rubinstein, Zibulevsky & Elad 2008, "Efficient Implementation of
 the K-SVD Algorithm using Batch Orthogonal Matching Pursuit",
 https://www.cs.technion.ac.il/~ronrubin/Publications/KSVD-OMP-v2.pdf) builds G = C C^T once
 and then works in anchor space: iteration t costs N t multiply-adds per target instead of
-N D, at the price of N^2 memory and an N^2 D / 2 build (G is symmetric).
+N D, at the price of N^2 float32 memory and an N^2 D / 2 build (G is symmetric).
 
 ``residual`` works in embedding space like mergekit: every iteration multiplies the residuals
-by C^T (one GEMM per chunk). It needs no Gram matrix, only O(N + k D) memory per target, and
-is chosen when G does not fit the memory budget or would not pay for its build. Where
-bfloat16 GEMMs are fast its correlations are screened in bfloat16 and only the candidates
-the rounding bound cannot rule out are scored in float32 (``omp_screen``): the same picks.
+by C^T (one GEMM per chunk). It needs no Gram matrix, only O(N + k D) memory per target.
+Where bfloat16 GEMMs are fast its correlations are screened in bfloat16 and only the
+candidates the rounding bound cannot rule out are scored in float32 (``omp_screen``): the
+same picks.
+
+``int8_gram`` keeps residual's embedding-space residuals and screens alpha_t = C x - G[S]^T
+gamma from G stored in int8 (N^2 bytes, a quarter of full_gram's), scoring in float32 only
+the anchors its quantization bound cannot rule out (``omp_int8_gram``): the same picks, one
+GEMM per target instead of k, and t Gram rows per iteration, bound by memory bandwidth
+rather than arithmetic. It is the route that pays on CPUs without fast bfloat16 (AVX2),
+where the targets far outnumber the anchors.
 
 Notation, per target x (D) and anchors C (N x D):
     alpha = C r          correlations of the anchors with the residual r
@@ -25,25 +32,17 @@ Notation, per target x (D) and anchors C (N x D):
                          transpose of mergekit's R (the Cholesky factor of G[I, I])
 The coefficients are then L^T c = z, exactly what mergekit solves as R c = Q^T x.
 
-The plan (``plan_omp``) compares the strategies' estimated costs in float32 GEMM
-multiply-adds. Its constants (``MEMORY_BOUND_COST``, ``MEMORY_BOUND_CACHED_POINTS``,
-``GRAM_PASSES_PER_ITERATION``, ``SCREEN_SPEEDUPS``, ``GRAM_TOUCH_COST``) were fitted on a
-2-core AMD EPYC VM (AVX-512 with AVX-512 BF16, torch 2.13.0+cpu with 2 threads). They only
-decide which strategy runs, never the answers. To refit them on another machine, time both
-strategies on the same shapes with
-``python benchmarks/omp_speed.py --anchors 16000 32000 --mergekit-tokens 64`` and
-
-    --dims 1024 --strategy residual --screen off          R = "ours tok/s"
-    --dims 1024 --strategy full_gram                      F = "ours tok/s", "of which Gram s"
-    --dims 576 1024 1536 --strategy residual --screen on  S = "ours tok/s"
-
-With B = 8192 targets and k = 64: the GEMM rate is R N D k multiply-adds per second;
-``MEMORY_BOUND_COST`` is (B / F - Gram s) / B * R D k / (k^2 / 2 + 5 k) at N = 16,000 (at
-32,000 it checks the sqrt growth of ``memory_bound_cost``); ``SCREEN_SPEEDUPS`` is S / R
-(R at the same D), the lowest in each range; ``GRAM_TOUCH_COST`` is
-(Gram s * R N D k - N^2 D / 2) / N^2 at N = 46,000, D = 576. docs/performance.md
-("Refitting the cost model") explains each; the plan test in tests/test_omp.py pins the
-plans of the measured shapes.
+The plan (``plan_omp``) takes the fastest strategy that fits the memory budget, by
+``route_seconds``: estimated seconds from this machine's measured rates
+(``calibrate.machine_rates``: float32 and bfloat16 GEMM, the Gram row pass) and per-strategy
+counts of multiply-adds and passes. full_gram's update-loop constants (``MEMORY_BOUND_COST``,
+``MEMORY_BOUND_CACHED_POINTS``, ``GRAM_PASSES_PER_ITERATION``, ``GRAM_TOUCH_COST``) and the
+screen's ``SCREEN_SPEEDUPS`` were fitted on a 2-core AMD EPYC VM (AVX-512 with AVX-512
+BF16, torch 2.13.0+cpu with 2 threads) relative to its float32 GEMM rate; they only decide
+which strategy runs, never the answers. ``python benchmarks/omp_speed.py`` times the
+strategies on given shapes (docs/performance.md, "Refitting the cost model"); the plan
+tests in tests/test_omp.py pin the plans of the measured shapes. Every call made inside
+``recorded_calls()`` is kept with its plan and why (the report's ``omp`` section).
 """
 
 from __future__ import annotations
@@ -54,12 +53,17 @@ import math
 import mmap
 import sys
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from contextvars import ContextVar
 from dataclasses import dataclass
 from typing import Any, Literal
 
 import torch
 from tqdm import tqdm
 
+from mergekit_omp.kernels.calibrate import REFERENCE_RATES, MachineRates, machine_rates
+from mergekit_omp.kernels.omp_int8_gram import BOUND_SAFETY, ROUNDING_SLACK, Int8Gram
 from mergekit_omp.kernels.omp_screen import (
     GEMM_ROW_ALIGN,
     Bf16Screen,
@@ -74,18 +78,38 @@ DEFAULT_MEMORY_FRACTION = 0.5
 """Most of the currently available memory (RAM, or free memory of the GPU) used by default."""
 
 MIN_DEFAULT_BUDGET_BYTES = 1024**3
-"""The default budget is OMP's own inputs' size (targets and anchors in the work dtype), at
-least this much: a ceiling, so a transplant's peak stays near the loaded matrices' size plus
-theirs. A larger Gram matrix (8.5 GB for 46,018 anchors) needs ``-p memory_gb=``."""
+DEFAULT_BUDGET_INPUTS = 4
+"""The default budget is this many times OMP's own inputs' size (targets and anchors in the
+work dtype), at least ``MIN_DEFAULT_BUDGET_BYTES``: a ceiling, within which the fastest
+strategy runs. It holds int8_gram's N^2-byte Gram matrix where the targets outnumber the
+anchors (2.6 GB for SmolLM2-135M <- Gemma-3's 216,122 targets and 46,018 anchors, inputs
+0.67 GB); float32 G (8.5 GB there) needs ``-p memory_gb=``."""
 
 FALLBACK_MEMORY_BUDGET_BYTES = 4 * 1024**3
 """Budget used when the available memory cannot be queried."""
 
-MAX_CHUNK_TOKENS = {"full_gram": 128, "residual": 1024}
+MAX_CHUNK_TOKENS = {"full_gram": 128, "residual": 1024, "int8_gram": 64}
 """Upper bound on targets processed together. full_gram's per-iteration Python work is
 shared by the chunk (100, 123, 132 and 147 tok/s with chunks of 16, 32, 64 and 128 at
 N = 16,000, D = 2048); residual's GEMM is more efficient on more rows (125 GFLOP/s with 256
 rows, 150 with 1024, at N = 46,000, D = 576)."""
+
+MIN_INT8_CHUNK_TOKENS = 16
+"""int8_gram is only planned if the budget leaves room for this many targets' state next to
+its G (per-iteration overhead dominates smaller chunks: 410 tok/s with 16, 478 with 64 at
+N = 46,018, D = 640, k = 16)."""
+
+INT8_PASSES_PER_ITERATION = 8.0
+"""Row-pass elements per anchor per int8_gram iteration besides the t Gram rows it combines
+(alpha_0's copy, amax, amin, the new row's gather and conversion, the Python overhead):
+fitted to 478 tok/s at N = 46,018, D = 640, k = 16 on the calibration VM."""
+
+INT8_BUILD_PASSES = 4.0
+"""Row-pass elements per entry of G while int8_gram quantizes it (max, min, scale, round,
+the int8 copy)."""
+
+REFERENCE_BF16_RATIO = 2.5
+"""bfloat16/float32 GEMM rate ratio of the VM ``SCREEN_SPEEDUPS`` were measured on."""
 
 MIN_GRAM_CHUNK_TOKENS = 8
 """full_gram is only planned if the budget leaves room for this many targets' state next
@@ -115,16 +139,19 @@ SCREEN_MAX_DIM = 1024
 rounding bound widens with sqrt(D) relative to the top scores, so the candidates to check
 grow with D; see ``SCREEN_SPEEDUPS``."""
 
-SCREEN_SPEEDUPS = ((640, 3.0), (1024, 2.3), (1536, 1.6))
+SCREEN_SPEEDUPS = ((640, 2.7), (1024, 2.3), (1536, 1.6))
 """Speed of screened residual relative to float32 residual in the cost model, for D up to
 each bound (1 above the last): the lowest measured in each range on the calibration VM. Real
-SmolLM2 rows: 3.0x (N = 46,018, D = 576, k = 64), Gemma-3 rows: 3.8x (N = 46,018, D = 640,
+SmolLM2 rows: 3.0x (N = 46,018, D = 576, k = 64), Gemma-3 rows: 2.75x (N = 46,018, D = 640,
 k = 16); Gaussian: 2.33x (N = 16,000) and 3.52x (N = 32,000) at D = 1024, 1.68x at
 D = 1536 (N = 16,000, k = 64)."""
 
 GRAM_TOUCH_COST = 400.0
 """Extra cost per entry of G, in GEMM multiply-adds, of mapping fresh memory for it (on the
 calibration VM the first write to 8.5 GB costs 9 to 15 s, as long as a 400-deep GEMM)."""
+
+ALPHA_0_BLOCK = 512
+"""Targets whose alpha_0 = C x int8_gram computes in one GEMM (188 MB at N = 46,018)."""
 
 ARGMAX_BLOCK = 64
 """Columns per block in the two-level argmax over the anchors."""
@@ -139,7 +166,7 @@ DEPENDENCE_TOLERANCE_ULPS = 64
 """An atom whose orthogonal part has squared norm below this many machine epsilons of its
 squared norm is treated as linearly dependent on the atoms already chosen."""
 
-Strategy = Literal["full_gram", "residual"]
+Strategy = Literal["full_gram", "residual", "int8_gram"]
 
 
 @dataclass(frozen=True)
@@ -149,9 +176,66 @@ class OmpPlan:
     strategy: Strategy
     chunk_tokens: int
     working_bytes: int
-    """Memory the plan allocates: G (full_gram only) plus one chunk's state."""
+    """Memory the plan allocates: G (full_gram, int8_gram) plus one chunk's state."""
     screened: bool = False
     """residual only: correlations screened by a bfloat16 GEMM (see ``omp_screen``)."""
+    budget_bytes: int = 0
+    estimated_seconds: tuple[tuple[str, float], ...] = ()
+    """``route_seconds`` of the strategies that fit the budget, the chosen one among them;
+    all three when the strategy was forced."""
+    forced: bool = False
+
+    def reason(self) -> str:
+        """Why this strategy ran, in one line."""
+        if self.forced:
+            return f"{self.strategy} was asked for"
+        estimates = ", ".join(f"{name} {seconds:.3g} s" for name, seconds in self.estimated_seconds)
+        return (
+            f"{self.strategy}: the fastest estimate ({estimates}) of those that fit "
+            f"{self.budget_bytes / 1e9:.2f} GB"
+        )
+
+
+@dataclass(frozen=True)
+class OmpCall:
+    """One ``batch_omp`` call as it ran (see ``recorded_calls``)."""
+
+    targets: int
+    anchors: int
+    dim: int
+    k: int
+    plan: OmpPlan
+    seconds: float
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "targets": self.targets,
+            "anchors": self.anchors,
+            "dim": self.dim,
+            "k": self.k,
+            "route": self.plan.strategy,
+            "screened": self.plan.screened,
+            "chunk_tokens": self.plan.chunk_tokens,
+            "working_bytes": self.plan.working_bytes,
+            "budget_bytes": self.plan.budget_bytes,
+            "estimated_seconds": dict(self.plan.estimated_seconds),
+            "reason": self.plan.reason(),
+            "seconds": round(self.seconds, 3),
+        }
+
+
+_RECORDED: ContextVar[list[OmpCall] | None] = ContextVar("omp_calls", default=None)
+
+
+@contextmanager
+def recorded_calls() -> Iterator[list[OmpCall]]:
+    """Collect every ``batch_omp`` call made inside the block (for the report)."""
+    calls: list[OmpCall] = []
+    token = _RECORDED.set(calls)
+    try:
+        yield calls
+    finally:
+        _RECORDED.reset(token)
 
 
 def batch_omp(
@@ -214,6 +298,7 @@ def batch_omp(
 
     if screen and work_dtype != torch.float32:
         raise ValueError("bfloat16 screening needs float32 work (targets are float64)")
+    started = time.perf_counter()
     targets_work = targets.to(dtype=work_dtype)
     points = candidate_points.to(device=device, dtype=work_dtype)
     plan = plan_call(
@@ -230,19 +315,34 @@ def batch_omp(
     )
     LOG.debug("batch_omp plan: %s (B=%d, N=%d, D=%d, k=%d)", plan, num_targets, num_points, dim, k)
 
-    solver = _GramSolver(points) if plan.strategy == "full_gram" else _ResidualSolver(points, plan)
+    solver = make_solver(points, plan, targets_work)
     state = _ChunkState(plan, num_points, dim, k, targets_work)
     with tqdm(total=num_targets, desc="OMP", unit="tok", disable=not progress) as bar:
         for start, stop in even_chunks(num_targets, plan.chunk_tokens):
             chunk_indices, chunk_coeffs = _omp_chunk(
-                targets_work[start:stop], k, eps, solver, state
+                targets_work, start, stop, k, eps, solver, state
             )
             indices[start:stop] = chunk_indices
             coeffs[start:stop] = chunk_coeffs
             bar.update(stop - start)
     del solver, state
     release_freed_memory(device)
+    recorded = _RECORDED.get()
+    if recorded is not None:
+        seconds = time.perf_counter() - started
+        recorded.append(OmpCall(num_targets, num_points, dim, k, plan, seconds))
     return indices, coeffs
+
+
+def make_solver(
+    points: torch.Tensor, plan: OmpPlan, targets: torch.Tensor
+) -> _GramSolver | _ResidualSolver | _Int8GramSolver:
+    """The solver that runs ``plan``'s strategy on ``targets``' chunks."""
+    if plan.strategy == "full_gram":
+        return _GramSolver(points)
+    if plan.strategy == "int8_gram":
+        return _Int8GramSolver(points, plan, targets)
+    return _ResidualSolver(points, plan)
 
 
 def even_chunks(num_targets: int, cap: int) -> list[tuple[int, int]]:
@@ -268,16 +368,21 @@ def plan_call(
     screen: bool | None = None,
 ) -> OmpPlan:
     """The plan ``batch_omp`` runs with these arguments: ``plan_omp`` with the default
-    budget and screening (``screens_by_default``) filled in. The default budget is the
-    size of OMP's inputs (at least ``MIN_DEFAULT_BUDGET_BYTES``), within
+    budget, screening (``screens_by_default``) and this machine's rates
+    (``calibrate.machine_rates``) filled in. The default budget is ``DEFAULT_BUDGET_INPUTS``
+    times the size of OMP's inputs (at least ``MIN_DEFAULT_BUDGET_BYTES``), within
     ``default_memory_budget``."""
     budget = memory_budget_bytes
     if budget is None:
         inputs = (num_targets + num_points) * dim * (torch.finfo(dtype).bits // 8)
-        budget = min(default_memory_budget(device), max(MIN_DEFAULT_BUDGET_BYTES, inputs))
+        ceiling = max(MIN_DEFAULT_BUDGET_BYTES, DEFAULT_BUDGET_INPUTS * inputs)
+        budget = min(default_memory_budget(device), ceiling)
     if screen is None:
         screen = screens_by_default(dtype, dim, device)
-    return plan_omp(num_targets, num_points, dim, k, dtype, budget, batch_size, strategy, screen)
+    rates = machine_rates(device)
+    return plan_omp(
+        num_targets, num_points, dim, k, dtype, budget, batch_size, strategy, screen, rates
+    )
 
 
 def screens_by_default(dtype: torch.dtype, dim: int, device: torch.device) -> bool:
@@ -328,19 +433,19 @@ def plan_omp(
     batch_size: int | None = None,
     strategy: Strategy | None = None,
     screen: bool = False,
+    rates: MachineRates = REFERENCE_RATES,
 ) -> OmpPlan:
-    """Choose the strategy and chunk size from the shapes and the memory budget.
+    """Choose the strategy and chunk size from the shapes, the memory budget and the
+    machine's measured ``rates``: the fastest by ``route_seconds`` among the strategies that
+    fit the budget (residual always runs).
 
     Chunks are as large as the budget allows, up to ``batch_size`` (or ``MAX_CHUNK_TOKENS``).
-
-    ``full_gram`` is chosen when G fits in the budget next to at least
-    ``MIN_GRAM_CHUNK_TOKENS`` targets' state and its estimated cost, N^2 (D / 2 + 400) for G
-    plus ``memory_bound_cost(N)`` x B N (k^2 / 2 + ``GRAM_PASSES_PER_ITERATION`` k) for the
-    updates, is below ``residual``'s B N D k (divided by ``screen_speedup(D)`` when
-    ``screen``ed).
+    ``full_gram`` must fit next to at least ``MIN_GRAM_CHUNK_TOKENS`` targets' state,
+    ``int8_gram`` next to ``MIN_INT8_CHUNK_TOKENS``; ``int8_gram`` needs float32 work (its
+    rounding allowance is float32's) and k >= 2.
     """
     item = torch.finfo(dtype).bits // 8
-    gram_bytes = num_points * num_points * item
+    padded = padded_count(num_points)
     per_target = {
         # k rows of v, alpha, |alpha| (padded), two rows of slack for temporaries, and the
         # small k x k factors.
@@ -348,34 +453,88 @@ def plan_omp(
         # alpha, |alpha| (padded), the k directions, the residual and the k x k factors.
         "residual": (2 * num_points + ARGMAX_BLOCK + (k + 2) * dim + k * (k + 3)) * item,
     }
-    screen_fixed = 0
+    # residual's state, screened alpha, the k - 1 Gram rows and their int8 staging row.
+    per_target["int8_gram"] = per_target["residual"] + (k + 1) * padded * item + padded
+    fixed = {
+        "full_gram": num_points * num_points * item,
+        "residual": 0,
+        # G in int8, its scales, diagonal and the norms, the padded anchors, alpha_0's block
+        "int8_gram": num_points * padded
+        + 3 * num_points * item
+        + padded * dim * item
+        + min(num_targets, ALPHA_0_BLOCK + MAX_CHUNK_TOKENS["int8_gram"]) * padded * item,
+    }
     if screen:
         # bfloat16 scores; alpha and |alpha| stay reserved for rows scored in float32.
-        padded = padded_anchor_count(num_points)
-        per_target["residual"] += padded * 2
+        padded_screen = padded_anchor_count(num_points)
+        per_target["residual"] += padded_screen * 2
         # the anchors in bfloat16, and up to GEMM_ROW_ALIGN - 1 rows of padding scores
-        screen_fixed = padded * dim * 2 + (GEMM_ROW_ALIGN - 1) * padded * 2
+        fixed["residual"] = padded_screen * dim * 2 + (GEMM_ROW_ALIGN - 1) * padded_screen * 2
 
-    def make(name: Strategy) -> OmpPlan:
-        fixed = gram_bytes if name == "full_gram" else screen_fixed
-        room = (memory_budget_bytes - fixed) // per_target[name]
+    seconds = route_seconds(num_targets, num_points, dim, k, screen, rates)
+
+    def make(name: Strategy, considered: list[Strategy]) -> OmpPlan:
+        room = (memory_budget_bytes - fixed[name]) // per_target[name]
         cap = min(num_targets, MAX_CHUNK_TOKENS[name], batch_size or num_targets)
         chunk = max(1, min(cap, room))
-        screened = screen and name == "residual"
-        return OmpPlan(name, chunk, fixed + chunk * per_target[name], screened)
+        return OmpPlan(
+            name,
+            chunk,
+            fixed[name] + chunk * per_target[name],
+            screened=screen and name == "residual",
+            budget_bytes=memory_budget_bytes,
+            estimated_seconds=tuple(
+                (other, float(f"{seconds[other]:.4g}")) for other in considered
+            ),
+            forced=strategy is not None,
+        )
 
     if strategy is not None:
-        return make(strategy)
-    gram_room = (memory_budget_bytes - gram_bytes) // per_target["full_gram"]
-    gram_fits = gram_room >= min(num_targets, MIN_GRAM_CHUNK_TOKENS)
-    # G is symmetric: half of its N^2 D multiply-adds are computed, the rest mirrored.
-    update_cost = num_targets * num_points * (k * k / 2 + GRAM_PASSES_PER_ITERATION * k)
-    gram_cost = (
+        return make(strategy, ["residual", "full_gram", "int8_gram"])
+    least_chunk = {"full_gram": MIN_GRAM_CHUNK_TOKENS, "int8_gram": MIN_INT8_CHUNK_TOKENS}
+    gram_strategies: tuple[Strategy, ...] = ("full_gram", "int8_gram")
+    fitting: list[Strategy] = ["residual"]
+    for name in gram_strategies:
+        room = (memory_budget_bytes - fixed[name]) // per_target[name]
+        if room >= min(num_targets, least_chunk[name]):
+            fitting.append(name)
+    if dtype != torch.float32 or k < 2:
+        fitting = [name for name in fitting if name != "int8_gram"]
+    return make(min(fitting, key=lambda name: seconds[name]), fitting)
+
+
+def route_seconds(
+    num_targets: int, num_points: int, dim: int, k: int, screen: bool, rates: MachineRates
+) -> dict[Strategy, float]:
+    """Estimated seconds of each strategy on a machine with ``rates``.
+
+    residual: B N D k GEMM multiply-adds (``screen_speedup`` times faster when screened,
+    scaled by how this machine's bfloat16/float32 ratio compares with the one it was
+    measured at). full_gram: N^2 (D / 2 + ``GRAM_TOUCH_COST``) for G plus
+    ``memory_bound_cost(N)`` x B N (k^2 / 2 + ``GRAM_PASSES_PER_ITERATION`` k) for the
+    updates, in GEMM multiply-adds. int8_gram: N^2 D + B N D GEMM multiply-adds (G and
+    alpha_0), plus N^2 ``INT8_BUILD_PASSES`` and B N (k (k - 1) / 2 +
+    ``INT8_PASSES_PER_ITERATION`` k) row-pass elements (``MachineRates.gram_row_pass``).
+    """
+    gemm = rates.float32_gemm
+    speedup = 1.0
+    if screen:
+        bf16_ratio = rates.bfloat16_gemm / rates.float32_gemm
+        speedup = max(1.0, screen_speedup(dim) * min(1.0, bf16_ratio / REFERENCE_BF16_RATIO))
+    update = num_targets * num_points * (k * k / 2 + GRAM_PASSES_PER_ITERATION * k)
+    gram = (
         num_points * num_points * (dim / 2 + GRAM_TOUCH_COST)
-        + memory_bound_cost(num_points) * update_cost
+        + memory_bound_cost(num_points) * update
     )
-    residual_cost = num_targets * num_points * dim * k / (screen_speedup(dim) if screen else 1.0)
-    return make("full_gram" if gram_fits and gram_cost < residual_cost else "residual")
+    int8_gemm = (num_points + num_targets) * num_points * dim
+    int8_passes = num_points * num_points * INT8_BUILD_PASSES + num_targets * num_points * (
+        k * (k - 1) / 2 + INT8_PASSES_PER_ITERATION * k
+    )
+    return {
+        "residual": num_targets * num_points * dim * k / gemm / speedup,
+        "full_gram": gram / gemm,
+        "int8_gram": int8_gemm / gemm + int8_passes / rates.gram_row_pass,
+    }
 
 
 def screen_speedup(dim: int) -> float:
@@ -422,6 +581,16 @@ def allocate(shape: tuple[int, ...], like: torch.Tensor) -> torch.Tensor:
     return torch.frombuffer(buffer, dtype=like.dtype).view(shape)
 
 
+def padded_count(num_points: int) -> int:
+    """``num_points`` rounded up to whole ``ARGMAX_BLOCK``s."""
+    return -(-num_points // ARGMAX_BLOCK) * ARGMAX_BLOCK
+
+
+def alpha_0_rows(chunk: int, num_targets: int) -> int:
+    """Rows of int8_gram's alpha_0 block: ``ALPHA_0_BLOCK`` rounded up to whole chunks."""
+    return min(num_targets, -(-ALPHA_0_BLOCK // chunk) * chunk + chunk)
+
+
 class _ChunkState:
     """Buffers for one chunk of targets, allocated once per call and reused by every chunk."""
 
@@ -440,6 +609,13 @@ class _ChunkState:
         self.selected = torch.zeros((chunk, k), dtype=torch.long, device=like.device)
         self.lower = torch.empty((chunk, k, k), **options)
         self.z = torch.empty((chunk, k), **options)
+        if plan.strategy == "int8_gram":
+            padded = padded_count(num_points)
+            self.alpha_0 = torch.empty((alpha_0_rows(chunk, like.shape[0]), padded), **options)
+            self.screened = torch.empty((chunk, padded), **options)
+            self.gram_rows = torch.empty((chunk, max(k - 1, 0), padded), **options)
+            self.row_bytes = torch.empty((chunk, padded), dtype=torch.int8, device=like.device)
+            self.row_scales = torch.empty((chunk, max(k - 1, 0)), **options)
         if plan.strategy == "full_gram":
             # v[t, b] is target b's v_t; v[t] is complete before iteration t + 1 reads it.
             self.v = allocate((k, chunk, num_points), like)
@@ -464,7 +640,7 @@ class _GramSolver:
             time.perf_counter() - start,
         )
 
-    def begin(self, targets: torch.Tensor, state: _ChunkState) -> None:
+    def begin(self, targets: torch.Tensor, start: int, state: _ChunkState) -> None:
         b = targets.shape[0]
         self.alpha, self.v, self.inv_d = state.alpha[:b], state.v[:, :b], state.inv_d[:b]
         self.scores = state.scores[:b]
@@ -503,7 +679,7 @@ class _ResidualSolver:
         self.points = points
         self.screen = Bf16Screen(points) if plan.screened else None
 
-    def begin(self, targets: torch.Tensor, state: _ChunkState) -> None:
+    def begin(self, targets: torch.Tensor, start: int, state: _ChunkState) -> None:
         b = targets.shape[0]
         self.targets = targets
         self.directions, self.residual = state.directions[:, :b], state.residual[:b]
@@ -547,19 +723,132 @@ class _ResidualSolver:
         return z
 
 
+class _Int8GramSolver(_ResidualSolver):
+    """residual's Gram-Schmidt in embedding space, with alpha_t screened from int8 rows of G
+    (``omp_int8_gram``) instead of a GEMM per iteration.
+
+    Rows are padded with zeros to whole ``ARGMAX_BLOCK``s, so the block maxima and minima of
+    alpha~ come from one pass (``aminmax``) without a separate |alpha~|.
+    """
+
+    def __init__(self, points: torch.Tensor, plan: OmpPlan, targets: torch.Tensor) -> None:
+        super().__init__(points, plan)
+        num_points, dim = points.shape
+        self.all_targets = targets
+        self.block_start = self.block_stop = 0
+        self.padded_points = torch.zeros(
+            (padded_count(num_points), dim), dtype=points.dtype, device=points.device
+        )
+        self.padded_points[:num_points] = points
+        self.gram = Int8Gram(points, allocate, padded_count(num_points))
+        LOG.debug("built the int8 Gram matrix in %.3f s", self.gram.seconds)
+        self.norms = points.norm(dim=1)
+        self.max_norm = self.norms.max()
+        self.fallback_blocks = padded_count(num_points) // ARGMAX_BLOCK // 2
+
+    def begin(self, targets: torch.Tensor, start: int, state: _ChunkState) -> None:
+        super().begin(targets, start, state)
+        b = targets.shape[0]
+        if not self.block_start <= start < start + b <= self.block_stop:
+            # alpha_0 = C x for the next ALPHA_0_BLOCK targets in one GEMM: it runs at a third
+            # of the speed on a chunk's 64 rows.
+            self.block_start = start
+            self.block_stop = min(start + state.alpha_0.shape[0], self.all_targets.shape[0])
+            torch.matmul(
+                self.all_targets[start : self.block_stop],
+                self.padded_points.T,
+                out=state.alpha_0[: self.block_stop - start],
+            )
+        self.alpha_0 = state.alpha_0[start - self.block_start :][:b]
+        self.screened = state.screened[:b]
+        self.rows, self.row_bytes = state.gram_rows[:b], state.row_bytes[:b]
+        self.scales, self.lower, self.z = state.row_scales[:b], state.lower[:b], state.z[:b]
+        self.target_norms = targets.norm(dim=1)
+
+    def pick(self, selected: torch.Tensor) -> torch.Tensor:
+        t = selected.shape[1]
+        num_points = self.points.shape[0]
+        if t == 0:
+            return _pick_atoms(self.alpha_0[:, :num_points], self.scores, selected)
+        b = selected.shape[0]
+        gamma = torch.linalg.solve_triangular(
+            self.lower[:, :t, :t].transpose(1, 2), self.z[:, :t].unsqueeze(-1), upper=True
+        ).squeeze(-1)
+        alpha = self.screened
+        # The rows hold G's int8 values: their scales go with gamma.
+        torch.baddbmm(
+            self.alpha_0.unsqueeze(1),
+            (gamma * self.scales[:, :t]).unsqueeze(1),
+            self.rows[:, :t],
+            alpha=-1,
+            out=alpha.unsqueeze(1),
+        )
+        weights = gamma.abs()
+        bound = BOUND_SAFETY / 2 * (weights * self.scales[:, :t]).sum(dim=1) + (
+            ROUNDING_SLACK
+            * self.max_norm
+            * (self.target_norms + (weights * self.norms[selected]).sum(dim=1))
+        )
+        # The chosen atoms' alpha is zero up to rounding: set it to zero, so that it cannot
+        # pass a positive threshold (a row whose threshold is not positive goes to the
+        # float32 fallback, which excludes them).
+        alpha.scatter_(1, selected, 0.0)
+        blocks = alpha.view(b, -1, ARGMAX_BLOCK)
+        # amax and amin: 10x faster than aminmax over blocks of 64 on CPU.
+        block_best = torch.maximum(blocks.amax(dim=2), blocks.amin(dim=2).neg_())
+        # The screened best's float32 |alpha| is a lower bound on the pick's: every anchor
+        # whose screened |alpha| is within the bound of it is a candidate.
+        best_block = block_best.argmax(dim=1)
+        rows = torch.arange(b, device=alpha.device)
+        best = best_block * ARGMAX_BLOCK + blocks[rows, best_block].abs().argmax(dim=1)
+        best_exact = torch.linalg.vecdot(self.padded_points[best], self.residual).abs()
+        threshold = best_exact - bound
+        row, block = (block_best >= threshold.unsqueeze(1)).nonzero(as_tuple=True)
+        crowded = torch.bincount(row, minlength=b) > self.fallback_blocks
+        crowded |= threshold <= 0
+        if crowded.any():
+            kept = ~crowded[row]
+            row, block = row[kept], block[kept]
+        inside, offset = (blocks[row, block].abs() >= threshold[row].unsqueeze(1)).nonzero(
+            as_tuple=True
+        )
+        row, column = row[inside], block[inside] * ARGMAX_BLOCK + offset
+        exact = torch.linalg.vecdot(self.points[column], self.residual[row]).abs()
+        top = torch.full((b,), -1.0, dtype=exact.dtype, device=exact.device)
+        top.scatter_reduce_(0, row, exact, "amax")
+        is_top = exact == top[row]
+        atoms = torch.full((b,), num_points, dtype=torch.long, device=exact.device)
+        atoms.scatter_reduce_(0, row[is_top], column[is_top], "amin")
+        if crowded.any():
+            rows = crowded.nonzero().squeeze(1)
+            exact_alpha = self.residual[rows] @ self.points.T
+            scores = _scores_buffer(rows.numel(), num_points, exact_alpha)
+            atoms[rows] = _pick_atoms(exact_alpha, scores, selected[rows])
+        return atoms
+
+    def advance(self, t: int, atom: torch.Tensor, inv_d: torch.Tensor) -> torch.Tensor:
+        z = super().advance(t, atom, inv_d)
+        if t < self.rows.shape[1]:
+            self.scales[:, t] = self.gram.rows(atom, self.rows[:, t], self.row_bytes)
+        return z
+
+
 def _omp_chunk(
-    targets: torch.Tensor,
+    all_targets: torch.Tensor,
+    start: int,
+    stop: int,
     k: int,
     eps: float,
-    solver: _GramSolver | _ResidualSolver,
+    solver: _GramSolver | _ResidualSolver | _Int8GramSolver,
     state: _ChunkState,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """OMP for one chunk of targets; see the module docstring for the notation."""
+    """OMP for targets ``start:stop``; see the module docstring for the notation."""
+    targets = all_targets[start:stop]
     b = targets.shape[0]
     tolerance = DEPENDENCE_TOLERANCE_ULPS * torch.finfo(targets.dtype).eps
     selected, lower, z = state.selected[:b], state.lower[:b], state.z[:b]
     lower.zero_()
-    solver.begin(targets, state)
+    solver.begin(targets, start, state)
 
     for t in range(k):
         atom = solver.pick(selected[:, :t])
