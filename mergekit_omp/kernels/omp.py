@@ -206,6 +206,8 @@ class OmpCall:
     k: int
     plan: OmpPlan
     seconds: float
+    setup_seconds: float = 0.0
+    """Of ``seconds``, building the strategy's shared state (G, the bfloat16 anchors)."""
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -221,6 +223,7 @@ class OmpCall:
             "estimated_seconds": dict(self.plan.estimated_seconds),
             "reason": self.plan.reason(),
             "seconds": round(self.seconds, 3),
+            "setup_seconds": round(self.setup_seconds, 3),
         }
 
 
@@ -315,7 +318,9 @@ def batch_omp(
     )
     LOG.debug("batch_omp plan: %s (B=%d, N=%d, D=%d, k=%d)", plan, num_targets, num_points, dim, k)
 
+    setup_started = time.perf_counter()
     solver = make_solver(points, plan, targets_work)
+    setup_seconds = time.perf_counter() - setup_started
     state = _ChunkState(plan, num_points, dim, k, targets_work)
     with tqdm(total=num_targets, desc="OMP", unit="tok", disable=not progress) as bar:
         for start, stop in even_chunks(num_targets, plan.chunk_tokens):
@@ -330,7 +335,7 @@ def batch_omp(
     recorded = _RECORDED.get()
     if recorded is not None:
         seconds = time.perf_counter() - started
-        recorded.append(OmpCall(num_targets, num_points, dim, k, plan, seconds))
+        recorded.append(OmpCall(num_targets, num_points, dim, k, plan, seconds, setup_seconds))
     return indices, coeffs
 
 
