@@ -485,3 +485,11 @@ def test_large_buffers_are_ordinary_writable_tensors(monkeypatch: pytest.MonkeyP
     assert torch.allclose(gram, points @ points.T, atol=1e-5)
     _, coeffs = assert_matches_mergekit(gaussian(10, 8, seed=38), points, k=4, strategy="full_gram")
     assert torch.isfinite(coeffs).all()
+
+
+@pytest.mark.parametrize("options", [{"screen": True}, {"strategy": "int8_gram"}])
+def test_low_precision_screens_refuse_float64_work(options: dict) -> None:
+    """Their rounding allowances are float32's."""
+    targets, points = gaussian(4, 8, seed=49, dtype=torch.float64), gaussian(20, 8, seed=50)
+    with pytest.raises(ValueError, match="needs float32 work"):
+        batch_omp(targets, points, 3, **options)

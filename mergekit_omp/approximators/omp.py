@@ -53,11 +53,11 @@ def omp(
 ) -> Approximation:
     """Sparse anchor combination found by OMP in the donor space (default).
 
-    ``memory_gb`` is the working memory allowed for OMP's anchor Gram matrix and per-chunk
-    state (default: the size of OMP's inputs, at least 1 GiB, within half of the memory
-    available when it starts). OMP works through that
-    Gram matrix or in embedding space, whichever its cost model expects to be faster; with
-    less memory than the Gram matrix needs, in embedding space, within the budget.
+    ``memory_gb`` is the working memory allowed for OMP's anchor Gram matrix (float32 or
+    int8) and per-chunk state (default: 4x the size of OMP's inputs, at least 1 GiB, within
+    half of the memory available when it starts). OMP takes whichever of its routes fits
+    and is fastest by this machine's measured rates (``kernels/omp.plan_omp``); with less
+    memory than a Gram matrix needs, it works in embedding space, within the budget.
     ``screen`` lets the embedding-space route find its candidates with a bfloat16 GEMM and
     check them in float32: the same picks, faster (default: where this machine's
     calibration measured bfloat16 GEMMs fast and D <= 1024; ``false`` turns it off).

@@ -265,12 +265,14 @@ def batch_omp(
         k: atoms per target; must not exceed N.
         eps: norms of orthogonalised atoms below this count as zero, as in mergekit.
         memory_budget_bytes: working memory allowed for the Gram matrix and the per-chunk
-            state; defaults to the size of the inputs (at least 1 GiB), within
-            ``DEFAULT_MEMORY_FRACTION`` of the available memory (``plan_call``).
+            state; defaults to ``DEFAULT_BUDGET_INPUTS`` times the size of the inputs (at
+            least 1 GiB), within ``DEFAULT_MEMORY_FRACTION`` of the available memory
+            (``plan_call``).
         batch_size: at most this many targets per chunk (default ``MAX_CHUNK_TOKENS``);
             chunks are smaller when the budget requires.
-        strategy: force ``full_gram`` or ``residual`` instead of planning (for tests and
-            benchmarks; full_gram ignores the budget then).
+        strategy: force ``full_gram``, ``int8_gram`` (float32 work only) or ``residual``
+            instead of planning (for tests and benchmarks; the Gram matrix is allocated
+            whatever the budget then).
         screen: let residual screen its correlations with a bfloat16 GEMM and recompute the
             candidates in float32 (same picks); default: for float32 work with D up to
             ``SCREEN_MAX_DIM`` where bfloat16 GEMMs are fast (CUDA, or a CPU whose
@@ -301,6 +303,8 @@ def batch_omp(
 
     if screen and work_dtype != torch.float32:
         raise ValueError("bfloat16 screening needs float32 work (targets are float64)")
+    if strategy == "int8_gram" and work_dtype != torch.float32:
+        raise ValueError("int8_gram needs float32 work (targets are float64)")
     started = time.perf_counter()
     targets_work = targets.to(dtype=work_dtype)
     points = candidate_points.to(device=device, dtype=work_dtype)
