@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 
 import pytest
@@ -53,6 +54,19 @@ def test_rates_are_measured_once_and_cached_per_machine(
     monkeypatch.setattr(calibrate, "_MEMO", {})  # a new process reads the file
     assert machine_rates("cpu").float32_gemm == 8e10
     assert calls == [key]
+
+
+def test_rates_measured_on_a_busy_cpu_are_not_cached(
+    calibration_file: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    calls = counting_measure(monkeypatch, FIXED)
+    monkeypatch.setattr(calibrate, "load", lambda: 1.6 * (os.cpu_count() or 1))
+    assert machine_rates("cpu").float32_gemm == 8e10 and len(calls) == 1
+    assert not calibration_file.exists()
+    monkeypatch.setattr(calibrate, "_MEMO", {})
+    monkeypatch.setattr(calibrate, "load", lambda: 0.0)
+    machine_rates("cpu")
+    assert len(calls) == 2 and calibration_file.exists()
 
 
 def test_other_machines_keep_their_cached_rates(

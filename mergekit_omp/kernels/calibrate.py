@@ -14,7 +14,8 @@ here, once per machine, in well under a second:
 
 The rates are cached per machine (CPU model, torch's CPU capability, threads, torch
 version; or the GPU's name) in ``$XDG_CACHE_HOME/mergekit-omp/calibration.json`` (default
-``~/.cache``), never in an output. ``MERGEKIT_OMP_CALIBRATION=FILE`` reads and writes FILE
+``~/.cache``), never in an output; rates measured while the CPU is busy (``cpu_is_busy``)
+serve that run only. ``MERGEKIT_OMP_CALIBRATION=FILE`` reads and writes FILE
 instead; a file holding one ``MachineRates`` (``machine`` and the two rates) fixes the rates
 on any machine, which is how tests and reproductions pin a plan. Delete the file to measure
 again.
@@ -90,9 +91,30 @@ def machine_rates(device: torch.device | str = "cpu") -> MachineRates:
     else:
         rates = measure_rates(device, key)
         LOG.info("calibrated OMP routes: %s (%.2f s)", rates.describe(), rates.seconds)
-        write_calibration(path, {**stored, key: rates})
+        if device.type == "cpu" and cpu_is_busy():
+            # Rates measured while other processes compete are this run's, not the machine's.
+            LOG.info("the CPU is busy (load %.1f): the calibration is not cached", load())
+        else:
+            write_calibration(path, {**stored, key: rates})
     _MEMO[(str(path), key)] = rates
     return rates
+
+
+BUSY_LOAD_PER_CPU = 1.5
+"""A one-minute load average above this many runnable processes per CPU means the rates
+measured now are not cached."""
+
+
+def load() -> float:
+    """The one-minute load average (0 where the platform has none)."""
+    try:
+        return os.getloadavg()[0]
+    except (OSError, AttributeError):
+        return 0.0
+
+
+def cpu_is_busy() -> bool:
+    return load() > BUSY_LOAD_PER_CPU * (os.cpu_count() or 1)
 
 
 def calibration_path() -> Path:
