@@ -135,7 +135,7 @@ class Direction:
         from mergekit.options import MergeOptions
 
         from mergekit_omp.evaluate.transplanted import InMemoryTransplant
-        from mergekit_omp.plan import load_pair
+        from mergekit_omp.load import load_pair
 
         base_name, donor_name = DIRECTIONS[name]
         self.name = name

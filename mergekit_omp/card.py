@@ -20,7 +20,8 @@ from huggingface_hub import ModelCard, ModelCardData
 from mergekit_omp.approximators import get_approximator
 from mergekit_omp.errors import TransplantError
 from mergekit_omp.load import HUB_ID_RE
-from mergekit_omp.options import TransplantOptions, recipe_yaml
+from mergekit_omp.options import TransplantOptions
+from mergekit_omp.recipe import recipe_yaml
 from mergekit_omp.report import MatrixReport, TransplantReport
 
 RECIPE_FILE = "mergekit_omp_recipe.yml"

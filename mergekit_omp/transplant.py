@@ -27,10 +27,10 @@ from mergekit_omp.card import RECIPE_FILE, model_card, output_recipe
 from mergekit_omp.checkpoint import ShardCopy
 from mergekit_omp.diagnostics.stage import MatrixDiagnosis, audit_matrix, check_numbers
 from mergekit_omp.diagnostics.summary import tokenizer_differences
-from mergekit_omp.load import LoadedModel
+from mergekit_omp.load import LoadedModel, load_pair
 from mergekit_omp.match import VocabularyMatch
 from mergekit_omp.options import Matrix, TransplantOptions
-from mergekit_omp.plan import MatrixPlan, TransplantPlan, load_pair, plan_transplant
+from mergekit_omp.plan import MatrixPlan, TransplantPlan, plan_transplant
 from mergekit_omp.publish import check_output_path, staged_output
 from mergekit_omp.report import MatrixReport, TransplantReport
 from mergekit_omp.write import (

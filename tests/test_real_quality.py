@@ -35,7 +35,7 @@ def scored() -> dict[str, float]:
     from mergekit_omp.evaluate.bpb import bits_per_byte
     from mergekit_omp.evaluate.compare import transplanted_matrices
     from mergekit_omp.evaluate.transplanted import InMemoryTransplant
-    from mergekit_omp.plan import load_pair
+    from mergekit_omp.load import load_pair
 
     text = (Path(sysconfig.get_paths()["stdlib"]) / "graphlib.py").read_text()[:8000]
     base, donor = load_pair(str(GEMMA), str(SMOLLM), MergeOptions())

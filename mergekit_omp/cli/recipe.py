@@ -1,7 +1,7 @@
 """``mergekit-omp-yaml RECIPE OUT``: run the transplant a recipe file describes.
 
 A recipe is the YAML form of :class:`~mergekit_omp.options.TransplantOptions` (read and
-written by ``options.load_recipe`` and ``options.recipe_yaml``); relative model paths are
+written by ``recipe.load_recipe`` and ``recipe.recipe_yaml``); relative model paths are
 read from the recipe's directory (``paths.resolve_model_path``).
 """
 
@@ -20,7 +20,7 @@ from mergekit_omp.cli.common import (
     run_cli_action,
 )
 from mergekit_omp.cli.options import READ_OPTIONS, SUMMARY_HELP, WRITE_OPTIONS, merge_options
-from mergekit_omp.options import MODEL_KEYS, Recipe, load_recipe
+from mergekit_omp.recipe import MODEL_KEYS, Recipe, load_recipe
 from mergekit_omp.transplant import transplant
 
 

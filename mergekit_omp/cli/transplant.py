@@ -47,8 +47,8 @@ from mergekit_omp.options import (
     MatchScope,
     TransplantOptions,
     describe_validation_error,
-    recipe_yaml,
 )
+from mergekit_omp.recipe import recipe_yaml
 from mergekit_omp.transplant import transplant
 
 LOG = logging.getLogger("mergekit_omp")
