@@ -79,6 +79,15 @@ def test_only_the_commands_import_the_evaluation_and_the_commands():
         )
 
 
+def test_the_entry_points_import_nothing_heavy_of_ours():
+    """The console scripts' module runs before torch is imported (Ctrl-C there is one line):
+    at module level it imports only the package (lazy), the error types and ``publish``."""
+    path = PACKAGE / "cli" / "process.py"
+    top_level = {module for module, at_top in imports(path) if at_top}
+    assert top_level <= {"mergekit_omp", "mergekit_omp.errors"}, sorted(top_level)
+    assert "from mergekit_omp import publish\n" in path.read_text(encoding="utf-8")
+
+
 def test_the_checker_sees_a_layer_being_crossed(tmp_path):
     bad = tmp_path / "bad.py"
     bad.write_text("def f():\n    from mergekit_omp.evaluate.compare import x\n")

@@ -10,15 +10,14 @@ import click
 from mergekit.options import MergeOptions, add_merge_options
 from pydantic_core import to_jsonable_python
 
-from mergekit_omp.cli.common import (
-    check_outputs,
-    command_class,
+from mergekit_omp.cli.options import (
     out_path_argument,
     overwrite_option,
     report_option,
-    run_cli_action,
+    strict_merge_types,
 )
-from mergekit_omp.cli.options import strict_merge_types
+from mergekit_omp.cli.outputs import check_outputs
+from mergekit_omp.cli.process import command_class, run_cli_action
 from mergekit_omp.merge.config import load_merge_config
 from mergekit_omp.merge.omp_vocabulary_task import OmpFill
 from mergekit_omp.merge.run import run_omp_merge

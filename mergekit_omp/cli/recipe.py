@@ -10,16 +10,17 @@ from __future__ import annotations
 import click
 from mergekit.options import MergeOptions
 
-from mergekit_omp.cli.common import (
-    check_outputs,
-    command_class,
-    echo_summary,
+from mergekit_omp.cli.options import (
+    READ_OPTIONS,
+    SUMMARY_HELP,
+    WRITE_OPTIONS,
+    merge_options,
     out_path_argument,
     overwrite_option,
     report_option,
-    run_cli_action,
 )
-from mergekit_omp.cli.options import READ_OPTIONS, SUMMARY_HELP, WRITE_OPTIONS, merge_options
+from mergekit_omp.cli.outputs import check_outputs, echo_summary
+from mergekit_omp.cli.process import command_class, run_cli_action
 from mergekit_omp.recipe import MODEL_KEYS, Recipe, load_recipe
 from mergekit_omp.transplant import transplant
 
