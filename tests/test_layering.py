@@ -14,8 +14,9 @@ import mergekit_omp
 PACKAGE = Path(mergekit_omp.__file__).parent
 METHOD_LAYER = {"approximators", "errors", "kernels", "match", "vocabulary"}
 """What approximators/ may import: the methods, their kernels and the vocabulary types."""
-SELECTION_LAYER = METHOD_LAYER | {"select", "lm"}
-"""What select/ may import: the methods, and how to run a model on a text."""
+SELECTION_LAYER = METHOD_LAYER | {"select", "lm", "records"}
+"""What select/ may import: the methods, how to run a model on a text, and the report's record
+types (``records.py``, pydantic only: ``Choice`` is one)."""
 
 
 def part_of(module: str) -> str:

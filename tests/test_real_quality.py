@@ -50,7 +50,7 @@ def scored() -> dict[str, float]:
         model = in_memory.apply(matrices)
         scores[method or "default"] = bits_per_byte(model, plan.tokenizer, text).bpb
         if method is None:
-            scores["choice"] = getattr(matrices["embed"].approximation, "choice", None)
+            scores["choice"] = matrices["embed"].approximation.choice
     return scores
 
 
@@ -61,7 +61,7 @@ def test_hybrid_beats_omp_and_fvt_on_code(scored):
 
 def test_the_default_chooses_the_hybrid_by_bits_per_byte_on_the_validation_text(scored):
     choice = scored["choice"]
-    assert choice["chosen"] == "hybrid"
-    assert choice["validation"] == TEXT_VALIDATION
-    assert choice["scores"]["hybrid"] == min(choice["scores"].values())
+    assert choice.chosen == "hybrid"
+    assert choice.validation == TEXT_VALIDATION
+    assert choice.scores["hybrid"] == min(choice.scores.values())
     assert scored["default"] == scored["hybrid"]

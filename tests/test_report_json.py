@@ -7,18 +7,23 @@ from __future__ import annotations
 
 import json
 import os
+from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
 import pytest
 import torch
+from pydantic_core import to_jsonable_python
 from test_audit import planted_geometry, planted_problem
 
 from mergekit_omp import TransplantOptions, transplant
 from mergekit_omp.approximators import Approximation
 from mergekit_omp.diagnostics.stage import audit_matrix
 from mergekit_omp.kernels.omp import batch_omp
+from mergekit_omp.merge.omp_vocabulary_task import OmpFill
+from mergekit_omp.records import Record, omitted
 from mergekit_omp.report import TransplantReport
+from mergekit_omp.select.base import Choice
 
 GOLDEN = Path(__file__).parent / "fixtures" / "reports"
 WRITE = os.environ.get("MERGEKIT_OMP_WRITE_GOLDEN") == "1"
@@ -77,3 +82,44 @@ def test_audit_and_guard_json_of_a_planted_breaker_is_unchanged():
         audit_matrix(problem, approximation, report, matrix="lm_head", is_output=True, guard="clip")
     assert report.diagnostics  # the breaker is flagged and clipped
     check_golden("planted_breaker", report, {})
+
+
+def test_a_failed_candidates_score_is_null_in_the_json_and_seconds_move_to_the_report():
+    choice = Choice(
+        chosen="fvt",
+        method="fvt",
+        parameters={},
+        scores={"omp": float("inf"), "fvt": 1.5},
+        validation="bits per byte",
+        evidence="6 bytes of text",
+        seconds=2.0,
+    )
+    report = TransplantReport(base_model="b", donor="d", options={})
+    kept = report.choice_without_seconds("embed", choice)
+    assert kept is not None and kept.scores["omp"] == float("inf")  # in Python, inf
+    assert report.seconds == {"auto embed (within approximate)": 2.0}
+    assert kept.model_dump(mode="json") == {
+        "chosen": "fvt",
+        "method": "fvt",
+        "parameters": {},
+        "scores": {"omp": None, "fvt": 1.5},
+        "validation": "bits per byte",
+        "evidence": "6 bytes of text",
+    }
+    # A merge's --report keeps the choice's seconds, and writes the failed score as null.
+    fill = OmpFill(tensor="t", model="m", source="s", tokens=1, k=None, anchors=2, choice=choice)
+    written = to_jsonable_python(asdict(fill), inf_nan_mode="null")["choice"]
+    assert list(written) == [*Choice.model_fields] and written["scores"]["omp"] is None
+
+
+def test_the_report_takes_one_more_optional_section_without_changing_its_json():
+    class Section(Record):
+        route: str
+
+    class Extended(TransplantReport):
+        omp: Section | None = omitted()
+
+    plain = TransplantReport(base_model="b", donor="d", options={})
+    assert Extended(base_model="b", donor="d", options={}).model_dump() == plain.model_dump()
+    extended = Extended(base_model="b", donor="d", options={}, omp=Section(route="full_gram"))
+    assert list(extended.model_dump())[-1] == "omp"

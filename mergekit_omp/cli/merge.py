@@ -38,9 +38,9 @@ def summary(fills: list[OmpFill]) -> str:
 def fill_method(fill: OmpFill) -> str:
     """``omp k=64``, ``fvt``, or what ``auto`` chose and its score, as a transplant's summary
     says it (every candidate's score is in the model card and the --report file)."""
-    if fill.choice:
-        chosen, scores = fill.choice["chosen"], fill.choice["scores"]
-        measure = fill.choice["validation"].split(",")[0].split(";")[0]
+    if fill.choice is not None:
+        chosen, scores = fill.choice.chosen, fill.choice.scores
+        measure = fill.choice.validation.split(",")[0].split(";")[0]
         return f"auto chose {chosen}, {measure} {scores[chosen]:.4f}, best of {len(scores)}"
     return fill.method if fill.k is None else f"{fill.method} k={fill.k}"
 
