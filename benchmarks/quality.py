@@ -135,7 +135,7 @@ class Direction:
         from mergekit.options import MergeOptions
 
         from mergekit_omp.evaluate.transplanted import InMemoryTransplant
-        from mergekit_omp.plan import load_pair
+        from mergekit_omp.load import load_pair
 
         base_name, donor_name = DIRECTIONS[name]
         self.name = name
@@ -175,11 +175,12 @@ class Direction:
         start = time.perf_counter()
         plan = plan_transplant(options, self.base, self.donor)
         matrices = build_matrices(plan, self.base, self.donor, report, progress=False)
+        choice = report.matrices[0].choice
         self.seconds[spec] = {
             "build_s": round(time.perf_counter() - start, 2),
             "stages": dict(report.seconds),
             "approximated": report.matrices[0].counts.get("approximated"),
-            "choice": report.matrices[0].choice,
+            "choice": choice.model_dump(mode="json") if choice is not None else None,
         }
         self.in_memory.apply(matrices)
         self.tokenizer = plan.tokenizer
@@ -595,7 +596,8 @@ def time_methods(name: str, methods: list[str], args) -> str:
         seconds = report.seconds
         choice = report.matrices[0].choice
         log(
-            f"  {spec}: {total:.1f} s {seconds}" + (f"; chose {choice['chosen']}" if choice else "")
+            f"  {spec}: {total:.1f} s {seconds}"
+            + (f"; chose {choice.chosen}" if choice is not None else "")
         )
         lines.append(
             f"| {spec} | {seconds.get('load', 0):.1f} | {seconds.get('match', 0):.1f} | "

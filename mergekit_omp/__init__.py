@@ -24,7 +24,7 @@ __all__ = [
 __version__ = "0.1.0"
 
 # Imported on first use: the console scripts import this package before torch, transformers
-# and mergekit, and handle Ctrl-C during those imports (cli.common.one_shot_entry_point).
+# and mergekit, and handle Ctrl-C during those imports (cli.process.one_shot_entry_point).
 _LAZY = {
     "MatchScope": "mergekit_omp.options",
     "MatrixOverride": "mergekit_omp.options",

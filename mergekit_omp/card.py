@@ -20,7 +20,8 @@ from huggingface_hub import ModelCard, ModelCardData
 from mergekit_omp.approximators import get_approximator
 from mergekit_omp.errors import TransplantError
 from mergekit_omp.load import HUB_ID_RE
-from mergekit_omp.options import TransplantOptions, recipe_yaml
+from mergekit_omp.options import TransplantOptions
+from mergekit_omp.recipe import recipe_yaml
 from mergekit_omp.report import MatrixReport, TransplantReport
 
 RECIPE_FILE = "mergekit_omp_recipe.yml"
@@ -165,11 +166,11 @@ def method_note(matrices: list[MatrixReport]) -> str:
         )
         detail = f" ({params})" if params else ""
         lines.append(f"* {m.matrix}: {linked}{detail}{': ' + description if description else ''}")
-        if m.choice:
-            scores = ", ".join(f"`{c}` {s:.4f}" for c, s in m.choice["scores"].items())
+        if m.choice is not None:
+            scores = ", ".join(f"`{c}` {s:.4f}" for c, s in m.choice.scores.items())
             lines.append(
-                f"  `auto` chose `{m.choice['chosen']}` from {len(m.choice['scores'])} "
-                f"candidates by {m.choice['validation']} ({m.choice['evidence']}): {scores}"
+                f"  `auto` chose `{m.choice.chosen}` from {len(m.choice.scores)} "
+                f"candidates by {m.choice.validation} ({m.choice.evidence}): {scores}"
             )
     if any(m.method == "omp" for m in matrices):
         lines.extend(["", OMP_NOTE.format(paper=PAPER)])

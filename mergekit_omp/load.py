@@ -262,3 +262,14 @@ def load_model(
         embed=embed,
         lm_head=lm_head,
     )
+
+
+def load_pair(
+    base_model: str, donor: str, merge_options: MergeOptions
+) -> tuple[LoadedModel, LoadedModel]:
+    """Both models as a transplant reads them: the base's LM head stays None when tied,
+    the donor's falls back to its embeddings."""
+    LoaderCache().setup(merge_options)
+    base = load_model(base_model, merge_options, lm_head_falls_back_to_embed=False)
+    donor_model = load_model(donor, merge_options, lm_head_falls_back_to_embed=True)
+    return base, donor_model

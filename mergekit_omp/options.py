@@ -1,28 +1,18 @@
 """What a transplant does, as one frozen pydantic model.
 
 The command line builds a ``TransplantOptions``; a YAML recipe validates into the same
-model, so a recipe and a command line mean exactly the same thing. ``load_recipe`` reads a
-recipe file, ``recipe_yaml`` writes one (``mergekit-omp --print-recipe``, the model card)::
-
-    base_model: HuggingFaceTB/SmolLM2-135M
-    donor: ./my-donor            # relative paths are read from the recipe's directory
-    method: omp
-    parameters: {k: 64}
-    lm_head: {method: mean}
-    byte_match: yes
+model (``recipe.py`` reads and writes recipes), so a recipe and a command line mean exactly
+the same thing. ``describe_validation_error`` turns a pydantic error into one line naming
+the key, for recipes, merge configurations and the command line alike.
 """
 
 from __future__ import annotations
 
 import difflib
 import enum
-import os
-from collections.abc import Collection, Mapping
-from dataclasses import dataclass
-from pathlib import Path
+from collections.abc import Collection
 from typing import Annotated, Any, Literal
 
-import yaml
 from mergekit.common import ModelReference
 from mergekit.tokenizer.config import ModelTokenEmbedding, TokenEmbeddingConfig
 from pydantic import (
@@ -41,7 +31,6 @@ from mergekit_omp.approximators.base import DEFAULT_BATCH_SIZE, MAX_BATCH_SIZE
 from mergekit_omp.bos import BosPolicy
 from mergekit_omp.errors import TransplantError
 from mergekit_omp.match import MatchPolicy
-from mergekit_omp.paths import resolve_model_path
 
 Matrix = Literal["embed", "lm_head"]
 
@@ -273,25 +262,6 @@ def _nested(errors: list[InitErrorDetails]) -> ValidationError:
     return ValidationError.from_exception_data("MethodParameters", errors)
 
 
-MODEL_KEYS = ("base_model", "donor")
-ALWAYS_WRITTEN = ("base_model", "donor", "method")
-RECIPE_KEYS = tuple(TransplantOptions.model_fields)
-OVERRIDE_KEYS = tuple(MatrixOverride.model_fields)
-
-
-@dataclass(frozen=True)
-class Recipe:
-    """A validated recipe file.
-
-    ``options`` has the model paths resolved for this machine; ``written`` keeps them as the
-    file states them (what the model card shows).
-    """
-
-    path: Path
-    options: TransplantOptions
-    written: TransplantOptions
-
-
 def _did_you_mean(key: str, candidates: Collection[str]) -> str:
     close = difflib.get_close_matches(key, list(candidates), n=1)
     return f" (did you mean '{close[0]}'?)" if close else ""
@@ -319,71 +289,3 @@ def describe_validation_error(
             problems.append(f"{loc}: {error['msg']}")
     line = "; ".join(problems)
     return f"{source}: {line}" if source is not None else line
-
-
-def parse_yaml_mapping(text: str, source: str, what: str) -> dict[str, Any]:
-    try:
-        data = yaml.safe_load(text)
-    except yaml.YAMLError as exc:
-        mark = getattr(exc, "problem_mark", None)
-        where = f" (line {mark.line + 1})" if mark is not None else ""
-        problem = getattr(exc, "problem", None) or str(exc).splitlines()[0]
-        raise TransplantError(f"{source}: not valid YAML: {problem}{where}") from None
-    if data is None:
-        raise TransplantError(f"{source}: the file is empty")
-    if not isinstance(data, dict):
-        raise TransplantError(f"{source}: {what} is a mapping of keys, got {type(data).__name__}")
-    return data
-
-
-def validate_recipe(data: Mapping[str, Any], source: str) -> TransplantOptions:
-    """``data`` as TransplantOptions, with errors that name the key."""
-    if "merge_method" in data:
-        raise TransplantError(
-            f"{source}: this is a mergekit merge configuration (it has 'merge_method'); "
-            "run it with mergekit-omp-merge"
-        )
-    try:
-        options = TransplantOptions.model_validate(dict(data))
-    except ValidationError as exc:
-        raise TransplantError(
-            describe_validation_error(exc, source, candidates=RECIPE_KEYS + OVERRIDE_KEYS)
-        ) from None
-    return options
-
-
-def load_recipe(path: str | os.PathLike) -> Recipe:
-    """Read, validate and resolve a recipe file."""
-    recipe_path = Path(path)
-    source = str(path)
-    try:
-        text = recipe_path.read_text(encoding="utf-8")
-    except OSError as exc:
-        raise TransplantError(f"cannot read recipe {source}: {exc.strerror or exc}") from None
-    written = validate_recipe(parse_yaml_mapping(text, source, "a recipe"), source)
-    base_dir = recipe_path.parent
-    resolved = written.model_copy(
-        update={key: resolve_model_path(getattr(written, key), base_dir) for key in MODEL_KEYS}
-    )
-    return Recipe(path=recipe_path, options=resolved, written=written)
-
-
-def recipe_dict(options: TransplantOptions) -> dict[str, Any]:
-    """The shortest recipe for ``options``: keys that differ from the defaults, plus the models
-    and method."""
-    dumped = options.model_dump(mode="json", exclude_defaults=True)
-    data = {key: getattr(options, key) for key in ALWAYS_WRITTEN}
-    data.update(dumped)
-    for key in ("prefix_match", "byte_match"):
-        if key in data:
-            scope = MatchScope(data[key])
-            data[key] = {MatchScope.YES: True, MatchScope.NO: False}.get(scope, scope.value)
-    return data
-
-
-def recipe_yaml(options: TransplantOptions, header: str | None = None) -> str:
-    """``options`` as recipe YAML text (``load_recipe`` of it gives ``options`` back)."""
-    text = yaml.safe_dump(
-        recipe_dict(options), sort_keys=False, default_flow_style=False, allow_unicode=True
-    )
-    return f"{header.rstrip()}\n{text}" if header else text

@@ -17,8 +17,6 @@ from typing import Any
 
 import torch
 from mergekit.common import ModelReference
-from mergekit.io.tasks import LoaderCache
-from mergekit.options import MergeOptions
 from mergekit.tokenizer.config import ModelTokenEmbedding
 from mergekit.tokensurgeon import well_trained_tokens
 from transformers import PreTrainedTokenizerBase
@@ -27,7 +25,7 @@ from mergekit_omp.approximators import Approximator
 from mergekit_omp.assemble import output_vocab_size
 from mergekit_omp.bos import BosPlan, output_tokenizer, plan_bos
 from mergekit_omp.errors import TransplantError
-from mergekit_omp.load import LoadedModel, load_model
+from mergekit_omp.load import LoadedModel
 from mergekit_omp.match import MatchPolicy, VocabularyMatch, match_vocabularies
 from mergekit_omp.multimodal import MultimodalTokens, plan_multimodal_tokens
 from mergekit_omp.options import Matrix, TransplantOptions
@@ -128,17 +126,6 @@ class TransplantPlan:
             "donor_adds_bos": self.bos.donor_adds_bos,
             "output_adds_bos": self.bos.output_adds_bos,
         }
-
-
-def load_pair(
-    base_model: str, donor: str, merge_options: MergeOptions
-) -> tuple[LoadedModel, LoadedModel]:
-    """Both models as a transplant reads them: the base's LM head stays None when tied,
-    the donor's falls back to its embeddings."""
-    LoaderCache().setup(merge_options)
-    base = load_model(base_model, merge_options, lm_head_falls_back_to_embed=False)
-    donor_model = load_model(donor, merge_options, lm_head_falls_back_to_embed=True)
-    return base, donor_model
 
 
 def output_matrices(base: LoadedModel) -> list[tuple[Matrix, str]]:
@@ -298,7 +285,6 @@ __all__ = [
     "ForcedPair",
     "MatrixPlan",
     "TransplantPlan",
-    "load_pair",
     "output_matrices",
     "plan_transplant",
     "with_matrix",

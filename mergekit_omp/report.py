@@ -1,4 +1,11 @@
-"""Report stage: what a transplant matched, approximated and how long each stage took."""
+"""Report stage: what a transplant matched, approximated and how long each stage took.
+
+``TransplantReport`` is typed all the way down (``MatrixReport``, ``select.base.Choice``,
+``diagnostics.records.Diagnostics``) and its JSON is ``model_dump(mode="json")``, pinned by
+``tests/test_report_json.py``. A new top-level section is one optional field declared with
+``records.omitted()``, e.g. ``omp: OmpRecord | None = omitted()``: reports without it keep
+exactly the JSON they have.
+"""
 
 from __future__ import annotations
 
@@ -12,7 +19,9 @@ from typing import Any
 
 from pydantic import BaseModel, Field
 
+from mergekit_omp.diagnostics.records import Diagnostics
 from mergekit_omp.diagnostics.summary import summary_lines, tokenizer_differences
+from mergekit_omp.select.base import Choice
 
 
 class MatrixReport(BaseModel):
@@ -25,8 +34,9 @@ class MatrixReport(BaseModel):
     counts: dict[str, int]
     anchors: int
     rows: int
-    choice: dict[str, Any] | None = None
-    """``-a auto``: the candidates, their validation scores and the one chosen."""
+    choice: Choice | None = None
+    """``-a auto``: the candidates, their validation scores and the one chosen (its
+    ``seconds`` moved to the report's)."""
 
 
 TIMING_FIELDS = ("seconds",)
@@ -43,7 +53,7 @@ class TransplantReport(BaseModel):
     matrices: list[MatrixReport] = Field(default_factory=list)
     seconds: dict[str, float] = Field(default_factory=dict)
     warnings: list[str] = Field(default_factory=list)
-    diagnostics: dict[str, Any] = Field(default_factory=dict)
+    diagnostics: Diagnostics = Field(default_factory=Diagnostics)
 
     @contextmanager
     def timed(self, stage: str) -> Iterator[None]:
@@ -55,15 +65,13 @@ class TransplantReport(BaseModel):
                 self.seconds.get(stage, 0.0) + time.perf_counter() - start, 3
             )
 
-    def choice_without_seconds(
-        self, matrix: str, choice: dict[str, Any] | None
-    ) -> dict[str, Any] | None:
+    def choice_without_seconds(self, matrix: str, choice: Choice | None) -> Choice | None:
         """``auto``'s choice for the report, its time moved to ``seconds`` (as a part of
         ``approximate``), so that everything else compares equal between runs."""
-        if choice is None or "seconds" not in choice:
+        if choice is None or choice.seconds is None:
             return choice
-        self.seconds[f"auto {matrix} (within approximate)"] = choice["seconds"]
-        return {key: value for key, value in choice.items() if key != "seconds"}
+        self.seconds[f"auto {matrix} (within approximate)"] = choice.seconds
+        return choice.model_copy(update={"seconds": None})
 
     def stage_seconds(self) -> float:
         """The time of the stages; parts of one (``auto embed (within approximate)``) and
@@ -98,16 +106,16 @@ class TransplantReport(BaseModel):
         and the whole validation note (the report always has them)."""
         lines = []
         for m in self.matrices:
-            if not m.choice:
+            if m.choice is None:
                 continue
-            chosen, scores = m.choice["chosen"], m.choice["scores"]
+            chosen, scores = m.choice.chosen, m.choice.scores
             if verbose:
                 listed = ", ".join(f"{c} {s:.4f}" for c, s in scores.items())
                 lines.append(
-                    f"  {m.matrix}: auto chose {chosen} by {m.choice['validation']}: {listed}"
+                    f"  {m.matrix}: auto chose {chosen} by {m.choice.validation}: {listed}"
                 )
                 continue
-            measure = m.choice["validation"].split(",")[0].split(";")[0]
+            measure = m.choice.validation.split(",")[0].split(";")[0]
             lines.append(
                 f"  {m.matrix}: auto chose {chosen} ({measure} {scores[chosen]:.4f}, "
                 f"best of {len(scores)})"
@@ -145,7 +153,7 @@ def matrix_counts(matrix: MatrixReport) -> str:
     )
     approximated = matrix.counts.get("approximated", 0)
     params = ", ".join(f"{k}={v}" for k, v in matrix.parameters.items() if v is not None)
-    if matrix.choice:  # the candidates and the choice have a line of their own
-        params = f"{len(matrix.choice['scores'])} candidates"
+    if matrix.choice is not None:  # the candidates and the choice have a line of their own
+        params = f"{len(matrix.choice.scores)} candidates"
     method = f"{matrix.method} ({params})" if params else matrix.method
     return f"{counts}, {approximated} approximated by {method} from {matrix.anchors} anchors"

@@ -25,14 +25,16 @@ from mergekit_omp.approximators import Approximation
 from mergekit_omp.assemble import assemble_matrix, require_finite
 from mergekit_omp.card import RECIPE_FILE, model_card, output_recipe
 from mergekit_omp.checkpoint import ShardCopy
+from mergekit_omp.diagnostics.records import BosRecord
 from mergekit_omp.diagnostics.stage import MatrixDiagnosis, audit_matrix, check_numbers
 from mergekit_omp.diagnostics.summary import tokenizer_differences
-from mergekit_omp.load import LoadedModel
+from mergekit_omp.load import LoadedModel, load_pair
 from mergekit_omp.match import VocabularyMatch
 from mergekit_omp.options import Matrix, TransplantOptions
-from mergekit_omp.plan import MatrixPlan, TransplantPlan, load_pair, plan_transplant
+from mergekit_omp.plan import MatrixPlan, TransplantPlan, plan_transplant
 from mergekit_omp.publish import check_output_path, staged_output
 from mergekit_omp.report import MatrixReport, TransplantReport
+from mergekit_omp.select.base import ChosenApproximation
 from mergekit_omp.write import (
     copying_untouched_shards,
     donor_token_ids,
@@ -99,7 +101,8 @@ def build_matrix(
             noise=options.new_vocab_noise,
             scale=options.new_vocab_scale,
         )
-    choice = report.choice_without_seconds(matrix.name, getattr(approximation, "choice", None))
+    chosen = approximation.choice if isinstance(approximation, ChosenApproximation) else None
+    choice = report.choice_without_seconds(matrix.name, chosen)
     with report.timed("audit"):
         approximation, diagnosis = audit_matrix(
             problem,
@@ -160,9 +163,9 @@ def record_plan(plan: TransplantPlan, report: TransplantReport) -> None:
     """The plan's decisions in the report: BOS, output rows, its warnings."""
     report.tied_embeddings = plan.tied
     report.vocab_size = plan.out_rows
-    report.diagnostics["bos"] = plan.bos_diagnostics()
+    report.diagnostics.bos = BosRecord.model_validate(plan.bos_diagnostics())
     if plan.multimodal is not None:
-        report.diagnostics["multimodal_tokens"] = plan.multimodal.new_ids
+        report.diagnostics.multimodal_tokens = plan.multimodal.new_ids
     report.warnings.extend(plan.warnings)
 
 

@@ -33,6 +33,7 @@ from mergekit_omp.diagnostics.audit import (
     selection_condition,
 )
 from mergekit_omp.diagnostics.guard import TARGET_MARGIN, apply_guard
+from mergekit_omp.diagnostics.records import FlaggedFor
 from mergekit_omp.kernels.omp import batch_omp
 from mergekit_omp.vocabulary import vocabulary_of
 
@@ -151,15 +152,15 @@ def test_the_bound_is_median_plus_z_max_robust_sd_of_the_real_rows(planted):
 
 def test_report_lists_the_breaker_first(planted):
     problem, _, audit = planted
-    summary = audit.to_dict(problem.donor_vocab)
-    assert summary["flagged"] == summary["breakers"] == 1
-    assert summary["flagged_for"] == {"base_norm": 1, "salience": 1}
-    (record,) = summary["flagged_tokens"]
-    assert record["id"] == problem.target_ids[BREAKER]
-    assert record["flagged_for"] == ["base_norm", "salience"] and record["breaker"]
-    assert summary["worst"][0] == record
-    assert summary["base_norm"]["real_rows_above_bound"] == 0
-    json.dumps(summary)  # plain JSON
+    summary = audit.record(problem.donor_vocab)
+    assert summary.flagged == summary.breakers == 1
+    assert summary.flagged_for == FlaggedFor(base_norm=1, salience=1)
+    (record,) = summary.flagged_tokens
+    assert record.id == problem.target_ids[BREAKER]
+    assert record.flagged_for == ["base_norm", "salience"] and record.breaker
+    assert summary.worst[0] == record
+    assert summary.base_norm.real_rows_above_bound == 0
+    json.dumps(summary.model_dump(mode="json"))  # plain JSON
 
 
 def test_clip_rescales_only_the_breaker_to_the_bound(planted):
@@ -246,7 +247,7 @@ def test_conditioning_is_sampled_plus_every_listed_row(planted):
     listed = set(audit.listed_positions().tolist())
     assert BREAKER in listed and listed <= set(measured.tolist())
     assert len(measured) <= 5 + len(listed)
-    assert audit.to_dict(problem.donor_vocab)["condition_measured"] == len(measured)
+    assert audit.record(problem.donor_vocab).condition_measured == len(measured)
 
 
 # A whole transplant with the breaker planted in tiny models.
@@ -285,20 +286,21 @@ def test_transplant_flags_the_planted_breaker_and_the_guard_bounds_it(planted_pa
         base_model=base, donor=donor, method="omp", parameters={"k": 2}, guard=guard
     )
     result = transplant(options, progress=False)
-    audit = result.report.diagnostics["audit"]["embed"]
-    assert [r["id"] for r in audit["flagged_tokens"]] == [breaker]
-    assert audit["flagged_tokens"][0]["breaker"]
-    assert audit["guard"]["mode"] == guard
+    audit = result.report.diagnostics.audit["embed"]
+    assert audit.guard is not None
+    assert [r.id for r in audit.flagged_tokens] == [breaker]
+    assert audit.flagged_tokens[0].breaker
+    assert audit.guard.mode == guard
     bound = result.matrices["embed"].diagnosis.audit.bound
     norm = result.matrices["embed"].matrix[breaker].norm().item()
     (warning,) = [w for w in result.report.warnings if w.startswith("embed:")]
     if guard == "off":
         assert norm == pytest.approx(1 / EPS, rel=1e-2)  # float32 OMP on a cond-1e4 Gram
         assert warning.endswith("--guard clip or shrink bounds them")
-        assert audit["guard"]["rows_changed"] == 0
+        assert audit.guard.rows_changed == 0
     else:
         assert bound * 0.999 <= norm <= bound
-        assert audit["guard"]["rows_changed"] == 1 and audit["guard"]["still_flagged"] == 0
+        assert audit.guard.rows_changed == 1 and audit.guard.still_flagged == 0
         assert f"--guard {guard} bounded 1" in warning
     assert "BREAKER" in result.report.summary(verbose=True)
 

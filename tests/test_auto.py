@@ -43,7 +43,7 @@ def test_by_default_the_smaller_of_1000_and_5_percent_of_the_anchors_are_held_ou
     problem, _, _ = linear_problem()  # 60 anchors
     assert len(held_out_positions(problem, None, seed=0)) == 3
     result = get_approximator("auto")(problem, candidates=("zero", "mean"))
-    assert result.choice["evidence"] == "3 held-out tokens"
+    assert result.choice.evidence == "3 held-out tokens"
 
 
 def test_held_out_anchors_are_hidden_from_the_methods():
@@ -65,20 +65,20 @@ def test_auto_runs_the_candidate_that_rebuilds_the_held_out_anchors_best():
         problem, candidates=("zero", "ridge:alpha=0", "mean"), holdout=10
     )  # no base model to run: leave-out validation
     assert isinstance(result, ChosenApproximation)
-    assert result.choice["chosen"] == "ridge:alpha=0"
-    assert result.choice["method"] == "ridge"
-    assert result.choice["scores"]["ridge:alpha=0"] == pytest.approx(1.0)
-    assert result.choice["scores"]["zero"] == 0.0
-    assert result.choice["evidence"] == "10 held-out tokens"
-    assert result.choice["validation"].startswith("leave-out mean cosine")
-    assert "could not be run: the problem has no base model path" in result.choice["validation"]
+    assert result.choice.chosen == "ridge:alpha=0"
+    assert result.choice.method == "ridge"
+    assert result.choice.scores["ridge:alpha=0"] == pytest.approx(1.0)
+    assert result.choice.scores["zero"] == 0.0
+    assert result.choice.evidence == "10 held-out tokens"
+    assert result.choice.validation.startswith("leave-out mean cosine")
+    assert "could not be run: the problem has no base model path" in result.choice.validation
     assert torch.allclose(result.rows, problem.targets @ mapping + offset, atol=1e-9)
 
 
 def test_auto_prefers_the_first_of_equal_candidates_and_refuses_itself():
     problem, _, _ = linear_problem()
     result = get_approximator("auto")(problem, candidates=("zero", "zero:"), holdout=5)
-    assert result.choice["chosen"] == "zero"
+    assert result.choice.chosen == "zero"
     with pytest.raises(TransplantError, match="its own candidate"):
         get_approximator("auto").validate_parameters({"candidates": ["auto"]})
 
@@ -98,12 +98,12 @@ def test_a_transplant_with_auto_records_the_choice_in_report_and_card(tmp_path, 
     assert result.report.matrices
     for matrix in result.report.matrices:
         assert matrix.method == "auto"
-        assert set(matrix.choice["scores"]) == {"omp:k=4", "fvt", "zero"}
-        scores = matrix.choice["scores"]
-        assert matrix.choice["validation"] == TEXT_VALIDATION
-        assert matrix.choice["chosen"] == min(scores, key=scores.get)
+        assert set(matrix.choice.scores) == {"omp:k=4", "fvt", "zero"}
+        scores = matrix.choice.scores
+        assert matrix.choice.validation == TEXT_VALIDATION
+        assert matrix.choice.chosen == min(scores, key=scores.get)
         assert all(0 < score < 100 for score in scores.values())  # bits per byte
-        chosen = matrix.choice["chosen"]
+        chosen = matrix.choice.chosen
         assert f"`auto` chose `{chosen}` from 3 candidates by bits per byte" in card
     short = [line for line in result.report.summary().splitlines() if "auto chose" in line]
     assert len(short) == len(result.report.matrices)

@@ -12,6 +12,7 @@ from tiny import load_tensors
 
 from mergekit_omp import TransplantOptions, transplant
 from mergekit_omp.bos import adds_bos
+from mergekit_omp.diagnostics.records import BosRecord
 
 
 @pytest.fixture(scope="module")
@@ -43,11 +44,9 @@ def test_output_tokenizer_inserts_bos_with_the_base_bos_row(bos_pair, tmp_path):
     base_embed = load_tensors(base)["model.embed_tokens.weight"]
     new_embed = load_tensors(out)["model.embed_tokens.weight"]
     assert torch.equal(new_embed[donor_tokenizer.bos_token_id], base_embed[base_bos])
-    assert result.report.diagnostics["bos"] == {
-        "base_adds_bos": True,
-        "donor_adds_bos": False,
-        "output_adds_bos": True,
-    }
+    assert result.report.diagnostics.bos == BosRecord(
+        base_adds_bos=True, donor_adds_bos=False, output_adds_bos=True
+    )
     assert not [w for w in result.report.warnings if "BOS" in w]
 
 
@@ -81,5 +80,5 @@ def test_the_default_keeps_the_donors_tokenizer(bos_pair, tmp_path):
         TransplantOptions(base_model=str(base), donor=str(donor)), out, progress=False
     )
     assert not adds_bos(transformers.AutoTokenizer.from_pretrained(out))
-    assert result.report.diagnostics["bos"]["output_adds_bos"] is False
+    assert result.report.diagnostics.bos.output_adds_bos is False
     assert any("--bos match_base inserts it" in w for w in result.report.warnings)

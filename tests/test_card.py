@@ -14,7 +14,7 @@ from mergekit_omp import TransplantOptions, transplant
 from mergekit_omp.card import RECIPE_FILE, model_card
 from mergekit_omp.cli.recipe import main as recipe_main
 from mergekit_omp.cli.transplant import main as cli_main
-from mergekit_omp.options import recipe_yaml
+from mergekit_omp.recipe import recipe_yaml
 from mergekit_omp.report import MatrixReport, TransplantReport
 
 

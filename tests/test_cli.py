@@ -339,18 +339,18 @@ def test_method_spec_and_knobs_mean_the_same_in_every_command():
 def test_console_scripts_ask_torch_for_huge_pages_where_the_kernel_gives_them(
     setting, user_value, expected, tmp_path, monkeypatch
 ):
-    from mergekit_omp.cli import common
+    from mergekit_omp.cli import process
 
     path = tmp_path / "enabled"
     if setting is not None:
         path.write_text(setting + "\n")
-    monkeypatch.setattr(common, "THP_SETTING", str(path))
+    monkeypatch.setattr(process, "THP_SETTING", str(path))
     if user_value is None:
-        monkeypatch.delenv(common.THP_ENV, raising=False)
+        monkeypatch.delenv(process.THP_ENV, raising=False)
     else:
-        monkeypatch.setenv(common.THP_ENV, user_value)
-    common.prepare_process()
-    assert common.os.environ.get(common.THP_ENV) == expected
+        monkeypatch.setenv(process.THP_ENV, user_value)
+    process.prepare_process()
+    assert process.os.environ.get(process.THP_ENV) == expected
 
 
 def test_k_is_ignored_with_one_warning_by_a_method_without_k(caplog):

@@ -20,8 +20,8 @@ from mergekit_omp.approximators import get_approximator
 from mergekit_omp.cli.evaluate import main
 from mergekit_omp.errors import TransplantError
 from mergekit_omp.evaluate import bits_per_byte, compare_methods, parse_method_spec
-from mergekit_omp.evaluate.compare import load_pair
 from mergekit_omp.evaluate.leave_out import holdout_size, leave_out_tasks, score_method
+from mergekit_omp.load import load_pair
 from mergekit_omp.vocabulary import vocabulary_of
 
 TEXT = "".join(tiny.CORPUS)

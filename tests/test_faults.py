@@ -539,7 +539,7 @@ class InterruptTorchImport:
             raise KeyboardInterrupt
 
 sys.meta_path.insert(0, InterruptTorchImport())
-from mergekit_omp.cli.common import {entry}  # what the console script runs
+from mergekit_omp.cli.process import {entry}  # what the console script runs
 sys.exit({entry}())
 """
 
@@ -863,7 +863,7 @@ def test_a_header_longer_than_its_file_is_one_line(m, tmp_path):
 
 def run_script(entry: str, *args, timeout: float = 300) -> subprocess.CompletedProcess:
     """A console script in a process of its own (SIGKILLed after ``timeout`` seconds)."""
-    script = f"from mergekit_omp.cli.common import {entry}; {entry}()"
+    script = f"from mergekit_omp.cli.process import {entry}; {entry}()"
     return subprocess.run(
         [sys.executable, "-c", script, *map(str, args)],
         capture_output=True,
@@ -1002,7 +1002,7 @@ class TerminateOnTorchImport:
         return None
 
 sys.meta_path.insert(0, TerminateOnTorchImport())
-from mergekit_omp.cli.common import {entry}
+from mergekit_omp.cli.process import {entry}
 sys.exit({entry}())
 """
 

@@ -14,8 +14,9 @@ import mergekit_omp
 PACKAGE = Path(mergekit_omp.__file__).parent
 METHOD_LAYER = {"approximators", "errors", "kernels", "match", "vocabulary"}
 """What approximators/ may import: the methods, their kernels and the vocabulary types."""
-SELECTION_LAYER = METHOD_LAYER | {"select", "lm"}
-"""What select/ may import: the methods, and how to run a model on a text."""
+SELECTION_LAYER = METHOD_LAYER | {"select", "lm", "records"}
+"""What select/ may import: the methods, how to run a model on a text, and the report's record
+types (``records.py``, pydantic only: ``Choice`` is one)."""
 
 
 def part_of(module: str) -> str:
@@ -77,6 +78,15 @@ def test_only_the_commands_import_the_evaluation_and_the_commands():
         assert not parts & {"evaluate", "cli"}, (
             f"{path} imports {sorted(parts & {'evaluate', 'cli'})}"
         )
+
+
+def test_the_entry_points_import_nothing_heavy_of_ours():
+    """The console scripts' module runs before torch is imported (Ctrl-C there is one line):
+    at module level it imports only the package (lazy), the error types and ``publish``."""
+    path = PACKAGE / "cli" / "process.py"
+    top_level = {module for module, at_top in imports(path) if at_top}
+    assert top_level <= {"mergekit_omp", "mergekit_omp.errors"}, sorted(top_level)
+    assert "from mergekit_omp import publish\n" in path.read_text(encoding="utf-8")
 
 
 def test_the_checker_sees_a_layer_being_crossed(tmp_path):

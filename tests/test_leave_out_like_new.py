@@ -13,8 +13,8 @@ from mergekit_omp.evaluate.leave_out import (
     leave_out_tasks,
     nearest_anchor_votes,
 )
+from mergekit_omp.load import load_pair
 from mergekit_omp.match import MatchKind, VocabularyMatch
-from mergekit_omp.plan import load_pair
 
 
 def match_of(anchors: dict[int, int], new_tokens: list[int]) -> VocabularyMatch:

@@ -338,10 +338,10 @@ def test_default_method_is_auto_and_it_chooses_by_bits_per_byte_with_the_merged_
     _, fills = auto_merge
     assert len(fills) == 4 and {f.method for f in fills} == {"auto"}
     for fill in fills:
-        scores = fill.choice["scores"]
+        scores = fill.choice.scores
         assert list(scores) == list(CANDIDATES)
-        assert fill.choice["chosen"] == min(scores, key=scores.get)
-        assert fill.choice["validation"] == TEXT_VALIDATION  # the lacking model was run
+        assert fill.choice.chosen == min(scores, key=scores.get)
+        assert fill.choice.validation == TEXT_VALIDATION  # the lacking model was run
         assert all(10 < score < 100 for score in scores.values())  # random tiny models
 
 
@@ -353,11 +353,11 @@ def test_auto_rows_are_the_chosen_candidates_rows(pair, auto_merge):
     problem = transplant_problem(out, pair.b, pair.a)
     assert fill.tokens == len(problem.target_ids) == len(pair.only_a)
     rows = {}
-    for spec in fill.choice["scores"]:
+    for spec in fill.choice.scores:
         parsed = parse_method_spec(spec)
         rows[spec] = parsed.approximator(problem, **parsed.parameters).rows
     merged = embed_of(out)[problem.target_ids]
-    assert torch.equal(merged, rows[fill.choice["chosen"]])
+    assert torch.equal(merged, rows[fill.choice.chosen])
     assert any(not torch.allclose(merged, other, atol=1e-3) for other in rows.values())
 
 
@@ -366,17 +366,17 @@ def test_auto_choice_is_in_the_card_and_the_summary(pair, auto_merge):
     card = (out / "README.md").read_text()
     text = summary(fills)
     for fill in fills:
-        chosen = fill.choice["chosen"]
+        chosen = fill.choice.chosen
         assert f"| {fill.anchors} | auto: `{chosen}` |" in card
         assert (
             f"* `{fill.tensor}` of {fill.model}: `auto` chose `{chosen}` from 5 candidates" in card
         )
-        best = fill.choice["scores"][chosen]
+        best = fill.choice.scores[chosen]
         assert (
             f"(auto chose {chosen}, bits per byte on the validation text {best:.4f}, best of 5"
             in text
         )
-        for spec, score in fill.choice["scores"].items():
+        for spec, score in fill.choice.scores.items():
             assert f"`{spec}` {score:.4f}" in card
 
 
@@ -466,10 +466,10 @@ def test_auto_falls_back_to_leave_out_where_the_model_is_not_run(pair, tmp_path)
     fills = merge(pair.config(omp=omp), tmp_path / "leave-out")
     assert len(fills) == 4
     for fill in fills:
-        assert fill.choice["validation"].startswith(LEAVE_OUT_VALIDATION)
-        assert "the model could not be run" in fill.choice["validation"]
-        scores = fill.choice["scores"]
-        assert fill.choice["chosen"] == max(scores, key=scores.get)
+        assert fill.choice.validation.startswith(LEAVE_OUT_VALIDATION)
+        assert "the model could not be run" in fill.choice.validation
+        scores = fill.choice.scores
+        assert fill.choice.chosen == max(scores, key=scores.get)
         assert all(-1 <= score <= 1 for score in scores.values())
 
 

@@ -143,12 +143,13 @@ def test_transplant_reports_schemes_and_counts_numeric_tokens_approximated(
     missing = [i for i in numeric if donor_vocab.forms[i] not in base_forms]
     assert len(missing) > 0
 
-    numbers = result.report.diagnostics["numbers"]
-    assert numbers["aligned"] is False
-    assert numbers["base"]["scheme"] == "single_digit"
-    assert numbers["donor"]["scheme"] == "mixed"
-    assert numbers["numeric_donor_tokens"] == len(numeric)
-    assert numbers["numeric_approximated"] == len(missing)
-    assert numbers["numeric_matched"] == len(numeric) - len(missing)
+    numbers = result.report.diagnostics.numbers
+    assert numbers is not None
+    assert numbers.aligned is False
+    assert numbers.base.scheme == "single_digit"
+    assert numbers.donor.scheme == "mixed"
+    assert numbers.numeric_donor_tokens == len(numeric)
+    assert numbers.numeric_approximated == len(missing)
+    assert numbers.numeric_matched == len(numeric) - len(missing)
     assert any(w.startswith("number tokenization differs") for w in result.report.warnings)
     assert "numbers: MISMATCHED: base single_digit" in result.report.summary(verbose=True)

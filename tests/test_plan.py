@@ -24,8 +24,9 @@ from mergekit_omp.cli import evaluate as eval_cli
 from mergekit_omp.cli import transplant as transplant_cli
 from mergekit_omp.errors import TransplantError
 from mergekit_omp.evaluate import compare
+from mergekit_omp.load import load_pair
 from mergekit_omp.match import MatchKind, MatchPolicy
-from mergekit_omp.plan import ForcedPair, load_pair, plan_transplant, with_matrix
+from mergekit_omp.plan import ForcedPair, plan_transplant, with_matrix
 from mergekit_omp.transplant import aux_match
 
 TEXT = "The quick brown fox jumps over the lazy dog. 12 + 30 = 42.\n" * 3

@@ -70,7 +70,7 @@ def run_cli(site: Path, *args: str) -> subprocess.CompletedProcess:
         [
             sys.executable,
             "-c",
-            "from mergekit_omp.cli.common import mergekit_omp; mergekit_omp()",
+            "from mergekit_omp.cli.process import mergekit_omp; mergekit_omp()",
             *args,
         ],
         env=env,

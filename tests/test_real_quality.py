@@ -35,7 +35,7 @@ def scored() -> dict[str, float]:
     from mergekit_omp.evaluate.bpb import bits_per_byte
     from mergekit_omp.evaluate.compare import transplanted_matrices
     from mergekit_omp.evaluate.transplanted import InMemoryTransplant
-    from mergekit_omp.plan import load_pair
+    from mergekit_omp.load import load_pair
 
     text = (Path(sysconfig.get_paths()["stdlib"]) / "graphlib.py").read_text()[:8000]
     base, donor = load_pair(str(GEMMA), str(SMOLLM), MergeOptions())
@@ -50,7 +50,7 @@ def scored() -> dict[str, float]:
         model = in_memory.apply(matrices)
         scores[method or "default"] = bits_per_byte(model, plan.tokenizer, text).bpb
         if method is None:
-            scores["choice"] = getattr(matrices["embed"].approximation, "choice", None)
+            scores["choice"] = matrices["embed"].approximation.choice
     return scores
 
 
@@ -61,7 +61,7 @@ def test_hybrid_beats_omp_and_fvt_on_code(scored):
 
 def test_the_default_chooses_the_hybrid_by_bits_per_byte_on_the_validation_text(scored):
     choice = scored["choice"]
-    assert choice["chosen"] == "hybrid"
-    assert choice["validation"] == TEXT_VALIDATION
-    assert choice["scores"]["hybrid"] == min(choice["scores"].values())
+    assert choice.chosen == "hybrid"
+    assert choice.validation == TEXT_VALIDATION
+    assert choice.scores["hybrid"] == min(choice.scores.values())
     assert scored["default"] == scored["hybrid"]

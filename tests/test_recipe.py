@@ -17,11 +17,9 @@ from mergekit_omp.options import (
     MatchScope,
     MatrixOverride,
     TransplantOptions,
-    load_recipe,
-    recipe_dict,
-    recipe_yaml,
 )
 from mergekit_omp.paths import resolve_model_path
+from mergekit_omp.recipe import load_recipe, recipe_dict, recipe_yaml
 
 
 def write_recipe(directory: Path, text: str, name: str = "recipe.yml") -> Path:

@@ -100,7 +100,7 @@ def test_numbers_split_differently_by_the_same_rule_are_no_warning(metaspace_tok
     )
     assert approximated.warning().startswith("numbers: 1 of the donor's 9 numeric tokens")
     assert "-bm yes" in approximated.warning()
-    verbose = number_line(comparison.model_dump(mode="json"))
+    verbose = number_line(comparison)
     assert "MISMATCHED" not in verbose and verbose.startswith("  numbers: splits differ")
 
 

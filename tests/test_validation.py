@@ -17,7 +17,8 @@ from mergekit_omp.approximate import build_problem, selection_context
 from mergekit_omp.approximators import get_approximator, parse_method_spec
 from mergekit_omp.approximators.omp import shared_omp_runs
 from mergekit_omp.evaluate.bpb import bits_per_byte
-from mergekit_omp.plan import load_pair, plan_transplant
+from mergekit_omp.load import load_pair
+from mergekit_omp.plan import plan_transplant
 from mergekit_omp.select.auto import LEAVE_OUT_VALIDATION, TEXT_VALIDATION
 from mergekit_omp.select.text import (
     VALIDATION_BYTES,
@@ -181,16 +182,16 @@ def test_validation_is_deterministic_and_garbage_rows_score_worse_than_true_rows
 
 def test_auto_keeps_the_candidate_with_the_lowest_bits_per_byte_and_records_all(problem, context):
     result = get_approximator("auto")(problem, context, candidates=CANDIDATES)
-    scores = result.choice["scores"]
+    scores = result.choice.scores
     scorer = TextScorer(problem, context)
     for spec in CANDIDATES:
         assert scores[spec] == pytest.approx(scorer.bits_per_byte(rows_of(problem, spec)), abs=1e-6)
-    assert result.choice["chosen"] == min(CANDIDATES, key=scores.get)
-    assert result.choice["validation"] == TEXT_VALIDATION
-    assert result.choice["evidence"] == f"{2 * VALIDATION_BYTES} bytes of text"
-    assert torch.equal(result.rows, rows_of(problem, result.choice["chosen"]))
+    assert result.choice.chosen == min(CANDIDATES, key=scores.get)
+    assert result.choice.validation == TEXT_VALIDATION
+    assert result.choice.evidence == f"{2 * VALIDATION_BYTES} bytes of text"
+    assert torch.equal(result.rows, rows_of(problem, result.choice.chosen))
     again = get_approximator("auto")(problem, context, candidates=CANDIDATES)
-    assert again.choice["scores"] == scores and torch.equal(again.rows, result.rows)
+    assert again.choice.scores == scores and torch.equal(again.rows, result.rows)
 
 
 def test_auto_falls_back_to_leave_out_where_the_model_cannot_run_and_says_why(
@@ -202,13 +203,13 @@ def test_auto_falls_back_to_leave_out_where_the_model_cannot_run_and_says_why(
     result = get_approximator("auto")(
         problem, broken, candidates=("zero", "ridge:alpha=0"), holdout=20
     )
-    assert result.choice["validation"].startswith(LEAVE_OUT_VALIDATION)
-    assert f"the model could not be run: cannot run {tmp_path}" in result.choice["validation"]
-    assert result.choice["evidence"] == "20 held-out tokens"
+    assert result.choice.validation.startswith(LEAVE_OUT_VALIDATION)
+    assert f"the model could not be run: cannot run {tmp_path}" in result.choice.validation
+    assert result.choice.evidence == "20 held-out tokens"
     chosen = get_approximator("auto")(
         problem, context, candidates=("zero", "ridge:alpha=0"), validation="leave_out", holdout=20
     )
-    assert chosen.choice["validation"] == LEAVE_OUT_VALIDATION
+    assert chosen.choice.validation == LEAVE_OUT_VALIDATION
 
 
 def test_methods_built_on_omp_share_one_run_inside_shared_omp_runs(problem, monkeypatch):
@@ -236,9 +237,9 @@ def test_a_base_larger_than_auto_runs_falls_back_to_leave_out(tied_pair, problem
     result = get_approximator("auto")(
         problem, context, candidates=("zero", "mean"), max_run_parameters=parameters - 1
     )
-    assert result.choice["validation"].startswith(LEAVE_OUT_VALIDATION)
-    assert "more than the" in result.choice["validation"]
+    assert result.choice.validation.startswith(LEAVE_OUT_VALIDATION)
+    assert "more than the" in result.choice.validation
     kept = get_approximator("auto")(
         problem, context, candidates=("zero", "mean"), max_run_parameters=parameters
     )
-    assert kept.choice["validation"] == TEXT_VALIDATION
+    assert kept.choice.validation == TEXT_VALIDATION

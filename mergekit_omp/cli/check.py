@@ -8,12 +8,9 @@ from pathlib import Path
 import click
 
 from mergekit_omp.check import check_draft
-from mergekit_omp.cli.common import (
-    check_outputs,
-    command_class,
-    output_file_option,
-    run_cli_action,
-)
+from mergekit_omp.cli.options import output_file_option
+from mergekit_omp.cli.outputs import check_outputs
+from mergekit_omp.cli.process import command_class, run_cli_action
 
 
 @click.command("mergekit-omp-check", cls=command_class())

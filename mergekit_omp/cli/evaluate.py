@@ -16,7 +16,6 @@ from mergekit_omp.approximators import (
     split_method_spec,
 )
 from mergekit_omp.approximators.base import DEFAULT_BATCH_SIZE
-from mergekit_omp.cli.common import check_outputs, command_class, run_cli_action
 from mergekit_omp.cli.options import (
     METHOD_METAVAR,
     READ_OPTIONS,
@@ -32,6 +31,8 @@ from mergekit_omp.cli.options import (
     report_flag,
     report_path_of,
 )
+from mergekit_omp.cli.outputs import check_outputs
+from mergekit_omp.cli.process import command_class, run_cli_action
 from mergekit_omp.errors import TransplantError
 from mergekit_omp.evaluate.compare import compare_methods, default_method_specs
 from mergekit_omp.evaluate.leave_out import HoldoutLike

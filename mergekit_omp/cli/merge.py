@@ -10,15 +10,14 @@ import click
 from mergekit.options import MergeOptions, add_merge_options
 from pydantic_core import to_jsonable_python
 
-from mergekit_omp.cli.common import (
-    check_outputs,
-    command_class,
+from mergekit_omp.cli.options import (
     out_path_argument,
     overwrite_option,
     report_option,
-    run_cli_action,
+    strict_merge_types,
 )
-from mergekit_omp.cli.options import strict_merge_types
+from mergekit_omp.cli.outputs import check_outputs
+from mergekit_omp.cli.process import command_class, run_cli_action
 from mergekit_omp.merge.config import load_merge_config
 from mergekit_omp.merge.omp_vocabulary_task import OmpFill
 from mergekit_omp.merge.run import run_omp_merge
@@ -39,9 +38,9 @@ def summary(fills: list[OmpFill]) -> str:
 def fill_method(fill: OmpFill) -> str:
     """``omp k=64``, ``fvt``, or what ``auto`` chose and its score, as a transplant's summary
     says it (every candidate's score is in the model card and the --report file)."""
-    if fill.choice:
-        chosen, scores = fill.choice["chosen"], fill.choice["scores"]
-        measure = fill.choice["validation"].split(",")[0].split(";")[0]
+    if fill.choice is not None:
+        chosen, scores = fill.choice.chosen, fill.choice.scores
+        measure = fill.choice.validation.split(",")[0].split(";")[0]
         return f"auto chose {chosen}, {measure} {scores[chosen]:.4f}, best of {len(scores)}"
     return fill.method if fill.k is None else f"{fill.method} k={fill.k}"
 

@@ -8,8 +8,14 @@
 * ``-bm``, ``-pm``: ``no``/``yes``/``embed``/``lm_head``, the matrices a matching rule
   applies to.
 * ``--bos``: the output tokenizer's BOS insertion (``keep_donor``/``match_base``).
-* ``--report PATH``: the JSON report.
+* ``--report PATH``: the JSON report; ``output_file_option`` for any file a command writes,
+  ``out_path_argument`` and ``--overwrite`` for the directory it publishes.
+* ``transplant_options``: every transplant flag (``mergekit-omp`` and ``mergekit-omp-report``),
+  and ``transplant_options_from_cli``, the ``TransplantOptions`` they build.
 * mergekit's own options, only those a command uses (``merge_options(*READ_OPTIONS)``).
+
+Defaults and choices are read from ``TransplantOptions`` and the method registry, as
+mergekit's ``add_merge_options`` reads ``MergeOptions``, so no default is written twice.
 """
 
 from __future__ import annotations
@@ -22,15 +28,16 @@ from collections.abc import Callable
 from typing import Any, Literal, Union, get_args, get_origin
 
 import click
+import yaml
 from mergekit.common import parse_kmb
 from mergekit.options import OPTION_HELP, MergeOptions
 from mergekit.tokensurgeon import SubwordMethod, WeightingScheme
+from pydantic import ValidationError
 
-from mergekit_omp.approximators import approximator_names, get_approximator
+from mergekit_omp.approximators import approximator_names, get_approximator, split_method_spec
 from mergekit_omp.approximators.base import MAX_BATCH_SIZE
-from mergekit_omp.cli.common import output_file_option
 from mergekit_omp.errors import TransplantError
-from mergekit_omp.options import TransplantOptions
+from mergekit_omp.options import MatchScope, TransplantOptions, describe_validation_error
 
 LOG = logging.getLogger("mergekit_omp")
 READ_OPTIONS = (
@@ -195,6 +202,46 @@ def merge_option(
     )
 
 
+def refuse_empty_path(ctx: click.Context, param: click.Parameter, value: Any) -> Any:
+    """A click callback for output paths: an empty one (``"$OUT"`` with ``OUT`` unset) would
+    mean the current directory, so it is a usage error."""
+    if value == "":
+        raise click.BadParameter("the path is empty (an unset variable?): give a path")
+    return value
+
+
+def out_path_argument(f: Callable[..., Any]) -> Callable[..., Any]:
+    """``OUT_PATH``, the directory a command publishes its model to."""
+    return click.argument("out_path", type=str, callback=refuse_empty_path)(f)
+
+
+def output_file_option(*declarations: str, help_text: str, hidden: bool = False) -> Any:
+    """An option naming a file a command writes (``--report``, ``--plot``)."""
+    return click.option(
+        *declarations,
+        type=click.Path(dir_okay=False),
+        default=None,
+        callback=refuse_empty_path,
+        hidden=hidden,
+        help=help_text,
+    )
+
+
+overwrite_option = click.option(
+    "--overwrite",
+    is_flag=True,
+    default=False,
+    help="Replace OUT_PATH if it exists and is not empty (never an input, nor a folder "
+    "holding one).",
+)
+
+report_option = output_file_option(
+    "--report",
+    "report_path",
+    help_text="Also write the JSON report (match counts, method, seconds) to this path.",
+)
+
+
 METHOD_METAVAR = "NAME[:PARAM=VALUE,...]"
 
 
@@ -339,3 +386,140 @@ def report_path_of(report_path: str | None, json_path: str | None) -> str | None
 def report_flag(report_path: str | None, json_path: str | None) -> str:
     """The flag the user gave the report path with, for error messages."""
     return "--json" if json_path and not report_path else "--report"
+
+
+def parse_param(values: tuple[str, ...]) -> dict[str, Any]:
+    params = {}
+    for item in values:
+        key, sep, raw = item.partition("=")
+        if not sep or not key:
+            raise click.BadParameter(f"expected NAME=VALUE, got '{item}'", param_hint="--param")
+        params[key.strip()] = yaml.safe_load(raw)
+    return params
+
+
+def method_parameters(
+    method: str, knobs: dict[str, Any], explicit: dict[str, Any], spec: dict[str, Any] | None = None
+) -> dict[str, Any]:
+    """Knob flags the method takes, then ``-a NAME:PARAM=VALUE`` and ``--param`` (which win)."""
+    return parameters_for(method, knobs, spec or {}, explicit)
+
+
+def transplant_options_from_cli(
+    ctx: click.Context, base: str, donor: str, values: dict[str, Any], merge_options: MergeOptions
+) -> TransplantOptions:
+    method, spec = split_method_spec(values["approximation_method"])
+    try:
+        return _options(ctx, base, donor, method, spec, values, merge_options)
+    except ValidationError as exc:
+        raise TransplantError(describe_validation_error(exc)) from None
+
+
+def _options(
+    ctx: click.Context,
+    base: str,
+    donor: str,
+    method: str,
+    spec: dict[str, Any],
+    values: dict[str, Any],
+    merge_options: MergeOptions,
+) -> TransplantOptions:
+    return TransplantOptions(
+        base_model=base,
+        donor=donor,
+        method=method,
+        parameters=method_parameters(
+            method, knob_values(ctx, values), parse_param(values["param"]), spec
+        ),
+        prefix_match=MatchScope(values["prefix_match"]),
+        byte_match=MatchScope(values["byte_match"]),
+        magikarp=values["magikarp"],
+        new_vocab_noise=values["new_vocab_noise"],
+        new_vocab_scale=values["new_vocab_scale"],
+        pad_vocab_to_multiple_of=values["pad_vocab_to_multiple_of"],
+        batch_size=values["batch_size"],
+        dtype=values["dtype"],
+        bos=values["bos"],
+        seed=merge_options.random_seed or 0,
+        guard=values["guard"],
+    )
+
+
+def transplant_options(f: Callable[..., Any]) -> Callable[..., Any]:
+    """The method and matching flags, named as in mergekit-tokensurgeon."""
+    decorators: list[Callable[[Callable[..., Any]], Callable[..., Any]]] = [
+        click.option(
+            "--approximation-method",
+            "-a",
+            metavar=METHOD_METAVAR,
+            default=option_default("method"),
+            show_default=True,
+            help="Method for the rows of donor tokens the base lacks, with parameters if "
+            "wanted (-a omp:k=8 is -a omp -k 8): " + ", ".join(approximator_names()) + ".",
+        ),
+        method_knob_options,
+        click.option(
+            "--batch-size",
+            type=BatchSize(),
+            default=option_default("batch_size"),
+            show_default=True,
+            help="Tokens approximated per batch. -1 for one batch. For omp an upper bound: "
+            "it sizes its chunks from its memory budget (-p memory_gb=GB).",
+        ),
+        prefix_match_option,
+        byte_match_option,
+        click.option(
+            "--magikarp/--no-magikarp",
+            default=option_default("magikarp"),
+            show_default=True,
+            help="Ignore under-trained tokens when matching (arXiv 2405.05417).",
+        ),
+        click.option(
+            "--new-vocab-noise",
+            "-nvn",
+            type=click.FloatRange(min=0),
+            default=option_default("new_vocab_noise"),
+            help="Add Gaussian noise of this std to approximated rows.",
+        ),
+        click.option(
+            "--new-vocab-scale",
+            "-nvs",
+            type=float,
+            default=option_default("new_vocab_scale"),
+            help="Scale approximated rows by this factor.",
+        ),
+        click.option(
+            "--param",
+            "-p",
+            multiple=True,
+            metavar="NAME=VALUE",
+            help="A method parameter (repeatable), e.g. -p k=32; wins over -a NAME:... and "
+            "-k/-c/-w/-s.",
+        ),
+        click.option(
+            "--pad-vocab-to-multiple-of",
+            type=click.IntRange(min=1),
+            default=option_default("pad_vocab_to_multiple_of"),
+            help="Pad the new vocabulary with zero rows to a multiple of N (64, 128).",
+        ),
+        bos_option,
+        click.option(
+            "--dtype",
+            type=click.Choice(option_choices("dtype")),
+            default=option_default("dtype"),
+            help="Dtype of the new matrices (default: the base model's).",
+        ),
+        click.option(
+            "--guard",
+            type=click.Choice(option_choices("guard")),
+            default=option_default("guard"),
+            show_default=True,
+            help="What to do with approximated rows the audit flags as outliers "
+            "(breaker tokens, arXiv 2601.00065): clip them to the base norm bound, "
+            "shrink their coefficients (ridge), or leave them; the audit always "
+            "runs and warns (docs/diagnostics.md).",
+        ),
+    ]
+    for decorator in reversed(decorators):
+        f = decorator(f)
+    return f

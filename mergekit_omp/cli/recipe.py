@@ -1,7 +1,7 @@
 """``mergekit-omp-yaml RECIPE OUT``: run the transplant a recipe file describes.
 
 A recipe is the YAML form of :class:`~mergekit_omp.options.TransplantOptions` (read and
-written by ``options.load_recipe`` and ``options.recipe_yaml``); relative model paths are
+written by ``recipe.load_recipe`` and ``recipe.recipe_yaml``); relative model paths are
 read from the recipe's directory (``paths.resolve_model_path``).
 """
 
@@ -10,17 +10,18 @@ from __future__ import annotations
 import click
 from mergekit.options import MergeOptions
 
-from mergekit_omp.cli.common import (
-    check_outputs,
-    command_class,
-    echo_summary,
+from mergekit_omp.cli.options import (
+    READ_OPTIONS,
+    SUMMARY_HELP,
+    WRITE_OPTIONS,
+    merge_options,
     out_path_argument,
     overwrite_option,
     report_option,
-    run_cli_action,
 )
-from mergekit_omp.cli.options import READ_OPTIONS, SUMMARY_HELP, WRITE_OPTIONS, merge_options
-from mergekit_omp.options import MODEL_KEYS, Recipe, load_recipe
+from mergekit_omp.cli.outputs import check_outputs, echo_summary
+from mergekit_omp.cli.process import command_class, run_cli_action
+from mergekit_omp.recipe import MODEL_KEYS, Recipe, load_recipe
 from mergekit_omp.transplant import transplant
 
 

@@ -12,20 +12,18 @@ from typing import Any
 import click
 from mergekit.options import MergeOptions
 
-from mergekit_omp.cli.common import (
-    check_outputs,
-    command_class,
-    output_file_option,
-    run_cli_action,
-)
 from mergekit_omp.cli.options import (
     READ_OPTIONS,
     json_report_options,
     merge_options,
+    output_file_option,
     report_flag,
     report_path_of,
+    transplant_options,
+    transplant_options_from_cli,
 )
-from mergekit_omp.cli.transplant import transplant_options, transplant_options_from_cli
+from mergekit_omp.cli.outputs import check_outputs
+from mergekit_omp.cli.process import command_class, run_cli_action
 from mergekit_omp.diagnostics.plot import plot_audits, require_matplotlib
 from mergekit_omp.transplant import transplant
 

@@ -21,12 +21,19 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, replace
-from typing import Any
 
 import torch
 from tqdm.auto import tqdm
 
 from mergekit_omp.approximators import Approximation, ApproximationProblem
+from mergekit_omp.diagnostics.records import (
+    AuditRecord,
+    FlaggedFor,
+    NormBound,
+    Quantiles,
+    SalienceRecord,
+    TokenRecord,
+)
 from mergekit_omp.readable import readable_bytes, readable_text
 from mergekit_omp.vocabulary import Vocabulary
 
@@ -312,24 +319,17 @@ class RowAudit:
         flagged = order[self.flagged[order]][: self.settings.max_listed]
         return torch.cat([order[: self.settings.top], flagged])
 
-    def token_record(self, position: int, vocabulary: Vocabulary) -> dict[str, Any]:
+    def token_record(self, position: int, vocabulary: Vocabulary) -> TokenRecord:
         token_id = self.token_ids[position]
-        record: dict[str, Any] = {
-            "id": token_id,
-            "token": token_text(vocabulary, token_id),
-            "base_norm": sig(self.base_norm[position]),
-            "base_z": sig(self.base_z[position]),
-            "donor_z": sig(self.donor_z[position]),
+        measured = {
+            name: sig(values[position])
+            for name, values in (
+                ("residual", self.residual),
+                ("coefficient_l1", self.coeff_l1),
+                ("condition", self.condition),
+            )
+            if values is not None and not math.isnan(values[position])
         }
-        for name, values in (
-            ("residual", self.residual),
-            ("coefficient_l1", self.coeff_l1),
-            ("condition", self.condition),
-        ):
-            if values is not None and not math.isnan(values[position]):
-                record[name] = sig(values[position])
-        if self.salience is not None:
-            record["wins"] = int(self.salience.wins[position])
         reasons = [
             name
             for name, mask in (
@@ -338,32 +338,49 @@ class RowAudit:
             )
             if mask[position]
         ]
-        if reasons:
-            record["flagged_for"] = reasons
-            record["breaker"] = bool(self.breakers[position])
-        return record
+        return TokenRecord(
+            id=token_id,
+            token=token_text(vocabulary, token_id),
+            base_norm=sig(self.base_norm[position]),
+            base_z=sig(self.base_z[position]),
+            donor_z=sig(self.donor_z[position]),
+            **measured,
+            wins=None if self.salience is None else int(self.salience.wins[position]),
+            flagged_for=reasons or None,
+            breaker=bool(self.breakers[position]) if reasons else None,
+        )
 
-    def to_dict(self, vocabulary: Vocabulary) -> dict[str, Any]:
+    def record(self, vocabulary: Vocabulary) -> AuditRecord:
+        """The audit for the report: counts, the bound, spreads, the worst and the flagged
+        rows (the guard's record is added by the diagnostics stage)."""
         flagged = self.flagged
         order = torch.argsort(self.base_z, descending=True, stable=True).tolist()
         flagged_order = [i for i in order if flagged[i]]
-        summary: dict[str, Any] = {
-            "approximated": len(self.token_ids),
-            "flagged": int(flagged.sum()),
-            "breakers": int(self.breakers.sum()),
-            "flagged_for": {
-                "base_norm": int(self.flagged_norm.sum()),
-                "salience": int(self.flagged_salience.sum()),
-            },
-            "base_norm": {
-                "real_rows": self.base_scale.count,
-                "median": sig(self.base_scale.median),
-                "robust_sd": sig(self.base_scale.spread),
-                "z_max": self.settings.z_max,
-                "bound": sig(self.bound),
-                "real_rows_above_bound": int((self.real_norms > self.bound).sum()),
-            },
-            "distributions": {
+        salience = None
+        if self.salience is not None:
+            salience = SalienceRecord(
+                samples=self.salience.samples,
+                rows=self.salience.rows,
+                real_max_wins=self.salience.real_max_wins,
+                max_wins=int(self.salience.wins.max()),
+            )
+        return AuditRecord(
+            approximated=len(self.token_ids),
+            flagged=int(flagged.sum()),
+            breakers=int(self.breakers.sum()),
+            flagged_for=FlaggedFor(
+                base_norm=int(self.flagged_norm.sum()),
+                salience=int(self.flagged_salience.sum()),
+            ),
+            base_norm=NormBound(
+                real_rows=self.base_scale.count,
+                median=sig(self.base_scale.median),
+                robust_sd=sig(self.base_scale.spread),
+                z_max=self.settings.z_max,
+                bound=sig(self.bound),
+                real_rows_above_bound=int((self.real_norms > self.bound).sum()),
+            ),
+            distributions={
                 name: quantiles(values)
                 for name, values in (
                     ("base_norm", self.base_norm),
@@ -375,21 +392,15 @@ class RowAudit:
                 )
                 if values is not None
             },
-            "worst": [self.token_record(i, vocabulary) for i in order[: self.settings.top]],
-            "flagged_tokens": [
+            worst=[self.token_record(i, vocabulary) for i in order[: self.settings.top]],
+            flagged_tokens=[
                 self.token_record(i, vocabulary) for i in flagged_order[: self.settings.max_listed]
             ],
-        }
-        if self.condition is not None:
-            summary["condition_measured"] = int((~self.condition.isnan()).sum())
-        if self.salience is not None:
-            summary["salience"] = {
-                "samples": self.salience.samples,
-                "rows": self.salience.rows,
-                "real_max_wins": self.salience.real_max_wins,
-                "max_wins": int(self.salience.wins.max()),
-            }
-        return summary
+            condition_measured=(
+                None if self.condition is None else int((~self.condition.isnan()).sum())
+            ),
+            salience=salience,
+        )
 
 
 def audit_rows(
@@ -442,20 +453,20 @@ def sig(value: float | torch.Tensor, digits: int = 4) -> float:
     return float(f"{value:.{digits}g}") if math.isfinite(value) else value
 
 
-def quantiles(values: torch.Tensor) -> dict[str, float]:
+def quantiles(values: torch.Tensor) -> Quantiles:
     """Spread of ``values`` (NaN entries, rows not measured, left out)."""
     values = values.double()
     values = values[~values.isnan()]
     if values.numel() == 0:
-        return {}
+        return Quantiles()
     points = torch.quantile(values, torch.tensor([0.5, 0.9, 0.99], dtype=torch.float64))
-    return {
-        "min": sig(values.min()),
-        "median": sig(points[0]),
-        "p90": sig(points[1]),
-        "p99": sig(points[2]),
-        "max": sig(values.max()),
-    }
+    return Quantiles(
+        min=sig(values.min()),
+        median=sig(points[0]),
+        p90=sig(points[1]),
+        p99=sig(points[2]),
+        max=sig(values.max()),
+    )
 
 
 def token_text(vocabulary: Vocabulary, token_id: int) -> str:

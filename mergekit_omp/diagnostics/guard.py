@@ -17,12 +17,12 @@ Rows not flagged are never changed.
 from __future__ import annotations
 
 from dataclasses import dataclass, replace
-from typing import Any
 
 import torch
 
 from mergekit_omp.approximators import Approximation, ApproximationProblem
 from mergekit_omp.diagnostics.audit import RowAudit, sig, token_text
+from mergekit_omp.diagnostics.records import ChangedRow, GuardRecord
 from mergekit_omp.options import GuardMode
 from mergekit_omp.vocabulary import Vocabulary
 
@@ -43,31 +43,29 @@ class GuardOutcome:
     ridge: torch.Tensor | None = None
     note: str | None = None
 
-    def to_dict(
+    def record(
         self, before: RowAudit, after: RowAudit, vocabulary: Vocabulary, listed: int = 20
-    ) -> dict[str, Any]:
+    ) -> GuardRecord:
+        """What the guard did, for the report: the first ``listed`` changed rows."""
         positions = self.changed.nonzero().flatten().tolist()
-        rows = []
-        for n, position in enumerate(positions[:listed]):
-            row = {
-                "id": before.token_ids[position],
-                "token": token_text(vocabulary, before.token_ids[position]),
-                "norm_before": sig(before.base_norm[position]),
-                "norm_after": sig(after.base_norm[position]),
-            }
-            if self.ridge is not None:
-                row["ridge"] = sig(self.ridge[n])
-            rows.append(row)
-        summary: dict[str, Any] = {
-            "mode": self.mode,
-            "rows_changed": len(positions),
-            "still_flagged": int(after.flagged.sum()),
-            "max_base_z_after": sig(after.base_z.max()),
-            "changed": rows,
-        }
-        if self.note:
-            summary["note"] = self.note
-        return summary
+        rows = [
+            ChangedRow(
+                id=before.token_ids[position],
+                token=token_text(vocabulary, before.token_ids[position]),
+                norm_before=sig(before.base_norm[position]),
+                norm_after=sig(after.base_norm[position]),
+                ridge=None if self.ridge is None else sig(self.ridge[n]),
+            )
+            for n, position in enumerate(positions[:listed])
+        ]
+        return GuardRecord(
+            mode=self.mode,
+            rows_changed=len(positions),
+            still_flagged=int(after.flagged.sum()),
+            max_base_z_after=sig(after.base_z.max()),
+            changed=rows,
+            note=self.note or None,
+        )
 
 
 def target_norms(audit: RowAudit) -> torch.Tensor:

@@ -2,8 +2,8 @@
 
 ``audit_matrix`` measures one matrix's approximated rows, applies the guard and records
 both in the report; ``check_numbers`` compares the two tokenizers' number schemes once.
-Results go into ``report.diagnostics`` (``audit.<matrix>`` and ``numbers``), problems into
-``report.warnings``.
+Results go into ``report.diagnostics`` (``audit[matrix]``, an ``AuditRecord`` with its
+``GuardRecord``, and ``numbers``), problems into ``report.warnings``.
 """
 
 from __future__ import annotations
@@ -59,9 +59,9 @@ def audit_matrix(
     )
     outcome = apply_guard(problem, approximation, audit, guard)
     after = audit.with_rows(problem, outcome.approximation.rows) if outcome.changed.any() else audit
-    entry = audit.to_dict(problem.donor_vocab)
-    entry["guard"] = outcome.to_dict(audit, after, problem.donor_vocab)
-    report.diagnostics.setdefault("audit", {})[matrix] = entry
+    guard_record = outcome.record(audit, after, problem.donor_vocab)
+    record = audit.record(problem.donor_vocab).model_copy(update={"guard": guard_record})
+    report.diagnostics.audit[matrix] = record
     if (warning := audit_warning(audit, outcome, after, problem)) is not None:
         report.warnings.append(warning)
     return outcome.approximation, MatrixDiagnosis(audit, outcome, after, problem.donor_vocab)
@@ -106,7 +106,7 @@ def check_numbers(
     comparison = compare_numbers(
         base.tokenizer, donor.tokenizer, base.vocabulary, donor.vocabulary, match
     )
-    report.diagnostics["numbers"] = comparison.model_dump(mode="json")
+    report.diagnostics.numbers = comparison
     if (warning := comparison.warning()) is not None:
         report.warnings.append(warning)
     return comparison

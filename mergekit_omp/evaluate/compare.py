@@ -29,10 +29,10 @@ from mergekit_omp.evaluate.leave_out import (
     score_method,
 )
 from mergekit_omp.evaluate.transplanted import InMemoryTransplant
-from mergekit_omp.load import LoadedModel
+from mergekit_omp.load import LoadedModel, load_pair
 from mergekit_omp.match import MatchPolicy
 from mergekit_omp.options import MatchScope, TransplantOptions
-from mergekit_omp.plan import TransplantPlan, load_pair, plan_transplant
+from mergekit_omp.plan import TransplantPlan, plan_transplant
 from mergekit_omp.report import TransplantReport
 from mergekit_omp.transplant import MatrixResult, build_matrices
 

@@ -29,17 +29,18 @@ merged tokenizer, the lowest bits per byte on a validation text.
 
 def method_text(fill: OmpFill) -> str:
     """``omp``, ``fvt``, ``auto: hybrid`` (the chosen candidate)."""
-    return f"{fill.method}: `{fill.choice['chosen']}`" if fill.choice else fill.method
+    return f"{fill.method}: `{fill.choice.chosen}`" if fill.choice is not None else fill.method
 
 
 def choice_line(fill: OmpFill) -> str:
     """What ``auto`` chose for one fill, from which candidates, with their scores."""
-    choice = fill.choice or {}
-    scores = ", ".join(f"`{spec}` {score:.4f}" for spec, score in choice["scores"].items())
+    choice = fill.choice
+    assert choice is not None  # listed only for fills auto chose
+    scores = ", ".join(f"`{spec}` {score:.4f}" for spec, score in choice.scores.items())
     return (
-        f"* `{fill.tensor}` of {fill.model}: `auto` chose `{choice['chosen']}` from "
-        f"{len(choice['scores'])} candidates by {choice['validation']} "
-        f"({choice['evidence']}): {scores}"
+        f"* `{fill.tensor}` of {fill.model}: `auto` chose `{choice.chosen}` from "
+        f"{len(choice.scores)} candidates by {choice.validation} "
+        f"({choice.evidence}): {scores}"
     )
 
 
@@ -56,7 +57,7 @@ def fills_table(fills: list[OmpFill]) -> str:
             f"| `{fill.tensor}` | {fill.model} | {fill.tokens} | {fill.source} | {k} | "
             f"{fill.anchors} | {method_text(fill)} |"
         )
-    choices = [choice_line(fill) for fill in fills if fill.choice]
+    choices = [choice_line(fill) for fill in fills if fill.choice is not None]
     if choices:
         lines.extend(["", *choices])
     return "\n".join(lines)

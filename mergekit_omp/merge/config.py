@@ -32,9 +32,9 @@ from mergekit_omp.options import (
     MethodName,
     MethodParameters,
     describe_validation_error,
-    parse_yaml_mapping,
 )
 from mergekit_omp.paths import resolve_model_path
+from mergekit_omp.recipe import parse_yaml_mapping
 
 LOG = logging.getLogger(__name__)
 

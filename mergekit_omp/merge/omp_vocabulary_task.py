@@ -51,7 +51,7 @@ from mergekit_omp.kernels.omp import batch_omp
 from mergekit_omp.load import load_tokenizer
 from mergekit_omp.locate import vocabulary_tensors
 from mergekit_omp.merge.config import OmpMergeSettings, OmpTokenSource
-from mergekit_omp.select.base import SelectionContext
+from mergekit_omp.select.base import Choice, ChosenApproximation, SelectionContext
 from mergekit_omp.vocabulary import Vocabulary, vocabulary_of
 
 LOG = logging.getLogger(__name__)
@@ -73,7 +73,7 @@ class OmpFill:
     method: str = "omp"
     parameters: dict[str, Any] | None = None
     """The method's parameters, defaults filled in."""
-    choice: dict[str, Any] | None = None
+    choice: Choice | None = None
     """``auto``: the candidates, their validation scores and the one chosen
     (``ChosenApproximation.choice``)."""
 
@@ -327,7 +327,7 @@ class OmpPermutedVocabulary(PermutedVocabulary):
         token_ids: list[int],
         anchor_ids: list[int],
         sides: dict[ModelReference, _ModelSide],
-    ) -> tuple[torch.Tensor, dict[str, Any] | None]:
+    ) -> tuple[torch.Tensor, Choice | None]:
         """``self.method``'s rows on the transplant's problem (``fill_problem``), and
         ``auto``'s choice."""
         model = sides[fill.model]
@@ -351,7 +351,8 @@ class OmpPermutedVocabulary(PermutedVocabulary):
             self.method_parameters,
             context=fill_context(tokenizer_info.permutations, fill, model),
         )
-        return result.rows, getattr(result, "choice", None)
+        choice = result.choice if isinstance(result, ChosenApproximation) else None
+        return result.rows, choice
 
     @property
     def method_parameters(self) -> dict[str, Any]:
@@ -427,9 +428,7 @@ class OmpPermutedVocabulary(PermutedVocabulary):
             if matrix.shape[0] > vocab_size:
                 matrix[vocab_size:] = matrix[:vocab_size].mean(dim=0)
 
-    def _record(
-        self, fill: _Fill, tokens: int, anchors: int, choice: dict[str, Any] | None
-    ) -> None:
+    def _record(self, fill: _Fill, tokens: int, anchors: int, choice: Choice | None) -> None:
         tensor = next(iter(self.gather_tensors.weight_info.data.values())).name
         parameters = {"k": fill.k} if fill.method == "omp" else self.method_parameters
         record = OmpFill(
@@ -443,7 +442,7 @@ class OmpPermutedVocabulary(PermutedVocabulary):
             parameters=parameters,
             choice=choice,
         )
-        chosen = f" (chose {choice['chosen']})" if choice else ""
+        chosen = f" (chose {choice.chosen})" if choice is not None else ""
         LOG.info(
             "%s: %d rows of %s by %s%s from %s",
             tensor,

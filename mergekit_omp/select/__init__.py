@@ -8,6 +8,12 @@ registered by name like an approximator (``select/base.py``); the approximate st
 the ``SelectionContext`` it needs beyond the problem.
 """
 
-from mergekit_omp.select.base import ChosenApproximation, SelectionContext, Selector, selector
+from mergekit_omp.select.base import (
+    Choice,
+    ChosenApproximation,
+    SelectionContext,
+    Selector,
+    selector,
+)
 
-__all__ = ["ChosenApproximation", "SelectionContext", "Selector", "selector"]
+__all__ = ["Choice", "ChosenApproximation", "SelectionContext", "Selector", "selector"]

@@ -42,7 +42,13 @@ from mergekit_omp.approximators.base import Approximation, ApproximationProblem
 from mergekit_omp.approximators.omp import shared_omp_runs
 from mergekit_omp.approximators.spec import parse_method_spec
 from mergekit_omp.errors import TransplantError
-from mergekit_omp.select.base import ChosenApproximation, SelectionContext, Selector, selector
+from mergekit_omp.select.base import (
+    Choice,
+    ChosenApproximation,
+    SelectionContext,
+    Selector,
+    selector,
+)
 from mergekit_omp.select.holdout import (
     hidden_base_rows,
     holdout_size,
@@ -236,15 +242,15 @@ def auto(
         if unavailable:
             how += f"; the model could not be run: {unavailable}"
     chosen = parse_method_spec(best)
-    choice = {
-        "chosen": best,
-        "method": chosen.approximator.name,
-        "parameters": chosen.parameters,
-        "scores": scores,
-        "validation": how,
-        "evidence": evidence,
-        "seconds": round(time.perf_counter() - start, 3),
-    }
+    choice = Choice(
+        chosen=best,
+        method=chosen.approximator.name,
+        parameters=chosen.parameters,
+        scores=scores,
+        validation=how,
+        evidence=evidence,
+        seconds=round(time.perf_counter() - start, 3),
+    )
     LOG.info("auto: %s %s; chose %s", how, scores, best)
     return ChosenApproximation(
         rows=result.rows, indices=result.indices, coeffs=result.coeffs, choice=choice

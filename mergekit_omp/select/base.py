@@ -20,6 +20,7 @@ from mergekit_omp.approximators.base import (
     Approximator,
     parameters_model,
 )
+from mergekit_omp.records import JsonFloat, Record, omitted
 
 
 @dataclass(frozen=True)
@@ -33,11 +34,29 @@ class SelectionContext:
     rows the assembled matrix copies from the base."""
 
 
+class Choice(Record):
+    """What a selector chose and why: the report's ``choice`` of a matrix, a merge's fill."""
+
+    chosen: str
+    """The winning candidate spec, as given (``omp:k=16``)."""
+    method: str
+    parameters: dict[str, Any]
+    """The chosen method's parameters, defaults filled in."""
+    scores: dict[str, JsonFloat]
+    """Each candidate's score (a failed one: inf for bits per byte, -inf for cosine)."""
+    validation: str
+    """How the candidates were scored, and which way is better."""
+    evidence: str
+    """What the scores were measured on (bytes of text, held-out tokens)."""
+    seconds: float | None = omitted()
+    """Time the choice took; a transplant's report moves it to its ``seconds``."""
+
+
 @dataclass(frozen=True)
 class ChosenApproximation(Approximation):
     """The chosen method's rows, and the validation that chose it."""
 
-    choice: dict[str, Any] = dataclasses.field(default_factory=dict)
+    choice: Choice = dataclasses.field(kw_only=True)
 
 
 SelectorFn = Callable[..., ChosenApproximation]

@@ -1,12 +1,15 @@
-"""What every mergekit-omp command shares: one-line errors, the state of OUT in every message,
-the console-script entry points and the output options.
+"""Entry and process plumbing of the console scripts: the error and exit contract, the
+one-shot entry points, the process tuning.
 
 The promise each command keeps (docs/cli.md): a bad input gets one line on stderr naming what
 is wrong and a non-zero exit before any heavy work; inputs are never modified; OUT is either
-the complete new model or exactly what it was before, and the message says which.
+the complete new model or exactly what it was before, and the message says which
+(``run_cli_action``; usage errors: ``command_class``). Exit codes: 0 done (or interrupted
+after publishing), 1 an error, 2 a usage error, 130 interrupted before publishing.
 
-This module is imported by the console scripts before anything else, so it imports no heavy
-library (torch, transformers, mergekit): Ctrl-C during those imports is one line too.
+The console scripts (``[project.scripts]``) are this module's entry points, so it imports no
+heavy library (torch, transformers, mergekit) at module level: Ctrl-C during those imports is
+one line too.
 """
 
 from __future__ import annotations
@@ -28,8 +31,6 @@ from mergekit_omp.errors import TransplantError, one_line
 
 if TYPE_CHECKING:
     from mergekit.options import MergeOptions
-
-    from mergekit_omp.report import TransplantReport
 
 
 USAGE_ERROR_EXIT = 2
@@ -220,75 +221,3 @@ mergekit_omp_merge = one_shot_entry_point("mergekit_omp.cli.merge:main", collect
 mergekit_omp_eval = one_shot_entry_point("mergekit_omp.cli.evaluate:main", collect_garbage=True)
 mergekit_omp_report = one_shot_entry_point("mergekit_omp.cli.report:main", collect_garbage=True)
 mergekit_omp_check = one_shot_entry_point("mergekit_omp.cli.check:main", collect_garbage=True)
-
-
-def echo_summary(
-    report: TransplantReport, out_path: str | None, merge_options: MergeOptions
-) -> None:
-    """The summary on stderr (the full audit with -v); --quiet leaves only the warnings,
-    which are never hidden."""
-    if merge_options.quiet:
-        for warning in report.warnings:
-            click.echo(f"warning: {warning}", err=True)
-        return
-    click.echo(report.summary(out_path, verbose=merge_options.verbosity > 0), err=True)
-
-
-def refuse_empty_path(ctx: click.Context, param: click.Parameter, value: Any) -> Any:
-    """A click callback for output paths: an empty one (``"$OUT"`` with ``OUT`` unset) would
-    mean the current directory, so it is a usage error."""
-    if value == "":
-        raise click.BadParameter("the path is empty (an unset variable?): give a path")
-    return value
-
-
-def out_path_argument(f: Callable[..., Any]) -> Callable[..., Any]:
-    """``OUT_PATH``, the directory a command publishes its model to."""
-    return click.argument("out_path", type=str, callback=refuse_empty_path)(f)
-
-
-def output_file_option(*declarations: str, help_text: str, hidden: bool = False) -> Any:
-    """An option naming a file a command writes (``--report``, ``--plot``)."""
-    return click.option(
-        *declarations,
-        type=click.Path(dir_okay=False),
-        default=None,
-        callback=refuse_empty_path,
-        hidden=hidden,
-        help=help_text,
-    )
-
-
-overwrite_option = click.option(
-    "--overwrite",
-    is_flag=True,
-    default=False,
-    help="Replace OUT_PATH if it exists and is not empty (never an input, nor a folder "
-    "holding one).",
-)
-
-report_option = output_file_option(
-    "--report",
-    "report_path",
-    help_text="Also write the JSON report (match counts, method, seconds) to this path.",
-)
-
-
-def check_outputs(
-    out_path: str | None = None,
-    overwrite: bool = False,
-    files: dict[str, str | None] | None = None,
-    *,
-    inputs: tuple[str, ...] = (),
-) -> None:
-    """Every output of a command checked before any work: OUT (a directory published
-    atomically) and the files of options such as ``--report``; none may touch an input,
-    OUT or one another."""
-    inputs = tuple(path for path in inputs if path)
-    out = None
-    if out_path is not None:
-        out = publish.check_output_path(out_path, overwrite, inputs)
-    given = {option: path for option, path in (files or {}).items() if path is not None}
-    for option, path in given.items():
-        publish.check_output_file(path, option, inputs)
-    publish.refuse_clashes(given, out, out_path)
