@@ -21,6 +21,9 @@ from pydantic import BaseModel, Field
 
 from mergekit_omp.diagnostics.records import Diagnostics
 from mergekit_omp.diagnostics.summary import summary_lines, tokenizer_differences
+from mergekit_omp.kernels.calibrate import MachineRates
+from mergekit_omp.kernels.omp import OmpCall
+from mergekit_omp.records import Record, omitted
 from mergekit_omp.select.base import Choice
 
 
@@ -39,6 +42,31 @@ class MatrixReport(BaseModel):
     ``seconds`` moved to the report's)."""
 
 
+class OmpCallRecord(Record):
+    """One OMP call of a transplant: its shapes, the route it took and why."""
+
+    matrix: str
+    targets: int
+    anchors: int
+    dim: int
+    k: int
+    route: str
+    screened: bool
+    chunk_tokens: int
+    working_bytes: int
+    budget_bytes: int
+    estimated_seconds: dict[str, float]
+    reason: str
+
+
+class OmpRecord(Record):
+    """The OMP calls of a transplant and the machine rates their plans were made from
+    (``kernels/calibrate.py``); their seconds are under the report's ``seconds``."""
+
+    calibration: MachineRates
+    calls: list[OmpCallRecord]
+
+
 TIMING_FIELDS = ("seconds",)
 """The report's only fields that differ between runs of the same transplant: every time
 measured is under ``seconds``."""
@@ -54,6 +82,8 @@ class TransplantReport(BaseModel):
     seconds: dict[str, float] = Field(default_factory=dict)
     warnings: list[str] = Field(default_factory=list)
     diagnostics: Diagnostics = Field(default_factory=Diagnostics)
+    omp: OmpRecord | None = omitted()
+    """Where OMP ran: each call's route and why (``kernels.omp.recorded_calls``)."""
 
     @contextmanager
     def timed(self, stage: str) -> Iterator[None]:
@@ -64,6 +94,28 @@ class TransplantReport(BaseModel):
             self.seconds[stage] = round(
                 self.seconds.get(stage, 0.0) + time.perf_counter() - start, 3
             )
+
+    def record_omp(self, matrix: str, calls: list[OmpCall], rates: MachineRates) -> None:
+        """``calls`` made for ``matrix`` into ``omp``; their time into ``seconds``, as a part
+        of ``approximate`` (measured rates and routes stay the same between runs on one
+        machine)."""
+        if not calls:
+            return
+        records = [
+            OmpCallRecord(
+                matrix=matrix,
+                **{
+                    key: value
+                    for key, value in call.to_dict().items()
+                    if key not in ("seconds", "setup_seconds")
+                },
+            )
+            for call in calls
+        ]
+        earlier = self.omp.calls if self.omp is not None else []
+        self.omp = OmpRecord(calibration=rates, calls=[*earlier, *records])
+        seconds = sum(call.seconds for call in calls)
+        self.seconds[f"omp {matrix} (within approximate)"] = round(seconds, 3)
 
     def choice_without_seconds(self, matrix: str, choice: Choice | None) -> Choice | None:
         """``auto``'s choice for the report, its time moved to ``seconds`` (as a part of

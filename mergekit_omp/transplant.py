@@ -28,6 +28,8 @@ from mergekit_omp.checkpoint import ShardCopy
 from mergekit_omp.diagnostics.records import BosRecord
 from mergekit_omp.diagnostics.stage import MatrixDiagnosis, audit_matrix, check_numbers
 from mergekit_omp.diagnostics.summary import tokenizer_differences
+from mergekit_omp.kernels.calibrate import machine_rates
+from mergekit_omp.kernels.omp import recorded_calls
 from mergekit_omp.load import LoadedModel, load_pair
 from mergekit_omp.match import VocabularyMatch
 from mergekit_omp.options import Matrix, TransplantOptions
@@ -81,7 +83,7 @@ def build_matrix(
     with report.timed("match"):
         match = plan.match(matrix, base, donor)
     LOG.info("%s: %s", matrix.name, match.counts())
-    with report.timed("approximate"):
+    with report.timed("approximate"), recorded_calls() as omp_calls:
         problem = build_problem(
             base_rows,
             donor_rows,
@@ -101,6 +103,8 @@ def build_matrix(
             noise=options.new_vocab_noise,
             scale=options.new_vocab_scale,
         )
+    if omp_calls:
+        report.record_omp(matrix.name, omp_calls, machine_rates(problem.targets.device))
     chosen = approximation.choice if isinstance(approximation, ChosenApproximation) else None
     choice = report.choice_without_seconds(matrix.name, chosen)
     with report.timed("audit"):
