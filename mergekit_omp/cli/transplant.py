@@ -42,6 +42,7 @@ from mergekit_omp.cli.options import (
     parameters_for,
     prefix_match_option,
 )
+from mergekit_omp.errors import TransplantError
 from mergekit_omp.options import (
     MatchScope,
     TransplantOptions,
@@ -76,8 +77,8 @@ def transplant_options_from_cli(
     method, spec = split_method_spec(values["approximation_method"])
     try:
         return _options(ctx, base, donor, method, spec, values, merge_options)
-    except ValidationError as exc:  # a value of the command line: a usage error, exit 2
-        raise click.UsageError(describe_validation_error(exc), ctx) from None
+    except ValidationError as exc:
+        raise TransplantError(describe_validation_error(exc)) from None
 
 
 def _options(
