@@ -35,6 +35,7 @@ from pathlib import Path
 
 import torch
 import transformers
+from machine import omp_route, print_machine
 from safetensors.torch import save_file
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -134,7 +135,11 @@ def run_ours(base: Path, donor: Path, out: Path, k: int) -> dict:
     command.append("--overwrite")
     command += ["--report", str(report)]
     code, wall, cpu, rss = run_timed(command, out.with_name(out.name + ".log"))
-    seconds = json.loads(report.read_text()).get("seconds", {}) if code == 0 else {}
+    saved = json.loads(report.read_text()) if code == 0 else {}
+    seconds = saved.get("seconds", {})
+    route = omp_route(saved)
+    if route is not None:
+        log(f"omp {route}")
     omp = seconds.get("approximate", 0.0)
     return dict(
         returncode=code,
@@ -165,6 +170,7 @@ def main() -> None:
     parser.add_argument("--skip-mergekit", action="store_true")
     parser.add_argument("--keep", action="store_true", help="keep the synthetic models")
     args = parser.parse_args()
+    print_machine()
     cache = args.cache.expanduser()
     work = (args.work or cache / "large-model").expanduser()
     work.mkdir(parents=True, exist_ok=True)

@@ -29,7 +29,6 @@ from __future__ import annotations
 
 import argparse
 import logging
-import platform
 import re
 import time
 from collections.abc import Callable
@@ -37,6 +36,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+from machine import print_machine
 from mergekit.tokensurgeon import batch_omp as mergekit_batch_omp
 
 from mergekit_omp.kernels import omp
@@ -138,7 +138,8 @@ PLANNED = Forced()
 def planned(
     tokens: int, anchors: int, dim: int, k: int, budget: int | None, forced: Forced
 ) -> tuple[str, int]:
-    """batch_omp's strategy for these shapes and its planned working set in bytes."""
+    """batch_omp's plan for these shapes (``plan_call``: route, screened or not, targets per
+    chunk) and its planned working set in bytes."""
     plan = omp.plan_call(
         tokens,
         anchors,
@@ -150,7 +151,8 @@ def planned(
         strategy=forced.strategy,
         screen=forced.screen,
     )
-    return plan.strategy + (" (screened)" if plan.screened else ""), plan.working_bytes
+    route = f"{plan.strategy}, {'screened' if plan.screened else 'not screened'}"
+    return f"{route}, chunk {plan.chunk_tokens}", plan.working_bytes
 
 
 def mergekit_working_set(tokens: int, anchors: int, dim: int, k: int) -> int:
@@ -232,12 +234,9 @@ def size(value: int | None) -> str:
 
 
 def print_header(k: int) -> None:
+    print(f"k={k}, float32")  # the machine: print_machine()
     print(
-        f"torch {torch.__version__}, {torch.get_num_threads()} threads, "
-        f"{platform.processor() or platform.machine()}, k={k}, float32"
-    )
-    print(
-        "| N | D | strategy | ours tokens | ours tok/s | of which Gram s | mergekit tokens "
+        "| N | D | plan (route, screen, chunk) | ours tokens | ours tok/s | of which Gram s | mergekit tokens "
         "| mergekit tok/s | ratio | same support (near-ties) | ours peak (planned) "
         "| mergekit peak (analytic) |"
     )
@@ -289,6 +288,7 @@ def main() -> None:
     mergekit_tokens = min(tokens, args.mergekit_tokens or (64 if args.quick else 512))
     budget = None if args.memory_budget_gib is None else int(args.memory_budget_gib * 1024**3)
     forced = Forced(args.strategy, None if args.screen is None else args.screen == "on")
+    print_machine()
     print_header(args.k)
     started = time.perf_counter()
     warm_up(args.k)

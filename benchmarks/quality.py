@@ -54,6 +54,8 @@ import sysconfig
 import time
 from pathlib import Path
 
+from machine import print_machine
+
 DEFAULT_CACHE = Path(os.environ.get("MERGEKIT_OMP_CACHE", "~/.cache/mergekit-omp/real"))
 GEMMA, SMOLLM = "gemma-3-270m", "smollm2-135m"
 DIRECTIONS = {"gemma-from-smollm": (GEMMA, SMOLLM), "smollm-from-gemma": (SMOLLM, GEMMA)}
@@ -640,6 +642,7 @@ def main() -> None:
     parser.add_argument("--skip-base", action="store_true", help="no base-model row")
     parser.add_argument("--out", type=Path, default=Path("/tmp/mergekit-omp-quality"))
     args = parser.parse_args()
+    print_machine()
     names = list(DIRECTIONS) if args.direction == "both" else [args.direction]
     if args.time:
         print("\n".join(time_methods(name, args.time, args) for name in names))

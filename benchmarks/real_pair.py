@@ -37,6 +37,8 @@ import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
+from machine import omp_route, print_machine
+
 DEFAULT_CACHE = Path(os.environ.get("MERGEKIT_OMP_CACHE", "~/.cache/mergekit-omp/real"))
 GEMMA, SMOLLM = "gemma-3-270m", "smollm2-135m"
 DIRECTIONS = {"gemma-from-smollm": (GEMMA, SMOLLM), "smollm-from-gemma": (SMOLLM, GEMMA)}
@@ -107,8 +109,12 @@ def transplant_ours(base: Path, donor: Path, out: Path, method: str, args) -> Ro
             )
         )
     if report.exists():
-        matrices = json.loads(report.read_text())["matrices"]
+        saved = json.loads(report.read_text())
+        matrices = saved["matrices"]
         row.approximated = matrices[0]["counts"].get("approximated") if matrices else None
+        route = omp_route(saved)
+        if route is not None:
+            log(f"{row.label}: omp {route}")
     return row
 
 
@@ -297,6 +303,7 @@ def main() -> None:
     )
     parser.add_argument("--out", type=Path, default=None, help="default: CACHE/bench")
     args = parser.parse_args()
+    print_machine()
     args.cache = args.cache.expanduser()
     args.out = (args.out or args.cache / "bench").expanduser()
     args.methods = [m for m in args.methods.split(",") if m]

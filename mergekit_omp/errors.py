@@ -11,6 +11,12 @@ class TransplantError(Exception):
 
 
 def _unpickling(match: re.Match[str]) -> str:
+    operand = re.search(r"Unsupported operand (\d+)", match.string)
+    if operand:  # e.g. 149, FRAME: torch.save(..., pickle_protocol=4) without the zip format
+        return (
+            f"torch's safe loader cannot read this pickle (unsupported operand "
+            f"{operand.group(1)}); nothing in it was run: not loaded (save it as safetensors)"
+        )
     found = re.search(r"unsupported GLOBAL (\S+)", match.string)
     what = f" ({found.group(1)})" if found else ""
     return f"the pickle file refers to code{what}, which is never run: not loaded"

@@ -909,15 +909,72 @@ def test_a_config_vocab_size_that_is_not_a_positive_count(m, tmp_path, value, mo
     assert not (tmp_path / "out").exists()
 
 
-def test_a_merge_refusal_prints_no_transformers_note(m, tmp_path):
+def legacy_pickle_checkpoint(model: Path) -> None:
+    """``model``'s weights as ``pytorch_model.bin`` in torch's legacy (not zip) format with
+    pickle protocol 4, which torch's weights-only loader refuses (with a 3-line warning)."""
+    tensors = load_file(model / "model.safetensors")
+    (model / "model.safetensors").unlink()
+    torch.save(
+        tensors,
+        model / "pytorch_model.bin",
+        _use_new_zipfile_serialization=False,
+        pickle_protocol=4,
+    )
+
+
+def assert_one_line(done: subprocess.CompletedProcess, *fragments: str) -> str:
+    """The whole stderr of a refused command is one line, and it names ``fragments``."""
+    assert done.returncode == 1, done.stderr
+    assert done.stderr.endswith("\n") and done.stderr.count("\n") == 1, done.stderr
+    for fragment in fragments:
+        assert fragment in done.stderr, done.stderr
+    return done.stderr
+
+
+@pytest.mark.parametrize("command", ["mergekit_omp", "mergekit_omp_merge"])
+def test_a_legacy_pickle_checkpoint_is_refused_in_one_line(m, tmp_path, command):
+    """Item 4 of #28: torch's "Detected pickle protocol 4" warning and mergekit's own error
+    used to come with the refusal of a merge; in every command it is one line naming the
+    model, before any work."""
+    legacy_pickle_checkpoint(m / "donor")
+    out = tmp_path / "out"
+    if command == "mergekit_omp":
+        done = run_script(command, m / "base", m / "donor", out)
+    else:
+        config_file = m / "merge.yml"
+        config_file.write_text(yaml.safe_dump(merge_config(m, omp={"missing_tokens": "omp"})))
+        done = run_script(command, config_file, out)
+    line = assert_one_line(done, "cannot read the weights of", "donor", "pickle", "not loaded")
+    assert "operand 149" in line and "was left as it was" in line
+    assert not out.exists() and leftovers(tmp_path) == []
+
+
+def test_a_merge_refusal_is_one_line_with_no_transformers_note(m, tmp_path):
+    """Item 4 of #28: no ``torch_dtype is deprecated`` line, and with --quiet not mergekit's
+    "Building tokenizer permutations" bar either: the whole stderr is the refusal."""
     config_file = m / "merge.yml"
     settings = {"missing_tokens": "omp", "method": "omp", "k": 100000}
     config_file.write_text(yaml.safe_dump(merge_config(m, omp=settings)))
     done = run_script("mergekit_omp_merge", config_file, tmp_path / "out", "--quiet")
-    assert done.returncode == 1, done.stderr
     assert "torch_dtype" not in done.stderr
-    errors = [line for line in done.stderr.splitlines() if "Building tokenizer" not in line]
-    assert len([line for line in errors if line.strip()]) == 1, done.stderr
+    assert_one_line(done, "k=100000 is larger than")
+    assert not (tmp_path / "out").exists() and leftovers(tmp_path) == []
+
+
+@pytest.mark.parametrize("key", ["dtype", "out_dtype"])
+def test_a_merge_dtype_mergekit_lacks_is_refused_before_any_work(m, tmp_path, key, monkeypatch):
+    """mergekit refuses ``dtype: float99`` only once the merge runs (``RuntimeError:
+    Unimplemented dtype``, after its progress bars): here one line naming the key, first."""
+    import mergekit_omp.merge.run
+
+    calls = []
+    monkeypatch.setattr(mergekit_omp.merge.run, "run_merge", lambda *a, **kw: calls.append(a))
+    config_file = m / "merge.yml"
+    config_file.write_text(yaml.safe_dump(merge_config(m, **{key: "float99"})))
+    result = invoke(merge_cli.main, config_file, tmp_path / "out")
+    line = error_line(result, f"{key}: 'float99' is not a dtype", "left as it was")
+    assert result.exit_code == 1, line
+    assert calls == [] and not (tmp_path / "out").exists()
 
 
 # 17. Absurd values: one line before any work.

@@ -163,12 +163,17 @@ def test_padding_and_extra_rows(tmp_path, metaspace_tok, byte_level_tok):
 def test_same_inputs_same_bytes(mixed_pair, tmp_path):
     base, donor = mixed_pair
     options = TransplantOptions(base_model=str(base), donor=str(donor), new_vocab_noise=0.01)
-    first = transplant(options, tmp_path / "a", progress=False)
-    second = transplant(options, tmp_path / "b", progress=False)
+    first_out, second_out = tmp_path / "a" / "out", tmp_path / "b" / "out"  # the card names OUT
+    first = transplant(options, first_out, progress=False)
+    second = transplant(options, second_out, progress=False)
     assert torch.equal(first.matrices["embed"].matrix, second.matrices["embed"].matrix)
-    assert (tmp_path / "a" / "model.safetensors").read_bytes() == (
-        tmp_path / "b" / "model.safetensors"
-    ).read_bytes()
+    # Weights, tokenizer, configs, recipe and card: every file the same bytes (#28 item 10);
+    # the report differs only in its seconds (test_reports_of_two_runs_differ_only_...).
+    names = {p.name for p in first_out.iterdir()}
+    assert names == {p.name for p in second_out.iterdir()}
+    assert {"model.safetensors", "tokenizer.json", "config.json"} <= names
+    for name in sorted(names - {"mergekit_omp_report.json"}):
+        assert (first_out / name).read_bytes() == (second_out / name).read_bytes(), name
 
 
 def test_omp_rows_are_batch_omp_applied_to_base_anchors(mixed_pair):

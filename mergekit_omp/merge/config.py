@@ -20,7 +20,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
-from mergekit.common import ModelPath, ModelReference
+from mergekit.common import ModelPath, ModelReference, dtype_from_name
 from mergekit.config import MergeConfiguration
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
@@ -199,6 +199,20 @@ def merge_configuration(data: dict[str, Any], source: str) -> MergeConfiguration
         raise TransplantError(f"{source}: {exc}") from None
 
 
+def check_dtypes(merge: MergeConfiguration, source: str) -> None:
+    """``dtype``/``out_dtype`` name a dtype mergekit knows; mergekit itself refuses a bad one
+    only once the merge is running (``RuntimeError: Unimplemented dtype``)."""
+    for key in ("dtype", "out_dtype"):
+        name = getattr(merge, key)
+        try:
+            dtype_from_name(name)
+        except RuntimeError:
+            raise TransplantError(
+                f"{source}: {key}: {name!r} is not a dtype mergekit merges in (known: "
+                "bfloat16, float16, float32, float64, int64)"
+            ) from None
+
+
 def _is_hub_id(path: str, base_dir: Path) -> bool:
     """``owner/name`` whose ``owner`` is no local folder (beside the config or here)."""
     if not HUB_ID_RE.match(path) or path.startswith("."):
@@ -290,6 +304,7 @@ def parse_merge_config(text: str, source: str, base_dir: Path) -> OmpMergeConfig
     data, settings, token_sources = split_omp_keys(raw, source)
     _warn_unknown_keys(data, source)
     written = merge_configuration(data, source)
+    check_dtypes(written, source)
     check_local_models(written, base_dir, source)
     resolve = reference_resolver(base_dir)
     config = OmpMergeConfig(

@@ -8,12 +8,15 @@ import os
 from collections.abc import Iterator
 from pathlib import Path
 
+import mergekit.tokenizer.build
+import tqdm
 import transformers
+from mergekit.io.tasks import LoaderCache
 from mergekit.merge import run_merge
 from mergekit.options import MergeOptions
 
 from mergekit_omp.errors import TransplantError
-from mergekit_omp.load import check_local_model
+from mergekit_omp.load import check_local_model, library_warnings_silenced, read_checkpoint
 from mergekit_omp.merge.card import merge_card
 from mergekit_omp.merge.config import OmpMergeConfig
 from mergekit_omp.merge.omp_vocabulary_task import OmpFill, omp_token_rows
@@ -42,6 +45,37 @@ def check_vocabularies_fit(config: OmpMergeConfig, merge_options: MergeOptions) 
                 f"embedding has {rows} rows (vocab_size); mergekit cannot merge its vocabulary "
                 "(resize its embeddings to the tokenizer first)"
             )
+
+
+def check_weights_readable(config: OmpMergeConfig, merge_options: MergeOptions) -> None:
+    """Each local model's checkpoint index is read now, as a transplant reads it, so weights
+    that cannot be read (a pickle torch's safe loader refuses) are one line naming the model
+    before any work, not mergekit's error and torch's warning midway. mergekit's loader cache
+    keeps the indexes, so the merge does not read them again."""
+    LoaderCache().setup(merge_options)
+    for reference in config.merge.referenced_models():
+        if reference.lora is None and os.path.isdir(reference.model.path):
+            read_checkpoint(reference)
+
+
+class _QuietBuild:
+    """``mergekit.tokenizer.build``'s view of the ``tqdm`` module with its bars off: mergekit
+    shows "Building tokenizer permutations" even with ``--quiet``."""
+
+    @staticmethod
+    def tqdm(*args: object, **kwargs: object) -> tqdm.tqdm:
+        return tqdm.tqdm(*args, **{**kwargs, "disable": True})
+
+
+@contextlib.contextmanager
+def tokenizer_bar_hidden(quiet: bool) -> Iterator[None]:
+    original = mergekit.tokenizer.build.tqdm
+    if quiet:
+        mergekit.tokenizer.build.tqdm = _QuietBuild
+    try:
+        yield
+    finally:
+        mergekit.tokenizer.build.tqdm = original
 
 
 DEPRECATED_DTYPE_NOTE = "`torch_dtype` is deprecated"
@@ -86,10 +120,13 @@ def run_omp_merge(
         if os.path.isdir(path):
             check_local_model(path)
     check_vocabularies_fit(config, merge_options)
+    check_weights_readable(config, merge_options)
     with (
         staged_output(out_path, overwrite, inputs=config.models.values()) as staging,
         omp_token_rows(config.settings, config.token_sources, merge_options) as fills,
         deprecated_dtype_note_silenced(),
+        library_warnings_silenced(),
+        tokenizer_bar_hidden(merge_options.quiet),
     ):
         run_merge(config.merge, str(staging), options=inner_options, config_source=config.text)
         if merge_options.write_model_card:
