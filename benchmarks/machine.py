@@ -69,7 +69,8 @@ def machine_lines() -> list[str]:
         f"torch {torch.__version__}, CPU capability {torch.backends.cpu.get_cpu_capability()}",
         f"calibrated GEMM: float32 {rates.float32_gemm / 1e9:.1f} GMAC/s, bfloat16 "
         f"{rates.bfloat16_gemm / 1e9:.1f} GMAC/s ({ratio:.2f}x); bfloat16 screen by default: "
-        f"{screen} (needs >= {BF16_MIN_SPEEDUP}x; rates from {calibrate.calibration_path()})",
+        f"{screen} (needs >= {BF16_MIN_SPEEDUP}x; rates from {calibrate.calibration_path()}); "
+        f"Gram row pass {rates.gram_row_pass / 1e9:.1f} G float32/s",
     ]
 
 

@@ -36,6 +36,7 @@ import time
 from pathlib import Path
 
 import torch
+from machine import print_machine
 
 DEFAULT_CACHE = Path(os.environ.get("MERGEKIT_OMP_CACHE", "~/.cache/mergekit-omp/real"))
 DIRECTIONS = {
@@ -92,16 +93,6 @@ def omp_problem(cache: Path, direction: str) -> dict[str, torch.Tensor]:
     return tensors
 
 
-def machine_line() -> str:
-    from mergekit_omp.kernels.calibrate import machine_rates
-
-    rates = machine_rates("cpu")
-    return (
-        f"{rates.machine}\n  capability {torch.backends.cpu.get_cpu_capability()}; "
-        f"{rates.describe().split(': ', 1)[1]}"
-    )
-
-
 def run(args: argparse.Namespace) -> None:
     from mergekit.tokensurgeon import batch_omp as mergekit_batch_omp
 
@@ -113,7 +104,7 @@ def run(args: argparse.Namespace) -> None:
     sample = torch.randperm(all_targets.shape[0], generator=generator)[: args.tokens]
     targets = all_targets[sample].contiguous()
     total = all_targets.shape[0]
-    print(machine_line())
+    print_machine()
     print(
         f"{args.direction}: {total} targets (sample {targets.shape[0]}), "
         f"{anchors.shape[0]} anchors, D = {anchors.shape[1]}, k = {args.k}"

@@ -2,7 +2,7 @@
 
     python benchmarks/omp_speed.py [--quick] [--tokens B] [--mergekit-tokens M]
                                    [--anchors N ...] [--dims D ...] [--k K]
-                                   [--strategy full_gram|residual] [--screen on|off]
+                                   [--strategy full_gram|residual|int8_gram] [--screen on|off]
 
 Both run in this process on Gaussian anchors (N x D) and targets (B x D), k atoms, float32.
 Ours runs on all B targets, so its tokens/s includes building the N x N Gram matrix once,
@@ -273,7 +273,10 @@ def main() -> None:
         "--memory-budget-gib", type=float, default=None, help="batch_omp's memory budget"
     )
     parser.add_argument(
-        "--strategy", choices=["full_gram", "residual"], default=None, help="force a strategy"
+        "--strategy",
+        choices=["full_gram", "residual", "int8_gram"],
+        default=None,
+        help="force a strategy",
     )
     parser.add_argument(
         "--screen", choices=["on", "off"], default=None, help="force bfloat16 screening"
