@@ -10,6 +10,11 @@ class TransplantError(Exception):
     """Bad input or an impossible request, explained in one sentence."""
 
 
+class UsageValueError(TransplantError):
+    """A command-line value out of range, found only once the inputs are read (a
+    ``--holdout`` count beyond the shared tokens): exit 2, as click's usage errors."""
+
+
 def _unpickling(match: re.Match[str]) -> str:
     operand = re.search(r"Unsupported operand (\d+)", match.string)
     if operand:  # e.g. 149, FRAME: torch.save(..., pickle_protocol=4) without the zip format

@@ -1030,6 +1030,8 @@ def test_memory_gb_must_be_positive_for_every_method_built_on_omp(m, tmp_path, m
         m / "base", m / "donor", tmp_path / "out", "-a", method, "-p", f"memory_gb={memory}"
     )
     error_line(result, "memory_gb", "greater than 0", method)
+    assert result.exit_code == 2  # a value of the command line out of range (#28 item 7)
+    assert not (tmp_path / "out").exists()
 
 
 @pytest.mark.parametrize("key,value", [("batch_size", 0), ("new_vocab_noise", -1)])
@@ -1045,6 +1047,7 @@ def test_absurd_values_in_a_recipe(m, tmp_path, key, value):
 def test_eval_holdout_count_beyond_the_shared_tokens(m):
     result = invoke(eval_cli.main, m / "base", m / "donor", "-a", "mean", "--holdout", "1000000")
     error_line(result, "--holdout 1000000", "at most")
+    assert result.exit_code == 2  # a value of the command line out of range (#28 item 7)
 
 
 # 18. SIGTERM while the command starts; staging directories a killed run left.

@@ -164,14 +164,14 @@ def test_lm_head_tensors_are_laid_out_by_the_lm_head_match(bos_pair):
 def test_bad_values_are_refused_in_one_line_before_loading(tmp_path, flags, expected):
     args = ["/no/such/base", "/no/such/donor", str(tmp_path / "out"), *flags]
     result = CliRunner().invoke(transplant_cli.main, args)
-    assert result.exit_code == 1
+    assert result.exit_code == 2  # a value of the command line out of range (#28)
     assert result.stderr.strip() == f"Error: {expected}; {tmp_path / 'out'} was left as it was"
     assert not (tmp_path / "out").exists()
 
 
 def test_eval_refuses_bad_method_parameters_before_loading():
     result = CliRunner().invoke(eval_cli.main, ["/no/such/base", "/no/such/donor", "-a", "omp:k=0"])
-    assert result.exit_code == 1
+    assert result.exit_code == 2
     assert result.stderr.strip() == (
         "Error: bad parameters for method 'omp': k: Input should be greater than or equal to 1"
     )

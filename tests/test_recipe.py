@@ -162,7 +162,7 @@ def test_cli_rejects_bad_param_before_reading_models(tmp_path):
         cli.main,
         ["/no/such/base", "/no/such/donor", str(tmp_path / "out"), "-a", "omp", "-p", "k=x"],
     )
-    assert result.exit_code == 1
+    assert result.exit_code == 2  # a value of the command line of the wrong type
     assert "parameters.k: Input should be a valid integer" in result.stderr
 
 

@@ -33,7 +33,7 @@ from mergekit_omp.cli.options import (
 )
 from mergekit_omp.cli.outputs import check_outputs
 from mergekit_omp.cli.process import command_class, run_cli_action
-from mergekit_omp.errors import TransplantError
+from mergekit_omp.errors import TransplantError, UsageValueError
 from mergekit_omp.evaluate.compare import compare_methods, default_method_specs
 from mergekit_omp.evaluate.leave_out import HoldoutLike
 
@@ -60,7 +60,10 @@ def spec_of(name: str, spec: dict[str, Any], knobs: dict[str, Any]) -> MethodSpe
     method = get_approximator(name)
     parameters = parameters_for(name, knobs, spec)
     label = name + (":" + ",".join(f"{k}={v}" for k, v in parameters.items()) if parameters else "")
-    return MethodSpec(label, method, method.validate_parameters(parameters))
+    try:
+        return MethodSpec(label, method, method.validate_parameters(parameters))
+    except TransplantError as exc:  # a value of the command line: exit 2
+        raise UsageValueError(str(exc)) from None
 
 
 def parse_holdout(value: str | None) -> float | None:

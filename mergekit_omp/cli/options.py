@@ -36,7 +36,7 @@ from pydantic import ValidationError
 
 from mergekit_omp.approximators import approximator_names, get_approximator, split_method_spec
 from mergekit_omp.approximators.base import MAX_BATCH_SIZE
-from mergekit_omp.errors import TransplantError
+from mergekit_omp.errors import TransplantError, UsageValueError
 from mergekit_omp.options import MatchScope, TransplantOptions, describe_validation_error
 
 LOG = logging.getLogger("mergekit_omp")
@@ -411,8 +411,8 @@ def transplant_options_from_cli(
     method, spec = split_method_spec(values["approximation_method"])
     try:
         return _options(ctx, base, donor, method, spec, values, merge_options)
-    except ValidationError as exc:
-        raise TransplantError(describe_validation_error(exc)) from None
+    except ValidationError as exc:  # a value of the command line: exit 2
+        raise UsageValueError(describe_validation_error(exc)) from None
 
 
 def _options(

@@ -27,7 +27,7 @@ from typing import TYPE_CHECKING, Any, NoReturn
 import click
 
 from mergekit_omp import publish
-from mergekit_omp.errors import TransplantError, one_line
+from mergekit_omp.errors import TransplantError, UsageValueError, one_line
 
 if TYPE_CHECKING:
     from mergekit.options import MergeOptions
@@ -35,6 +35,8 @@ if TYPE_CHECKING:
 
 USAGE_ERROR_EXIT = 2
 INTERRUPTED_EXIT = 130
+USAGE_EXIT = 2
+"""A value of the command line out of range (click's usage errors, ``UsageValueError``)."""
 _process = {"one_shot": False}
 
 
@@ -51,10 +53,10 @@ def output_state(out_path: str | None) -> str:
     return f"{out_path} was left as it was"
 
 
-def _fail(message: str, out_path: str | None) -> NoReturn:
+def _fail(message: str, out_path: str | None, status: int = 1) -> NoReturn:
     state = f"; {output_state(out_path)}" if out_path is not None else ""
     click.echo(f"Error: {message}{state}", err=True)
-    sys.exit(1)
+    sys.exit(status)
 
 
 def _interrupted(out_path: str | None) -> NoReturn:
@@ -81,6 +83,8 @@ def run_cli_action(action: Callable[..., Any]) -> Callable[..., Any]:
                 result = action(*args, **kwargs)
         except click.ClickException:
             raise
+        except UsageValueError as exc:
+            _fail(one_line(str(exc)), out_path, USAGE_EXIT)
         except TransplantError as exc:
             _fail(one_line(str(exc)), out_path)
         except KeyboardInterrupt:

@@ -15,7 +15,7 @@ import math
 import torch
 import torch.nn.functional as F
 
-from mergekit_omp.errors import TransplantError
+from mergekit_omp.errors import TransplantError, UsageValueError
 from mergekit_omp.vocabulary import Vocabulary
 
 DEFAULT_HOLDOUT_COUNT = 1000
@@ -41,7 +41,7 @@ def holdout_size(anchors: int, holdout: float | None, *, exact: bool = False) ->
     elif holdout >= 1 and float(holdout).is_integer():
         size = int(holdout)
         if exact and size >= anchors:
-            raise TransplantError(
+            raise UsageValueError(
                 f"--holdout {size} is not fewer than the {anchors} shared tokens: give a "
                 f"count of at most {anchors - 1}, or a fraction"
             )
