@@ -32,7 +32,7 @@ import logging
 import math
 import time
 from dataclasses import dataclass
-from typing import Annotated, Literal
+from typing import Annotated, Any, Literal
 
 import torch
 from pydantic import AfterValidator, Field
@@ -64,7 +64,10 @@ CANDIDATES = (
 """``NAME[:PARAM=VALUE,...]`` specs, in order of preference on equal scores."""
 MAX_HOLDOUT = 100_000
 """The most anchors leave-out validation holds out (``holdout``)."""
-TEXT_VALIDATION = "bits per byte on the validation text, lower is better"
+TEXT_VALIDATION = (
+    "regret, bits per byte behind the best candidate on the kind of validation text where "
+    "it is furthest behind (minimax regret), lower is better"
+)
 LEAVE_OUT_VALIDATION = "leave-out mean cosine on anchors like the new tokens, higher is better"
 
 
@@ -156,30 +159,59 @@ def score_candidates(validation: Validation, candidates: tuple[str, ...]) -> dic
     return scores
 
 
+def minimax_regret(table: dict[str, dict[str, float]]) -> tuple[str, dict[str, float]]:
+    """The candidate whose largest loss against the best candidate on any kind is the
+    smallest, and each candidate's largest loss (its regret).
+
+    ``table`` is ``{candidate: {kind: bits per byte}}``, candidates in order of preference;
+    regrets are rounded to 1e-6 and the first of equals wins. A candidate with a kind
+    missing or not finite has an infinite regret; a kind no candidate scores finitely is
+    left out."""
+    kinds = {kind for scores in table.values() for kind in scores}
+    best = {
+        kind: min(s[kind] for s in table.values() if math.isfinite(s.get(kind, math.inf)))
+        for kind in kinds
+        if any(math.isfinite(s.get(kind, math.inf)) for s in table.values())
+    }
+    regrets = {}
+    for spec, scores in table.items():
+        losses = [scores.get(kind, math.inf) - low for kind, low in best.items()]
+        worst = max(losses, default=math.inf)
+        regrets[spec] = round(worst, 6) if math.isfinite(worst) else math.inf
+    chosen = min(table, key=lambda spec: regrets[spec])  # first of equals wins
+    return chosen, regrets
+
+
 def by_text_bits_per_byte(
     problem: ApproximationProblem, candidates: tuple[str, ...], scorer: TextScorer
-) -> tuple[str, Approximation, dict[str, float]]:
-    """Each candidate run on the new tokens and scored by ``scorer``; the lowest bits per
-    byte wins (the first of equals)."""
-    scores: dict[str, float] = {}
-    best: tuple[str, Approximation] | None = None
+) -> tuple[str, Approximation, dict[str, float], dict[str, dict[str, float]]]:
+    """Each candidate run on the new tokens and scored by ``scorer`` on each kind of text;
+    the one with the smallest largest loss against the best on any kind wins
+    (``minimax_regret``). Returns it, its rows, the regrets and the bits per byte per
+    kind."""
+    table: dict[str, dict[str, float]] = {}
+    results: dict[str, Approximation] = {}
     with shared_omp_runs():
         for spec in candidates:
             parsed = parse_method_spec(spec)
             try:
-                result = parsed.approximator(problem, **parsed.parameters)
+                results[spec] = parsed.approximator(problem, **parsed.parameters)
             except TransplantError as exc:
                 LOG.warning("auto: candidate %s failed: %s", spec, exc)
-                scores[spec] = float("inf")
+                table[spec] = {}
                 continue
-            score = scorer.bits_per_byte(result.rows)
-            scores[spec] = round(score, 6) if math.isfinite(score) else float("inf")
-            LOG.info("auto: %s scores %.4f bits per byte on the validation text", spec, score)
-            if best is None or scores[spec] < scores[best[0]]:
-                best = (spec, result)
-    if best is None:
+            scores = scorer.kind_bits_per_byte(results[spec].rows)
+            table[spec] = {
+                kind: round(bpb, 6) if math.isfinite(bpb) else math.inf
+                for kind, bpb in scores.items()
+            }
+            LOG.info("auto: %s scores %s bits per byte on the validation texts", spec, table[spec])
+    if not results:
         raise TransplantError(f"auto: every candidate failed ({', '.join(candidates)})")
-    return best[0], best[1], scores
+    best, regrets = minimax_regret(table)
+    if best not in results:  # every candidate that ran failed on some kind
+        best = next(iter(results))
+    return best, results[best], regrets, table
 
 
 def text_scorer(
@@ -219,12 +251,16 @@ def auto(
     candidates = tuple(candidates)
     start = time.perf_counter()
     scorer, unavailable = None, None
+    by_kind: dict[str, dict[str, float]] = {}
     if validation == "text":
         scorer, unavailable = text_scorer(problem, context, max_run_parameters)
     if scorer is not None:
         try:
-            best, result, scores = by_text_bits_per_byte(problem, candidates, scorer)
-            evidence = f"{sum(len(t.encode()) for t in scorer.texts.values())} bytes of text"
+            best, result, scores, by_kind = by_text_bits_per_byte(problem, candidates, scorer)
+            evidence = (
+                f"{sum(len(t.encode()) for t in scorer.texts.values())} bytes of text: "
+                + ", ".join(scorer.texts)
+            )
             how = TEXT_VALIDATION
         except ValidationUnavailable as exc:
             LOG.warning("auto: %s; choosing by leave-out validation instead", exc)
@@ -236,7 +272,7 @@ def auto(
         if unavailable:
             how += f"; the model could not be run: {unavailable}"
     chosen = parse_method_spec(best)
-    choice = {
+    choice: dict[str, Any] = {
         "chosen": best,
         "method": chosen.approximator.name,
         "parameters": chosen.parameters,
@@ -245,6 +281,8 @@ def auto(
         "evidence": evidence,
         "seconds": round(time.perf_counter() - start, 3),
     }
+    if by_kind:
+        choice["scores_by_kind"] = by_kind
     LOG.info("auto: %s %s; chose %s", how, scores, best)
     return ChosenApproximation(
         rows=result.rows, indices=result.indices, coeffs=result.coeffs, choice=choice
