@@ -1,10 +1,14 @@
 """Choose the method for this matrix by running the model: each candidate's transplant is
-scored by bits per byte on a validation text, and the lowest wins.
+scored by bits per byte on each kind of validation text, and the one least far behind the
+best on its worst kind wins (minimax regret).
 
 Each candidate approximates the new tokens; its rows are put into the base model, which is
-run with the donor's tokenizer on a text every Python installation has (prose and code,
-``select/text.py``). The candidate with the lowest bits per byte is kept: its rows are the
-answer, nothing runs twice. Candidates built on OMP with the same k share one OMP run
+run with the donor's tokenizer on texts every Python installation has (five kinds: prose,
+reference with code examples, code, quotes, tables; ``select/text.py``), each kind scored on
+its own. A candidate's regret is its largest loss, in bits per byte, against the best
+candidate of each kind (``minimax_regret``); the smallest regret is kept, so a candidate
+that is best on average but far behind on one kind of text loses to one that is close to
+the best on every kind. Its rows are the answer, nothing runs twice. Candidates built on OMP with the same k share one OMP run
 (``omp.shared_omp_runs``). The model is the one ``SelectionContext.base_path`` names, its
 rows laid out from ``SelectionContext.matched_ids`` (``text.TextScorer``). Where the model
 cannot be run (no base model path, no validation text, a model ``transformers`` cannot
@@ -247,7 +251,8 @@ def auto(
     holdout: HoldoutCount | None = None,
     max_run_parameters: Annotated[int, Field(ge=0)] = MAX_RUN_PARAMETERS,
 ) -> ChosenApproximation:
-    """The candidate whose transplant scores the lowest bits per byte on a validation text."""
+    """The candidate whose transplant is least far behind the best candidate, in bits per
+    byte, on the kind of validation text where it is furthest behind."""
     candidates = tuple(candidates)
     start = time.perf_counter()
     scorer, unavailable = None, None
