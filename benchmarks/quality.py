@@ -82,12 +82,26 @@ def log(message: str) -> None:
 
 def read_source(cache: Path, source: str, offset: int, size: int) -> str:
     """``size`` bytes of the named text from ``offset``, cut on a character boundary."""
-    if source == "english.txt":
+    if source.startswith("kind:"):
+        from mergekit_omp.select.text import kind_sources
+
+        data = kind_sources()[source.removeprefix("kind:")].encode("utf-8")
+    elif source == "english.txt":
         data = (cache.expanduser() / source).read_bytes()
+    elif "/" in source:
+        data = Path(source).expanduser().read_bytes()
     else:
         stdlib = Path(sysconfig.get_paths()["stdlib"])
         data = b"".join((stdlib / name).read_bytes() for name in source.split("+"))
     return data[offset : offset + size].decode("utf-8", errors="ignore")
+
+
+def named_text(option: str) -> tuple[str, tuple[str, int]]:
+    """``NAME=SOURCE[@OFFSET]`` (``--text``): a file path, or ``kind:KIND`` for a kind of
+    ``auto``'s validation text (``select/text.py``), from byte OFFSET."""
+    name, _, source = option.partition("=")
+    source, _, offset = source.partition("@")
+    return name, (source, int(offset or 0))
 
 
 def halves(text: str) -> tuple[str, str]:
@@ -502,7 +516,7 @@ def kendall_tau(first: dict[str, float], second: dict[str, float]) -> float:
 
 
 def run_direction(name: str, args) -> str:
-    texts = DEV_TEXTS if args.dev else TEXTS
+    texts = {**(DEV_TEXTS if args.dev else TEXTS), **dict(map(named_text, args.text))}
     chosen = [t for t in args.texts.split(",") if t]
     split = {t: halves(read_source(args.cache, *texts[t], args.bytes)) for t in chosen}
     log(f"{name}: " + ", ".join(f"{t} {sum(len(h.encode()) for h in split[t])} B" for t in chosen))
@@ -615,6 +629,14 @@ def main() -> None:
     parser.add_argument("--methods", nargs="+", default=None, help="NAME[:P=V,...] specs")
     parser.add_argument("--reference", default=None, help="method the Δ columns compare with")
     parser.add_argument("--texts", default="prose,code")
+    parser.add_argument(
+        "--text",
+        action="append",
+        default=[],
+        metavar="NAME=SOURCE[@OFFSET]",
+        help="another text (a path, or kind:KIND for a kind of auto's validation text); "
+        "name it in --texts",
+    )
     parser.add_argument("--bytes", type=int, default=40_000, help="bytes of each text")
     parser.add_argument("--dev", action="store_true", help="score the design texts instead")
     parser.add_argument(

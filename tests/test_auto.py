@@ -102,9 +102,10 @@ def test_a_transplant_with_auto_records_the_choice_in_report_and_card(tmp_path, 
         scores = matrix.choice.scores
         assert matrix.choice.validation == TEXT_VALIDATION
         assert matrix.choice.chosen == min(scores, key=scores.get)
-        assert all(0 < score < 100 for score in scores.values())  # bits per byte
+        assert all(0 <= score < 100 for score in scores.values())  # bits per byte behind
+        assert set(matrix.choice.scores_by_kind) == {"omp:k=4", "fvt", "zero"}
         chosen = matrix.choice.chosen
-        assert f"`auto` chose `{chosen}` from 3 candidates by bits per byte" in card
+        assert f"`auto` chose `{chosen}` from 3 candidates by regret, bits per byte" in card
     short = [line for line in result.report.summary().splitlines() if "auto chose" in line]
     assert len(short) == len(result.report.matrices)
     assert all("best of 3)" in line and len(line) <= 100 for line in short)

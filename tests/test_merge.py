@@ -342,7 +342,11 @@ def test_default_method_is_auto_and_it_chooses_by_bits_per_byte_with_the_merged_
         assert list(scores) == list(CANDIDATES)
         assert fill.choice.chosen == min(scores, key=scores.get)
         assert fill.choice.validation == TEXT_VALIDATION  # the lacking model was run
-        assert all(10 < score < 100 for score in scores.values())  # random tiny models
+        by_kind = fill.choice.scores_by_kind
+        assert list(by_kind) == list(CANDIDATES)
+        assert all(10 < bpb < 100 for b in by_kind.values() for bpb in b.values())  # random
+        assert all(0 <= score < 100 for score in scores.values())  # bits per byte behind
+        assert min(scores.values()) == scores[fill.choice.chosen]
 
 
 def test_auto_rows_are_the_chosen_candidates_rows(pair, auto_merge):
@@ -372,10 +376,7 @@ def test_auto_choice_is_in_the_card_and_the_summary(pair, auto_merge):
             f"* `{fill.tensor}` of {fill.model}: `auto` chose `{chosen}` from 5 candidates" in card
         )
         best = fill.choice.scores[chosen]
-        assert (
-            f"(auto chose {chosen}, bits per byte on the validation text {best:.4f}, best of 5"
-            in text
-        )
+        assert f"(auto chose {chosen}, regret {best:.4f}, best of 5" in text
         for spec, score in fill.choice.scores.items():
             assert f"`{spec}` {score:.4f}" in card
 

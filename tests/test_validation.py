@@ -19,12 +19,14 @@ from mergekit_omp.approximators.omp import shared_omp_runs
 from mergekit_omp.evaluate.bpb import bits_per_byte
 from mergekit_omp.load import load_pair
 from mergekit_omp.plan import plan_transplant
-from mergekit_omp.select.auto import LEAVE_OUT_VALIDATION, TEXT_VALIDATION
+from mergekit_omp.select.auto import LEAVE_OUT_VALIDATION, TEXT_VALIDATION, minimax_regret
 from mergekit_omp.select.text import (
+    KINDS,
     VALIDATION_BYTES,
     TextScorer,
     ValidationUnavailable,
     checkpoint_parameters,
+    kind_sources,
     running_text,
     validation_texts,
 )
@@ -97,18 +99,65 @@ def rows_of(problem, spec: str) -> torch.Tensor:
     return parsed.approximator(problem, **parsed.parameters).rows
 
 
-def test_the_validation_text_is_fixed_prose_and_code_from_the_python_installation():
+def test_every_kind_of_validation_text_is_found_and_fixed_on_this_python():
+    sources = kind_sources()
+    assert tuple(sources) == KINDS == ("prose", "reference", "code", "quotes", "table")
+    assert all(len(source.encode()) >= 10 * VALIDATION_BYTES for source in sources.values())
     texts = validation_texts()
-    assert set(texts) == {"prose", "code"}
+    assert tuple(texts) == KINDS
     assert texts == validation_texts()
     assert all(0 < len(t.encode()) <= VALIDATION_BYTES for t in texts.values())
     assert texts["prose"].startswith("Assert statements are a convenient way")
     assert "\n " not in texts["prose"] and "****" not in texts["prose"]
+    assert "\n   " in texts["reference"] and "****" in texts["reference"]
     assert "def " in texts["code"] or "class " in texts["code"]
+    assert texts["quotes"].startswith("The Zen of Python, by Tim Peters")
+    assert "aren't" in texts["quotes"] and "\u2019" not in sources["quotes"]
+    assert texts["table"].lstrip().startswith("2001") and "Mo Tu We Th Fr Sa Su" in texts["table"]
     other = validation_texts(part=1)
-    assert other["prose"] != texts["prose"] and other["code"] != texts["code"]
-    with pytest.raises(ValidationUnavailable, match="no part"):
+    assert all(other[kind] != texts[kind] for kind in KINDS)
+    with pytest.raises(ValidationUnavailable, match="no validation text"):
         validation_texts(part=10**6)
+
+
+def test_a_kind_shorter_than_the_part_is_left_out():
+    quotes = len(kind_sources()["quotes"].encode())
+    texts = validation_texts(size=quotes // 2 + 1, part=2)
+    assert "quotes" not in texts and "prose" in texts
+
+
+def test_minimax_regret_keeps_the_smallest_worst_loss_against_the_best_on_each_kind():
+    table = {
+        "a": {"prose": 1.00, "code": 0.90},  # best on prose, 0.10 behind on code
+        "b": {"prose": 1.04, "code": 0.80},  # 0.04 behind on prose, best on code
+        "c": {"prose": 1.01, "code": 0.86},  # 0.01 and 0.06 behind
+    }
+    chosen, regrets = minimax_regret(table)
+    assert regrets == {"a": 0.1, "b": 0.04, "c": 0.06}
+    assert chosen == "b"  # the lowest mean ("c", 0.935) is not what minimax keeps
+
+
+def test_minimax_regret_prefers_the_first_of_equals_and_skips_failed_candidates():
+    table = {
+        "first": {"prose": 1.0, "code": 2.0},
+        "second": {"prose": 2.0, "code": 1.0},
+        "failed": {},
+        "broken": {"prose": math.inf, "code": 0.5},
+        "dominated": {"prose": 1.5, "code": 2.5},
+    }
+    chosen, regrets = minimax_regret(table)
+    # the best code score is "broken"'s 0.5: "first" and "second" lose 1.5 there
+    assert regrets == {
+        "first": 1.5,
+        "second": 1.0,
+        "failed": math.inf,
+        "broken": math.inf,
+        "dominated": 2.0,
+    }
+    assert chosen == "second"
+    assert minimax_regret({"x": {"k": 1.0}, "y": {"k": 1.0}}) == ("x", {"x": 0.0, "y": 0.0})
+    nothing = {"x": {"k": math.inf}, "y": {}}
+    assert minimax_regret(nothing) == ("x", {"x": math.inf, "y": math.inf})
 
 
 def test_the_prose_is_the_references_running_text_without_blocks_or_titles():
@@ -180,18 +229,36 @@ def test_validation_is_deterministic_and_garbage_rows_score_worse_than_true_rows
     assert scorer.bits_per_byte(garbage) > scorer.bits_per_byte(exact) + 1.0
 
 
-def test_auto_keeps_the_candidate_with_the_lowest_bits_per_byte_and_records_all(problem, context):
+def test_auto_keeps_the_candidate_with_the_smallest_worst_loss_per_kind_and_records_all(
+    problem, context
+):
     result = get_approximator("auto")(problem, context, candidates=CANDIDATES)
-    scores = result.choice.scores
+    by_kind = result.choice.scores_by_kind
     scorer = TextScorer(problem, context)
     for spec in CANDIDATES:
-        assert scores[spec] == pytest.approx(scorer.bits_per_byte(rows_of(problem, spec)), abs=1e-6)
-    assert result.choice.chosen == min(CANDIDATES, key=scores.get)
+        expected = scorer.kind_bits_per_byte(rows_of(problem, spec))
+        assert set(by_kind[spec]) == set(KINDS)
+        assert by_kind[spec] == pytest.approx(expected, abs=1e-6)
+    chosen, regrets = minimax_regret(by_kind)
+    assert result.choice.scores == regrets
+    assert result.choice.chosen == chosen
+    assert regrets[chosen] == min(regrets.values())
     assert result.choice.validation == TEXT_VALIDATION
-    assert result.choice.evidence == f"{2 * VALIDATION_BYTES} bytes of text"
+    total = sum(len(t.encode()) for t in validation_texts().values())
+    assert result.choice.evidence == f"{total} bytes of text: " + ", ".join(KINDS)
     assert torch.equal(result.rows, rows_of(problem, result.choice.chosen))
     again = get_approximator("auto")(problem, context, candidates=CANDIDATES)
-    assert again.choice.scores == scores and torch.equal(again.rows, result.rows)
+    assert again.choice == result.choice.model_copy(update={"seconds": again.choice.seconds})
+    assert torch.equal(again.rows, result.rows)
+
+
+def test_the_pooled_score_is_the_byte_weighted_mean_of_the_kinds(problem, context):
+    scorer = TextScorer(problem, context)
+    rows = rows_of(problem, "wechsel")
+    by_kind = scorer.kind_bits_per_byte(rows)
+    weights = {kind: len(text.encode()) / scorer.bytes for kind, text in scorer.texts.items()}
+    pooled = sum(weights[kind] * by_kind[kind] for kind in by_kind)
+    assert scorer.bits_per_byte(rows) == pytest.approx(pooled, rel=1e-9)
 
 
 def test_auto_falls_back_to_leave_out_where_the_model_cannot_run_and_says_why(

@@ -20,7 +20,8 @@ model that has the token the donor, and the tokens both models share are the anc
 writes the donor's row by Orthogonal Matching Pursuit as a sparse combination of *k* anchors
 and applies the same coefficients to the lacking model's rows of those anchors; `auto` runs
 each of its candidate methods and keeps the one whose rows give the lacking model, with the
-merged tokenizer, the lowest bits per byte on a validation text.
+merged tokenizer, bits per byte least far behind the best on its worst kind of validation
+text.
 
 {table}
 

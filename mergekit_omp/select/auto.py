@@ -1,10 +1,14 @@
 """Choose the method for this matrix by running the model: each candidate's transplant is
-scored by bits per byte on a validation text, and the lowest wins.
+scored by bits per byte on each kind of validation text, and the one least far behind the
+best on its worst kind wins (minimax regret).
 
 Each candidate approximates the new tokens; its rows are put into the base model, which is
-run with the donor's tokenizer on a text every Python installation has (prose and code,
-``select/text.py``). The candidate with the lowest bits per byte is kept: its rows are the
-answer, nothing runs twice. Candidates built on OMP with the same k share one OMP run
+run with the donor's tokenizer on texts every Python installation has (five kinds: prose,
+reference with code examples, code, quotes, tables; ``select/text.py``), each kind scored on
+its own. A candidate's regret is its largest loss, in bits per byte, against the best
+candidate of each kind (``minimax_regret``); the smallest regret is kept, so a candidate
+that is best on average but far behind on one kind of text loses to one that is close to
+the best on every kind. Its rows are the answer, nothing runs twice. Candidates built on OMP with the same k share one OMP run
 (``omp.shared_omp_runs``). The model is the one ``SelectionContext.base_path`` names, its
 rows laid out from ``SelectionContext.matched_ids`` (``text.TextScorer``). Where the model
 cannot be run (no base model path, no validation text, a model ``transformers`` cannot
@@ -70,7 +74,10 @@ CANDIDATES = (
 """``NAME[:PARAM=VALUE,...]`` specs, in order of preference on equal scores."""
 MAX_HOLDOUT = 100_000
 """The most anchors leave-out validation holds out (``holdout``)."""
-TEXT_VALIDATION = "bits per byte on the validation text, lower is better"
+TEXT_VALIDATION = (
+    "regret, bits per byte behind the best candidate on the kind of validation text where "
+    "it is furthest behind (minimax regret), lower is better"
+)
 LEAVE_OUT_VALIDATION = "leave-out mean cosine on anchors like the new tokens, higher is better"
 
 
@@ -162,30 +169,59 @@ def score_candidates(validation: Validation, candidates: tuple[str, ...]) -> dic
     return scores
 
 
+def minimax_regret(table: dict[str, dict[str, float]]) -> tuple[str, dict[str, float]]:
+    """The candidate whose largest loss against the best candidate on any kind is the
+    smallest, and each candidate's largest loss (its regret).
+
+    ``table`` is ``{candidate: {kind: bits per byte}}``, candidates in order of preference;
+    regrets are rounded to 1e-6 and the first of equals wins. A candidate with a kind
+    missing or not finite has an infinite regret; a kind no candidate scores finitely is
+    left out."""
+    kinds = {kind for scores in table.values() for kind in scores}
+    best = {
+        kind: min(s[kind] for s in table.values() if math.isfinite(s.get(kind, math.inf)))
+        for kind in kinds
+        if any(math.isfinite(s.get(kind, math.inf)) for s in table.values())
+    }
+    regrets = {}
+    for spec, scores in table.items():
+        losses = [scores.get(kind, math.inf) - low for kind, low in best.items()]
+        worst = max(losses, default=math.inf)
+        regrets[spec] = round(worst, 6) if math.isfinite(worst) else math.inf
+    chosen = min(table, key=lambda spec: regrets[spec])  # first of equals wins
+    return chosen, regrets
+
+
 def by_text_bits_per_byte(
     problem: ApproximationProblem, candidates: tuple[str, ...], scorer: TextScorer
-) -> tuple[str, Approximation, dict[str, float]]:
-    """Each candidate run on the new tokens and scored by ``scorer``; the lowest bits per
-    byte wins (the first of equals)."""
-    scores: dict[str, float] = {}
-    best: tuple[str, Approximation] | None = None
+) -> tuple[str, Approximation, dict[str, float], dict[str, dict[str, float]]]:
+    """Each candidate run on the new tokens and scored by ``scorer`` on each kind of text;
+    the one with the smallest largest loss against the best on any kind wins
+    (``minimax_regret``). Returns it, its rows, the regrets and the bits per byte per
+    kind."""
+    table: dict[str, dict[str, float]] = {}
+    results: dict[str, Approximation] = {}
     with shared_omp_runs():
         for spec in candidates:
             parsed = parse_method_spec(spec)
             try:
-                result = parsed.approximator(problem, **parsed.parameters)
+                results[spec] = parsed.approximator(problem, **parsed.parameters)
             except TransplantError as exc:
                 LOG.warning("auto: candidate %s failed: %s", spec, exc)
-                scores[spec] = float("inf")
+                table[spec] = {}
                 continue
-            score = scorer.bits_per_byte(result.rows)
-            scores[spec] = round(score, 6) if math.isfinite(score) else float("inf")
-            LOG.info("auto: %s scores %.4f bits per byte on the validation text", spec, score)
-            if best is None or scores[spec] < scores[best[0]]:
-                best = (spec, result)
-    if best is None:
+            scores = scorer.kind_bits_per_byte(results[spec].rows)
+            table[spec] = {
+                kind: round(bpb, 6) if math.isfinite(bpb) else math.inf
+                for kind, bpb in scores.items()
+            }
+            LOG.info("auto: %s scores %s bits per byte on the validation texts", spec, table[spec])
+    if not results:
         raise TransplantError(f"auto: every candidate failed ({', '.join(candidates)})")
-    return best[0], best[1], scores
+    best, regrets = minimax_regret(table)
+    if best not in results:  # every candidate that ran failed on some kind
+        best = next(iter(results))
+    return best, results[best], regrets, table
 
 
 def text_scorer(
@@ -221,16 +257,21 @@ def auto(
     holdout: HoldoutCount | None = None,
     max_run_parameters: Annotated[int, Field(ge=0)] = MAX_RUN_PARAMETERS,
 ) -> ChosenApproximation:
-    """The candidate whose transplant scores the lowest bits per byte on a validation text."""
+    """The candidate whose transplant is least far behind the best candidate, in bits per
+    byte, on the kind of validation text where it is furthest behind."""
     candidates = tuple(candidates)
     start = time.perf_counter()
     scorer, unavailable = None, None
+    by_kind: dict[str, dict[str, float]] = {}
     if validation == "text":
         scorer, unavailable = text_scorer(problem, context, max_run_parameters)
     if scorer is not None:
         try:
-            best, result, scores = by_text_bits_per_byte(problem, candidates, scorer)
-            evidence = f"{sum(len(t.encode()) for t in scorer.texts.values())} bytes of text"
+            best, result, scores, by_kind = by_text_bits_per_byte(problem, candidates, scorer)
+            evidence = (
+                f"{sum(len(t.encode()) for t in scorer.texts.values())} bytes of text: "
+                + ", ".join(scorer.texts)
+            )
             how = TEXT_VALIDATION
         except ValidationUnavailable as exc:
             LOG.warning("auto: %s; choosing by leave-out validation instead", exc)
@@ -249,6 +290,7 @@ def auto(
         scores=scores,
         validation=how,
         evidence=evidence,
+        scores_by_kind=by_kind or None,
         seconds=round(time.perf_counter() - start, 3),
     )
     LOG.info("auto: %s %s; chose %s", how, scores, best)

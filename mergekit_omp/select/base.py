@@ -48,6 +48,9 @@ class Choice(Record):
     """How the candidates were scored, and which way is better."""
     evidence: str
     """What the scores were measured on (bytes of text, held-out tokens)."""
+    scores_by_kind: dict[str, dict[str, JsonFloat]] | None = omitted()
+    """By text: each candidate's bits per byte on each kind of validation text (``scores``
+    are then the regrets, ``select/auto.minimax_regret``)."""
     seconds: float | None = omitted()
     """Time the choice took; a transplant's report moves it to its ``seconds``."""
 

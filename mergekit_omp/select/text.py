@@ -8,17 +8,23 @@ tied LM head included, or an untied LM head), and the model's bits per byte
 (``evaluate/bpb.py``) is measured with the donor's tokenizer on a validation text that every
 Python installation has, so it needs nothing downloaded:
 
-* prose: the running text of the language reference in English (``pydoc_data.topics``, the
-  topics in sorted order): its paragraphs, without the indented blocks (code examples,
+* ``prose``: the running text of the language reference in English (``pydoc_data.topics``,
+  the topics in sorted order): its paragraphs, without the indented blocks (code examples,
   grammar, tables) and section titles between them (``running_text``);
-* code: the standard library's ``calendar.py``.
+* ``reference``: the same reference as it is, code examples and grammar included, the
+  topics in reverse order (prose with code in it, as in a tutorial);
+* ``code``: the standard library's ``calendar.py``;
+* ``quotes``: the Zen of Python (``this``), then the reference's paragraphs with a
+  possessive or contraction (``’s``, ``’t``), dedented, ``’`` written ``'``: short sayings
+  and apostrophes, tokens dialogue and quotations are full of;
+* ``table``: ``calendar.TextCalendar().formatyear`` of the years from 2001 on (numbers laid
+  out in columns: whitespace runs and digits).
 
-Each text stands for one kind: the reference's indented blocks are code laid out as reST
-indents it, so they are left to the code text.
-
-``VALIDATION_BYTES`` bytes of each (``part`` p takes the p-th such slice; part 0 is what
-``auto`` uses), cut on a character boundary. Lower is better. The held-back texts of
-``benchmarks/quality.py`` are other texts (docs/evaluate.md).
+``VALIDATION_BYTES`` bytes of each kind (``part`` p takes the p-th such slice; part 0 is
+what ``auto`` uses), cut on a character boundary; a kind this Python lacks is left out.
+Each kind is scored on its own (``TextScorer.kind_bits_per_byte``), so a choice can weigh
+kinds (``auto``'s minimax regret) rather than pool them. Lower is better. The held-back
+texts of ``benchmarks/quality.py`` are other texts (docs/evaluate.md).
 
 Where the base's tokenizer inserts BOS, the base's own BOS row is put in front of every
 window (``bos_embedding``), whatever the donor's tokenizer does: the model is scored as it
@@ -34,6 +40,7 @@ from __future__ import annotations
 import math
 import re
 import sysconfig
+import textwrap
 from pathlib import Path
 from typing import cast
 
@@ -44,9 +51,13 @@ from mergekit_omp.errors import TransplantError
 from mergekit_omp.lm import effective_window, tokenizer_adds_bos
 from mergekit_omp.select.base import SelectionContext
 
-VALIDATION_BYTES = 3000
-"""Bytes of each validation text (prose, code)."""
+VALIDATION_BYTES = 1500
+"""Bytes of each kind of validation text."""
+KINDS = ("prose", "reference", "code", "quotes", "table")
+"""The kinds of validation text, in order."""
 CODE_MODULE = "calendar.py"
+QUOTING = re.compile(r"\w['\u2019](?:s|t|re|ll|ve|d|m)\b")
+TABLE_YEARS = range(2001, 2101)
 TITLE_UNDERLINE = re.compile(r"[*=\-^]+")
 MAX_RUN_PARAMETERS = 1_000_000_000
 """The largest base (parameters, from its safetensors headers) that is run by default: its
@@ -62,23 +73,58 @@ class ValidationUnavailable(TransplantError):
     """The model cannot be run on the validation text (no text, no model, no tokenizer)."""
 
 
-def validation_texts(size: int = VALIDATION_BYTES, part: int = 0) -> dict[str, str]:
-    """``{"prose": ..., "code": ...}``: bytes ``part * size`` to ``(part + 1) * size`` of
-    each validation text (module docstring)."""
+def kind_sources() -> dict[str, str]:
+    """The whole text of each kind this Python has (module docstring), in ``KINDS`` order."""
+    sources = {}
     try:
         from pydoc_data.topics import topics
 
-        reference = "\n\n".join(topics[name] for name in sorted(topics))
-        prose = running_text(reference).encode("utf-8")
-        code = (Path(sysconfig.get_paths()["stdlib"]) / CODE_MODULE).read_bytes()
-    except (ImportError, OSError) as exc:
-        raise ValidationUnavailable(f"no validation text in this Python: {exc}") from None
+        names = sorted(topics)
+        reference = "\n\n".join(topics[name] for name in names)
+        sources["prose"] = running_text(reference)
+        sources["reference"] = "\n\n".join(topics[name] for name in reversed(names))
+    except ImportError:
+        reference = ""
+    try:
+        path = Path(sysconfig.get_paths()["stdlib"]) / CODE_MODULE
+        sources["code"] = path.read_bytes().decode("utf-8", errors="ignore")
+    except OSError:
+        pass
+    sources["quotes"] = zen_of_python() + "\n\n".join(
+        textwrap.dedent(p).replace("\u2019", "'")
+        for p in re.split(r"\n[ \t]*\n", reference)
+        if QUOTING.search(p)
+    )
+    import calendar
+
+    sources["table"] = "\n".join(calendar.TextCalendar().formatyear(y) for y in TABLE_YEARS)
+    return {kind: sources[kind] for kind in KINDS if sources.get(kind)}
+
+
+def zen_of_python() -> str:
+    """``import this``'s text, decoded as that module does, without printing it."""
+    import codecs
+    import importlib.util
+
+    spec = importlib.util.find_spec("this")
+    if spec is None or spec.origin is None:
+        return ""
+    source = Path(spec.origin).read_text(encoding="utf-8")
+    match = re.search(r's = """(.*?)"""', source, re.S)
+    return codecs.decode(match.group(1), "rot13") + "\n\n" if match else ""
+
+
+def validation_texts(size: int = VALIDATION_BYTES, part: int = 0) -> dict[str, str]:
+    """``{kind: text}``: bytes ``part * size`` to ``(part + 1) * size`` of each kind's text
+    (module docstring), the kinds this Python has that are that long."""
     texts = {}
-    for name, data in (("prose", prose), ("code", code)):
-        text = data[part * size : (part + 1) * size].decode("utf-8", errors="ignore")
-        if not text:
-            raise ValidationUnavailable(f"the {name} validation text has no part {part}")
-        texts[name] = text
+    for kind, source in kind_sources().items():
+        data = source.encode("utf-8")[part * size : (part + 1) * size]
+        text = data.decode("utf-8", errors="ignore")
+        if text:
+            texts[kind] = text
+    if not texts:
+        raise ValidationUnavailable(f"no validation text in this Python (part {part})")
     return texts
 
 
@@ -200,12 +246,24 @@ class TextScorer:
     def bits_per_byte(self, rows: torch.Tensor) -> float:
         """The model's bits per byte on the validation texts (total bits over total bytes)
         with ``rows`` as the new tokens' rows of the validated matrix."""
+        nll = sum(self.kind_nll(rows).values())
+        return nll / math.log(2) / self.bytes
+
+    @torch.no_grad()
+    def kind_bits_per_byte(self, rows: torch.Tensor) -> dict[str, float]:
+        """``{kind: bits per byte}`` on each validation text, ``rows`` as in
+        ``bits_per_byte``."""
+        return {
+            name: nll / math.log(2) / len(self.texts[name].encode("utf-8"))
+            for name, nll in self.kind_nll(rows).items()
+        }
+
+    def kind_nll(self, rows: torch.Tensor) -> dict[str, float]:
         self.matrix[self.targets] = rows.to(self.matrix)
         try:
-            nll = sum(self.nll(windows) for windows in self.windows.values())
+            return {name: self.nll(windows) for name, windows in self.windows.items()}
         except Exception as exc:  # the model itself fails on the text
             raise ValidationUnavailable(f"cannot run the model on the text: {exc}") from None
-        return nll / math.log(2) / self.bytes
 
     def nll(self, windows: list[list[int]]) -> float:
         """Summed NLL in nats of the tokens of ``windows`` after the first (all of them when
