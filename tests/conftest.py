@@ -56,3 +56,19 @@ def byte_level_pair(tmp_path_factory, byte_level_tok, small_byte_level_tok) -> t
     base = tiny.tiny_llama(small_byte_level_tok, root / "base", hidden_size=24, seed=3)
     donor = tiny.tiny_llama(byte_level_tok, root / "donor", hidden_size=32, seed=4)
     return base, donor
+
+
+@pytest.fixture(autouse=True)
+def default_signal_handlers():
+    """A one-shot entry point run in-process ignores SIGINT/SIGTERM once done (its process
+    only exits then); restore the handlers and the flag so later tests see an ordinary
+    process."""
+    import signal
+
+    from mergekit_omp.cli import process
+
+    handlers = {sig: signal.getsignal(sig) for sig in (signal.SIGINT, signal.SIGTERM)}
+    yield
+    process._process["one_shot"] = False
+    for sig, handler in handlers.items():
+        signal.signal(sig, handler)
