@@ -1,6 +1,7 @@
 from __future__ import annotations
 
 import os
+import signal
 from pathlib import Path
 
 import pytest
@@ -10,6 +11,10 @@ FIXED_CALIBRATION = Path(__file__).parent / "fixtures" / "calibration.json"
 # Plans made from fixed rates, in this process and in the commands it runs, so that no test
 # depends on this machine's speed (tests/test_calibrate.py measures).
 os.environ["MERGEKIT_OMP_CALIBRATION"] = str(FIXED_CALIBRATION)
+# A runner started in the background by a non-interactive shell inherits SIGINT ignored, and
+# so would every command the tests start: the signal tests need Ctrl-C to act as in a terminal.
+signal.signal(signal.SIGINT, signal.default_int_handler)
+signal.signal(signal.SIGTERM, signal.SIG_DFL)
 
 
 def pytest_addoption(parser: pytest.Parser) -> None:
@@ -56,19 +61,3 @@ def byte_level_pair(tmp_path_factory, byte_level_tok, small_byte_level_tok) -> t
     base = tiny.tiny_llama(small_byte_level_tok, root / "base", hidden_size=24, seed=3)
     donor = tiny.tiny_llama(byte_level_tok, root / "donor", hidden_size=32, seed=4)
     return base, donor
-
-
-@pytest.fixture(autouse=True)
-def default_signal_handlers():
-    """A one-shot entry point run in-process ignores SIGINT/SIGTERM once done (its process
-    only exits then); restore the handlers and the flag so later tests see an ordinary
-    process."""
-    import signal
-
-    from mergekit_omp.cli import process
-
-    handlers = {sig: signal.getsignal(sig) for sig in (signal.SIGINT, signal.SIGTERM)}
-    yield
-    process._process["one_shot"] = False
-    for sig, handler in handlers.items():
-        signal.signal(sig, handler)
