@@ -14,32 +14,11 @@ here, which decide whether OMP screens in bfloat16 by default
 from __future__ import annotations
 
 import os
-import platform
-import subprocess
-from pathlib import Path
 
 import torch
 
 from mergekit_omp.kernels import calibrate
 from mergekit_omp.kernels.omp_screen import BF16_MIN_SPEEDUP, bf16_matmul_is_fast
-
-
-def cpu_model() -> str:
-    """The CPU's model name: ``/proc/cpuinfo``, else ``lscpu``, else ``platform``."""
-    try:
-        for line in Path("/proc/cpuinfo").read_text(errors="replace").splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    try:
-        listing = subprocess.run(["lscpu"], capture_output=True, text=True, timeout=10).stdout
-        for line in listing.splitlines():
-            if line.startswith("Model name:"):
-                return line.split(":", 1)[1].strip()
-    except (OSError, subprocess.SubprocessError):
-        pass
-    return platform.processor() or platform.machine() or "unknown CPU"
 
 
 def core_counts() -> str:
@@ -65,7 +44,7 @@ def machine_lines() -> list[str]:
     ratio = rates.bfloat16_gemm / rates.float32_gemm
     screen = "on" if bf16_matmul_is_fast("cpu") else "off"
     return [
-        f"machine: {cpu_model()}; {core_counts()}",
+        f"machine: {calibrate.cpu_model()}; {core_counts()}",
         f"torch {torch.__version__}, CPU capability {torch.backends.cpu.get_cpu_capability()}",
         f"calibrated GEMM: float32 {rates.float32_gemm / 1e9:.1f} GMAC/s, bfloat16 "
         f"{rates.bfloat16_gemm / 1e9:.1f} GMAC/s ({ratio:.2f}x); bfloat16 screen by default: "
