@@ -333,15 +333,25 @@ def method_knob_options(f: Callable[..., Any]) -> Callable[..., Any]:
     return f
 
 
-def scope_option(name: str, short: str, help_text: str) -> Callable[..., Any]:
-    field = name.replace("-", "_")
+def choice_option(
+    *flags: str, field: str, help_text: str, show_default: bool = True
+) -> Callable[..., Any]:
+    """An option taking the values a ``TransplantOptions`` field allows, with its default."""
     return click.option(
-        f"--{name}",
-        short,
+        *flags,
         type=click.Choice(option_choices(field)),
         default=option_default(field),
-        show_default=True,
-        help=help_text + " (embed, lm_head, yes = both, no).",
+        show_default=show_default,
+        help=help_text,
+    )
+
+
+def scope_option(name: str, short: str, help_text: str) -> Callable[..., Any]:
+    return choice_option(
+        f"--{name}",
+        short,
+        field=name.replace("-", "_"),
+        help_text=help_text + " (embed, lm_head, yes = both, no).",
     )
 
 
@@ -357,12 +367,10 @@ prefix_match_option = scope_option(
     "Give a new token the row of its longest base-vocabulary prefix in the named matrices",
 )
 
-bos_option = click.option(
+bos_option = choice_option(
     "--bos",
-    type=click.Choice(option_choices("bos")),
-    default=option_default("bos"),
-    show_default=True,
-    help="The output tokenizer's BOS insertion. keep_donor: the donor's, unchanged (a draft "
+    field="bos",
+    help_text="The output tokenizer's BOS insertion. keep_donor: the donor's, unchanged (a draft "
     "for the donor's models, in llama.cpp too); match_base: insert a BOS token exactly when "
     "the base's tokenizer does (its BOS row on the donor's BOS token), for the model on its "
     "own.",
@@ -503,18 +511,16 @@ def transplant_options(f: Callable[..., Any]) -> Callable[..., Any]:
             help="Pad the new vocabulary with zero rows to a multiple of N (64, 128).",
         ),
         bos_option,
-        click.option(
+        choice_option(
             "--dtype",
-            type=click.Choice(option_choices("dtype")),
-            default=option_default("dtype"),
-            help="Dtype of the new matrices (default: the base model's).",
+            field="dtype",
+            help_text="Dtype of the new matrices (default: the base model's).",
+            show_default=False,
         ),
-        click.option(
+        choice_option(
             "--guard",
-            type=click.Choice(option_choices("guard")),
-            default=option_default("guard"),
-            show_default=True,
-            help="What to do with approximated rows the audit flags as outliers "
+            field="guard",
+            help_text="What to do with approximated rows the audit flags as outliers "
             "(breaker tokens, arXiv 2601.00065): clip them to the base norm bound, "
             "shrink their coefficients (ridge), or leave them; the audit always "
             "runs and warns (docs/diagnostics.md).",
