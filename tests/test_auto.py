@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import weakref
+
 import pytest
 import torch
 from tiny import linear_world, problem_of
@@ -146,3 +148,38 @@ def test_auto_has_one_constant_for_each_limit():
     assert fields["candidates"].default == auto.CANDIDATES
     with pytest.raises(TransplantError, match="less than or equal to 100000"):
         get_approximator("auto").validate_parameters({"holdout": auto.MAX_HOLDOUT + 1})
+
+
+class ScriptedScorer:
+    """Scores each candidate's rows in turn with the next entry of ``script``, and checks
+    that no earlier candidate's rows are still held."""
+
+    def __init__(self, script: list[dict[str, float]]) -> None:
+        self.script, self.seen, self.alive = list(script), [], []
+
+    def kind_bits_per_byte(self, rows: torch.Tensor) -> dict[str, float]:
+        assert not [ref for ref in self.alive if ref() is not None]
+        self.seen.append(rows.clone())
+        self.alive.append(weakref.ref(rows))
+        return self.script[len(self.seen) - 1]
+
+
+@pytest.mark.parametrize("winner", [0, 1, 2])
+def test_auto_by_text_returns_the_winners_rows_holding_one_candidate_at_a_time(winner):
+    from mergekit_omp.select.auto import by_text_bits_per_byte
+
+    problem, _, _ = linear_problem()
+    candidates = ("mean", "omp:k=2", "omp_ridge:k=2")
+    script = [{"prose": 2.0, "code": 2.0} for _ in candidates]
+    script[winner] = {"prose": 1.0, "code": 1.5}
+    scorer = ScriptedScorer(script)
+    best, result, regrets, table = by_text_bits_per_byte(problem, candidates, scorer)
+    scorer.alive.clear()
+    assert best == candidates[winner]
+    assert regrets == {spec: (0.0 if spec == best else 1.0) for spec in candidates}
+    assert table[best] == script[winner]
+    assert torch.equal(result.rows, scorer.seen[winner])
+    name, _, parameter = best.partition(":")
+    alone = get_approximator(name)(problem, **({"k": 2} if parameter else {}))
+    assert torch.equal(result.rows, alone.rows)
+    assert not scorer.seen[winner].equal(scorer.seen[(winner + 1) % 3])

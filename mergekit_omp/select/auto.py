@@ -8,9 +8,11 @@ reference with code examples, code, quotes, tables; ``select/text.py``), each ki
 its own. A candidate's regret is its largest loss, in bits per byte, against the best
 candidate of each kind (``minimax_regret``); the smallest regret is kept, so a candidate
 that is best on average but far behind on one kind of text loses to one that is close to
-the best on every kind. Its rows are the answer, nothing runs twice. Candidates built on OMP with the same k share one OMP run
-(``omp.shared_omp_runs``). The model is the one ``SelectionContext.base_path`` names, its
-rows laid out from ``SelectionContext.matched_ids`` (``text.TextScorer``). Where the model
+the best on every kind. Candidates built on OMP with the same k share one OMP run
+(``omp.shared_omp_runs``); only one candidate's rows are held at a time, so the winner is
+run again after the scoring (its OMP shared: only its cheap part repeats). The model is the
+one ``SelectionContext.base_path`` names, its rows laid out from
+``SelectionContext.matched_ids`` (``text.TextScorer``). Where the model
 cannot be run (no base model path, no validation text, a model ``transformers`` cannot
 build) or ``validation="leave_out"``, the choice falls back to leave-out validation on
 anchors like the new tokens (below), and the record says why.
@@ -198,30 +200,39 @@ def by_text_bits_per_byte(
     """Each candidate run on the new tokens and scored by ``scorer`` on each kind of text;
     the one with the smallest largest loss against the best on any kind wins
     (``minimax_regret``). Returns it, its rows, the regrets and the bits per byte per
-    kind."""
+    kind.
+
+    Only one candidate's rows are held at a time: the winner, unless it ran last, is run
+    again, which repeats only its part after OMP (the OMP runs are shared)."""
     table: dict[str, dict[str, float]] = {}
-    results: dict[str, Approximation] = {}
+    ran: list[str] = []
     with shared_omp_runs():
+        last: Approximation | None = None
         for spec in candidates:
+            last = None
             parsed = parse_method_spec(spec)
             try:
-                results[spec] = parsed.approximator(problem, **parsed.parameters)
+                last = parsed.approximator(problem, **parsed.parameters)
             except TransplantError as exc:
                 LOG.warning("auto: candidate %s failed: %s", spec, exc)
                 table[spec] = {}
                 continue
-            scores = scorer.kind_bits_per_byte(results[spec].rows)
+            ran.append(spec)
+            scores = scorer.kind_bits_per_byte(last.rows)
             table[spec] = {
                 kind: round(bpb, 6) if math.isfinite(bpb) else math.inf
                 for kind, bpb in scores.items()
             }
             LOG.info("auto: %s scores %s bits per byte on the validation texts", spec, table[spec])
-    if not results:
-        raise TransplantError(f"auto: every candidate failed ({', '.join(candidates)})")
-    best, regrets = minimax_regret(table)
-    if best not in results:  # every candidate that ran failed on some kind
-        best = next(iter(results))
-    return best, results[best], regrets, table
+        if not ran:
+            raise TransplantError(f"auto: every candidate failed ({', '.join(candidates)})")
+        best, regrets = minimax_regret(table)
+        if best not in ran:  # every candidate that ran failed on some kind
+            best = ran[0]
+        if last is None or best != ran[-1]:
+            parsed = parse_method_spec(best)
+            last = parsed.approximator(problem, **parsed.parameters)
+    return best, last, regrets, table
 
 
 def text_scorer(
