@@ -12,6 +12,7 @@ import transformers
 from mergekit.options import MergeOptions
 
 import mergekit_omp.approximators.omp as omp_module
+import mergekit_omp.select.text as text_module
 from mergekit_omp import TransplantOptions, transplant
 from mergekit_omp.approximate import build_problem, selection_context
 from mergekit_omp.approximators import get_approximator, parse_method_spec
@@ -310,3 +311,37 @@ def test_a_base_larger_than_auto_runs_falls_back_to_leave_out(tied_pair, problem
         problem, context, candidates=("zero", "mean"), max_run_parameters=parameters
     )
     assert kept.choice.validation == TEXT_VALIDATION
+
+
+@pytest.mark.parametrize("base_adds_bos", [True, False])
+def test_the_lm_head_run_a_few_positions_at_a_time_scores_as_the_whole_model(
+    tmp_path, monkeypatch, base_adds_bos
+):
+    problem, context = problem_of(*tied_pair_of(tmp_path, base_adds_bos))
+    rows = rows_of(problem, "wechsel")
+    whole = TextScorer(problem, context)
+    whole.sliced_head = False
+    monkeypatch.setattr(text_module, "HEAD_SLICE_BYTES", 4 * whole.matrix.shape[0] * 7)
+    sliced = TextScorer(problem, context)
+    assert (sliced.bos_row is not None) == base_adds_bos
+    expected = whole.kind_bits_per_byte(rows)
+    assert sliced.kind_bits_per_byte(rows) == pytest.approx(expected, rel=1e-6)
+    assert sliced.sliced_head is True
+    assert whole.sliced_head is False
+
+
+def test_a_model_that_changes_its_heads_logits_is_run_whole(problem, context):
+    rows = rows_of(problem, "wechsel")
+    plain = TextScorer(problem, context).kind_bits_per_byte(rows)
+    scorer = TextScorer(problem, context)
+
+    def halved(module, args, output):
+        output.logits = output.logits / 2  # as soft-capping or a logit scale would
+        return output
+
+    scorer.model.register_forward_hook(halved)
+    halved_scores = scorer.kind_bits_per_byte(rows)
+    assert scorer.sliced_head is False
+    assert all(halved_scores[kind] != pytest.approx(plain[kind], rel=1e-3) for kind in plain)
+    scorer.model._forward_hooks.clear()
+    assert scorer.kind_bits_per_byte(rows) == pytest.approx(plain, rel=1e-6)

@@ -66,9 +66,9 @@ def main(
     lacks can get that model's own approximation, anchored on the tokens it shares with
     a model that has the token, instead of that model's row. Per token, under
     `tokenizer.tokens`: `"<tok>": {source: {kind: omp, k: 32}}`; for every missing token, a
-    top-level `omp: {missing_tokens: omp}`, approximated by `method` (default auto: the
-    candidate method whose rows score the lowest bits per byte on a validation text) with
-    its `parameters`, as in a recipe. Relative model paths are read from the config's
+    top-level `omp: {missing_tokens: omp}`, approximated by `method` (default auto: of its
+    candidate methods, the one least far behind the best on its worst of five kinds of
+    validation text, in bits per byte) with its `parameters`, as in a recipe. Relative model paths are read from the config's
     directory first.
     """
     merge_options.apply_global_options()

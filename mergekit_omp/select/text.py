@@ -45,6 +45,7 @@ from pathlib import Path
 from typing import cast
 
 import torch
+import torch.nn.functional as F
 
 from mergekit_omp.approximators.base import ApproximationProblem
 from mergekit_omp.errors import TransplantError
@@ -66,7 +67,10 @@ CPU. Larger bases fall back to leave-out: the default of ``auto``'s ``max_run_pa
 MEMORY_FRACTION = 0.5
 """The float32 copy of the base may take at most this share of the available memory."""
 LOGITS_BYTES = 512 * 1024**2
-"""Most float32 logits one forward pass of the scorer makes (windows are batched up to it)."""
+"""Most float32 logits one forward pass of the scorer would make (windows are batched up to
+it)."""
+HEAD_SLICE_BYTES = 64 * 1024**2
+"""Most float32 logits the scorer's LM head makes at a time (``TextScorer.sliced_nll``)."""
 
 
 class ValidationUnavailable(TransplantError):
@@ -187,6 +191,8 @@ class TextScorer:
         size = max(len(self.tokenizer), 1 + max(problem.target_ids + matched[0]))
         self.model = load_base(context.base_path)
         self.bos_row = base_bos_row(self.model, problem)
+        self.sliced_head: bool | None = None
+        """Whether the LM head's logits are the model's (found on the first pass)."""
         try:
             self.matrix = self.prepare(problem, matched, size)
         except Exception as exc:  # an architecture transformers cannot resize or rewrite
@@ -278,18 +284,58 @@ class TextScorer:
         return total
 
     def batch_nll(self, inputs: torch.Tensor) -> float:
-        import torch.nn.functional as F
-
         if self.bos_row is None:
-            logits, targets = self.model(input_ids=inputs).logits[:, :-1], inputs[:, 1:]
+            model_inputs, targets = {"input_ids": inputs}, inputs[:, 1:]
         else:
             embedded = self.model.get_input_embeddings()(inputs)
             bos = self.bos_row.to(embedded).expand(inputs.shape[0], 1, -1)
-            logits = self.model(inputs_embeds=torch.cat([bos, embedded], dim=1)).logits[:, :-1]
+            model_inputs = {"inputs_embeds": torch.cat([bos, embedded], dim=1)}
             targets = inputs
+        if self.sliced_head is not False:
+            hidden, logits = self.head_input(model_inputs)
+            if self.sliced_head is None:
+                # A model that changes the head's output (soft-capping, a logit scale) must
+                # give its own logits: it is run whole from then on.
+                self.sliced_head = torch.allclose(
+                    self.model.get_output_embeddings()(hidden[:, :1]), logits, rtol=1e-5
+                )
+            if self.sliced_head:
+                return self.sliced_nll(hidden[:, :-1], targets)
+        logits = self.model(**model_inputs).logits[:, : targets.shape[1]]
         return F.cross_entropy(
             logits.flatten(0, 1).float(), targets.flatten(), reduction="sum"
         ).item()
+
+    def head_input(
+        self, model_inputs: dict[str, torch.Tensor]
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """The hidden states the LM head is given, and the model's logits of the first
+        position only: the head is run on that one position (a forward pre-hook)."""
+        captured: list[torch.Tensor] = []
+
+        def first_position_only(module, args):
+            captured.append(args[0])
+            return (args[0][:, :1], *args[1:])
+
+        handle = self.model.get_output_embeddings().register_forward_pre_hook(first_position_only)
+        try:
+            logits = self.model(**model_inputs).logits
+        finally:
+            handle.remove()
+        return captured[0], logits
+
+    def sliced_nll(self, hidden: torch.Tensor, targets: torch.Tensor) -> float:
+        """Summed NLL of ``targets`` from ``hidden`` (one position each), the LM head run on
+        ``HEAD_SLICE_BYTES`` of logits at a time: a 262,144-token vocabulary's logits for a
+        1,024-token window are 1 GB, and the loss would copy them twice."""
+        head = self.model.get_output_embeddings()
+        hidden, targets = hidden.flatten(0, 1), targets.flatten()
+        step = max(1, HEAD_SLICE_BYTES // (4 * self.matrix.shape[0]))
+        total = 0.0
+        for start in range(0, targets.shape[0], step):
+            logits = head(hidden[start : start + step]).float()
+            total += F.cross_entropy(logits, targets[start : start + step], reduction="sum").item()
+        return total
 
     def batch_limit(self, length: int) -> int:
         """Windows per forward pass: their logits within ``LOGITS_BYTES``."""
