@@ -156,8 +156,13 @@ class ScriptedScorer:
 
     def __init__(self, script: list[dict[str, float]]) -> None:
         self.script, self.seen, self.alive = list(script), [], []
+        self.released = False
+
+    def release(self) -> None:
+        self.released = True
 
     def kind_bits_per_byte(self, rows: torch.Tensor) -> dict[str, float]:
+        assert not self.released
         assert not [ref for ref in self.alive if ref() is not None]
         self.seen.append(rows.clone())
         self.alive.append(weakref.ref(rows))
@@ -176,6 +181,7 @@ def test_auto_by_text_returns_the_winners_rows_holding_one_candidate_at_a_time(w
     best, result, regrets, table = by_text_bits_per_byte(problem, candidates, scorer)
     scorer.alive.clear()
     assert best == candidates[winner]
+    assert scorer.released == (winner != len(candidates) - 1)  # its model gone before the rerun
     assert regrets == {spec: (0.0 if spec == best else 1.0) for spec in candidates}
     assert table[best] == script[winner]
     assert torch.equal(result.rows, scorer.seen[winner])

@@ -32,6 +32,7 @@ from mergekit_omp.approximators.fvt import BasePieces, SubwordMethod, pooling_we
 from mergekit_omp.approximators.omp import MemoryGb, omp
 from mergekit_omp.approximators.omp_ridge import (
     DEFAULT_K,
+    MAP_CHUNK,
     SparseK,
     add_mapped_residual,
     coefficients,
@@ -68,8 +69,19 @@ def fvt_anchor_combinations(
     return indices.to(device), coeffs.to(device), composed.to(device)
 
 
-def relative_error(targets: torch.Tensor, rebuilt: torch.Tensor) -> torch.Tensor:
-    return (targets - rebuilt).norm(dim=1) / targets.norm(dim=1).clamp_min(NORM_EPS)
+def relative_error(
+    problem: ApproximationProblem, indices: torch.Tensor, coeffs: torch.Tensor
+) -> torch.Tensor:
+    """||t - c @ donor_anchors|| / ||t|| per new token, ``MAP_CHUNK`` tokens at a time."""
+    errors = []
+    for start in range(0, indices.shape[0], MAP_CHUNK):
+        stop = min(start + MAP_CHUNK, indices.shape[0])
+        rebuilt = combine_anchor_rows(
+            problem.donor_anchors, indices[start:stop], coeffs[start:stop]
+        )
+        targets = problem.targets[start:stop].to(rebuilt.dtype)
+        errors.append((targets - rebuilt).norm(dim=1) / targets.norm(dim=1).clamp_min(NORM_EPS))
+    return torch.cat(errors) if errors else problem.targets.new_empty(0)
 
 
 def fvt_weights(e_fvt: torch.Tensor, e_omp: torch.Tensor, composed: torch.Tensor) -> torch.Tensor:
@@ -102,11 +114,9 @@ def hybrid(
     fvt_rows = problem.combine_base_anchors(indices, coeffs)
     if fvt_residual:
         fvt_rows = add_mapped_residual(problem, fvt_rows, indices, coeffs, mapping)
-    targets = problem.targets.to(omp_rows.dtype)
-    e_omp = omp_error_scale * relative_error(
-        targets, combine_anchor_rows(problem.donor_anchors, omp_indices, omp_coeffs)
-    )
-    e_fvt = relative_error(targets, combine_anchor_rows(problem.donor_anchors, indices, coeffs))
+    e_omp = omp_error_scale * relative_error(problem, omp_indices, omp_coeffs)
+    e_fvt = relative_error(problem, indices, coeffs)
     weight = fvt_weights(e_fvt, e_omp, composed).unsqueeze(1).to(omp_rows.dtype)
-    rows = weight * fvt_rows + (1 - weight) * omp_rows
+    # weight * fvt + (1 - weight) * omp, in place.
+    rows = fvt_rows.mul_(weight).add_(omp_rows.mul_(1 - weight))
     return Approximation(rows=rows, indices=omp_indices, coeffs=omp_coeffs)

@@ -38,6 +38,10 @@ def coefficients(sparse: Approximation) -> tuple[torch.Tensor, torch.Tensor]:
     return sparse.indices, sparse.coeffs
 
 
+MAP_CHUNK = 16384
+"""New tokens whose residuals ``add_mapped_residual`` maps at a time."""
+
+
 def add_mapped_residual(
     problem: ApproximationProblem,
     rows: torch.Tensor,
@@ -46,10 +50,18 @@ def add_mapped_residual(
     mapping: RidgeMap,
 ) -> torch.Tensor:
     """``rows`` (``coeffs`` over anchors ``indices`` applied to the base anchors) plus the
-    donor residual of the same combination mapped through ``mapping``."""
-    rebuilt = combine_anchor_rows(problem.donor_anchors, indices, coeffs)
-    residual = problem.targets.to(rebuilt.dtype) - rebuilt
-    return rows + mapping.map_residual(residual).to(rows.dtype)
+    donor residual of the same combination mapped through ``mapping``, added in place.
+
+    ``MAP_CHUNK`` rows at a time: the float64 residuals of 216,122 new tokens and their
+    mapped rows would be 2 GB at once."""
+    for start in range(0, rows.shape[0], MAP_CHUNK):
+        stop = min(start + MAP_CHUNK, rows.shape[0])
+        rebuilt = combine_anchor_rows(
+            problem.donor_anchors, indices[start:stop], coeffs[start:stop]
+        )
+        residual = problem.targets[start:stop].to(rebuilt.dtype) - rebuilt
+        rows[start:stop] += mapping.map_residual(residual).to(rows.dtype)
+    return rows
 
 
 @approximator("omp_ridge", pretty_name="OMP plus the ridge-mapped residual")

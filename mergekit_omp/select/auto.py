@@ -203,7 +203,8 @@ def by_text_bits_per_byte(
     kind.
 
     Only one candidate's rows are held at a time: the winner, unless it ran last, is run
-    again, which repeats only its part after OMP (the OMP runs are shared)."""
+    again, which repeats only its part after OMP (the OMP runs are shared), once the scorer
+    has released its model."""
     table: dict[str, dict[str, float]] = {}
     ran: list[str] = []
     with shared_omp_runs():
@@ -230,6 +231,8 @@ def by_text_bits_per_byte(
         if best not in ran:  # every candidate that ran failed on some kind
             best = ran[0]
         if last is None or best != ran[-1]:
+            last = None
+            scorer.release()
             parsed = parse_method_spec(best)
             last = parsed.approximator(problem, **parsed.parameters)
     return best, last, regrets, table

@@ -248,6 +248,10 @@ class TextScorer:
                 output.bias.copy_(donor_bias)
         return (output if validated == "output" else inputs).weight
 
+    def release(self) -> None:
+        """Drop the model (the scorer cannot score after this; its texts stay)."""
+        del self.model, self.matrix
+
     @torch.no_grad()
     def bits_per_byte(self, rows: torch.Tensor) -> float:
         """The model's bits per byte on the validation texts (total bits over total bytes)
