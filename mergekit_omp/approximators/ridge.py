@@ -62,8 +62,19 @@ def fit_ridge_map(
     gram = x.T @ x
     shrinkage = alpha * gram.diagonal().sum() / gram.shape[0]
     gram.diagonal().add_(shrinkage)
-    weight = torch.linalg.lstsq(gram, x.T @ (y - base_mean)).solution
+    weight = solve_symmetric(gram, x.T @ (y - base_mean))
     return RidgeMap(weight=weight, donor_mean=donor_mean, base_mean=base_mean)
+
+
+def solve_symmetric(gram: torch.Tensor, rhs: torch.Tensor) -> torch.Tensor:
+    """``gram^-1 rhs`` for a symmetric positive semi-definite ``gram``: by Cholesky where it
+    is definite (any ``alpha > 0``), else the least-squares solution by SVD (``gelsd``).
+    Both give the same bits on every run, which LAPACK's default ``gelsy`` does not on
+    every CPU."""
+    factor, info = torch.linalg.cholesky_ex(gram)
+    if int(info) == 0:
+        return torch.cholesky_solve(rhs, factor)
+    return torch.linalg.lstsq(gram, rhs, driver="gelsd").solution
 
 
 def problem_ridge_map(problem: ApproximationProblem, alpha: float, center: bool = True) -> RidgeMap:
