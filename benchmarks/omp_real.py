@@ -65,8 +65,9 @@ def omp_problem(cache: Path, direction: str) -> dict[str, torch.Tensor]:
     from mergekit.options import MergeOptions
 
     from mergekit_omp.approximate import build_problem
+    from mergekit_omp.load import load_pair
     from mergekit_omp.options import TransplantOptions
-    from mergekit_omp.plan import load_pair, plan_transplant
+    from mergekit_omp.plan import plan_transplant
 
     base, donor = (str(cache / name) for name in DIRECTIONS[direction])
     options = TransplantOptions(base_model=base, donor=donor, bos="match_base")

@@ -69,6 +69,12 @@ class LoadedModel:
         """This model without its loaded vocabulary matrices (everything else is kept)."""
         return dataclasses.replace(self, embed=None, lm_head=None)
 
+    def release_matrices(self) -> None:
+        """Drop the loaded vocabulary matrices from this model itself, for every holder of
+        it: their memory is freed once no problem or view holds them."""
+        object.__setattr__(self, "embed", None)
+        object.__setattr__(self, "lm_head", None)
+
 
 def model_reference(path: str) -> ModelReference:
     """A mergekit reference to a local model directory (or, if not local, a hub id)."""

@@ -5,7 +5,7 @@
 
 Stages, each in its own module: load -> plan -> match -> approximate -> audit
 (diagnostics/) -> assemble -> write -> report. ``plan.plan_transplant`` makes every
-decision; ``build_matrix`` carries them out for one matrix.
+decision; ``match_matrix`` and ``build_matrix`` carry them out for one matrix.
 """
 
 from __future__ import annotations
@@ -21,7 +21,7 @@ from mergekit.options import MergeOptions
 from transformers import PreTrainedTokenizerBase
 
 from mergekit_omp.approximate import approximate_new_rows, build_problem, selection_context
-from mergekit_omp.approximators import Approximation
+from mergekit_omp.approximators import Approximation, ApproximationProblem
 from mergekit_omp.assemble import assemble_matrix, require_finite
 from mergekit_omp.card import RECIPE_FILE, model_card, output_recipe
 from mergekit_omp.checkpoint import ShardCopy
@@ -68,7 +68,17 @@ class TransplantResult:
     plan: TransplantPlan | None = None
 
 
-def build_matrix(
+@dataclass
+class MatrixProblem:
+    """One vocabulary matrix matched, and its new tokens' problem built from the donor's
+    rows: all ``build_matrix`` needs of the donor."""
+
+    matrix: MatrixPlan
+    match: VocabularyMatch
+    problem: ApproximationProblem
+
+
+def match_matrix(
     plan: TransplantPlan,
     matrix: MatrixPlan,
     base: LoadedModel,
@@ -76,17 +86,16 @@ def build_matrix(
     report: TransplantReport,
     *,
     progress: bool = True,
-) -> MatrixResult:
-    """Match, approximate, audit and assemble one vocabulary matrix as ``plan`` decided."""
+) -> MatrixProblem:
+    """Match one vocabulary matrix as ``plan`` decided and gather its problem."""
     options = plan.options
-    base_rows, donor_rows = matrix.base_rows(base), matrix.donor_rows(donor)
     with report.timed("match"):
         match = plan.match(matrix, base, donor)
     LOG.info("%s: %s", matrix.name, match.counts())
-    with report.timed("approximate"), recorded_calls() as omp_calls:
+    with report.timed("approximate"):
         problem = build_problem(
-            base_rows,
-            donor_rows,
+            matrix.base_rows(base),
+            matrix.donor_rows(donor),
             match,
             base,
             donor,
@@ -95,6 +104,21 @@ def build_matrix(
             progress=progress,
             seed=options.seed,
         )
+    return MatrixProblem(matrix, match, problem)
+
+
+def build_matrix(
+    plan: TransplantPlan,
+    matched: MatrixProblem,
+    base: LoadedModel,
+    report: TransplantReport,
+    *,
+    progress: bool = True,
+) -> MatrixResult:
+    """Approximate, audit and assemble one matched vocabulary matrix as ``plan`` decided."""
+    options, matrix, match, problem = plan.options, matched.matrix, matched.match, matched.problem
+    base_rows = matrix.base_rows(base)
+    with report.timed("approximate"), recorded_calls() as omp_calls:
         approximation = approximate_new_rows(
             problem,
             matrix.method,
@@ -151,13 +175,25 @@ def build_matrices(
     report: TransplantReport,
     *,
     progress: bool = True,
+    release_donor_matrices: bool = False,
 ) -> dict[str, MatrixResult]:
-    """Every matrix of ``plan`` (``build_matrix``), then the number-scheme check."""
+    """Every matrix of ``plan`` (``match_matrix``, then ``build_matrix``), then the
+    number-scheme check. With ``release_donor_matrices`` the donor's loaded matrices are
+    released (``LoadedModel.release_matrices``) once every problem is gathered: Gemma-3's
+    262,144 x 640 float32 embedding is 0.67 GB that OMP would otherwise run beside."""
     record_plan(plan, report)
-    results: dict[str, MatrixResult] = {
-        matrix.name: build_matrix(plan, matrix, base, donor, report, progress=progress)
+    matched = [
+        match_matrix(plan, matrix, base, donor, report, progress=progress)
         for matrix in plan.matrices
-    }
+    ]
+    if release_donor_matrices:
+        donor.release_matrices()
+    results: dict[str, MatrixResult] = {}
+    while matched:
+        one = matched.pop(0)
+        results[one.matrix.name] = build_matrix(plan, one, base, report, progress=progress)
+        del one
+
     with report.timed("numbers"):
         check_numbers(base, donor, results["embed"].match, report)
     return results
@@ -231,7 +267,9 @@ def transplant_result(
     report: TransplantReport,
     progress: bool,
 ) -> TransplantResult:
-    matrices = build_matrices(plan, base, donor, report, progress=progress)
+    matrices = build_matrices(
+        plan, base, donor, report, progress=progress, release_donor_matrices=True
+    )
     return TransplantResult(report=report, matrices=matrices, tokenizer=plan.tokenizer, plan=plan)
 
 

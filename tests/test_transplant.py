@@ -264,3 +264,37 @@ def test_reports_of_two_runs_differ_only_in_their_seconds(mixed_pair, tmp_path):
     assert reports[0] == reports[1]
     assert all(m["choice"] and "seconds" not in m["choice"] for m in reports[0]["matrices"])
     assert {"load", "approximate", "auto embed (within approximate)"} <= timings[0].keys()
+
+
+def test_the_donors_matrices_are_freed_before_any_matrix_is_approximated(known_answer, monkeypatch):
+    import gc
+    import importlib
+    import weakref
+
+    module = importlib.import_module("mergekit_omp.transplant")  # the package's name is the call
+
+    base, donor, donor_embed, mapping = known_answer
+    loaded, seen = [], []
+    load_pair, approximate = module.load_pair, module.approximate_new_rows
+
+    def recording_load_pair(*args):
+        models = load_pair(*args)
+        loaded.extend(weakref.ref(t) for t in (models[1].embed, models[1].lm_head))
+        return models
+
+    def checking_approximate(problem, *args, **kwargs):
+        gc.collect()
+        seen.append([ref() is None for ref in loaded])
+        return approximate(problem, *args, **kwargs)
+
+    monkeypatch.setattr(module, "load_pair", recording_load_pair)
+    monkeypatch.setattr(module, "approximate_new_rows", checking_approximate)
+    result = transplant(
+        TransplantOptions(
+            base_model=str(base), donor=str(donor), method="omp", parameters={"k": 12}
+        ),
+        progress=False,
+    )
+    assert seen == [[True, True], [True, True]]  # embed and lm_head, both donor matrices gone
+    ids, expected = true_new_rows(result, donor_embed, mapping, "lm_head", 2.0)
+    assert torch.allclose(result.matrices["lm_head"].matrix[ids], expected, atol=1e-4, rtol=1e-4)

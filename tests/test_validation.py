@@ -345,3 +345,42 @@ def test_a_model_that_changes_its_heads_logits_is_run_whole(problem, context):
     assert all(halved_scores[kind] != pytest.approx(plain[kind], rel=1e-3) for kind in plain)
     scorer.model._forward_hooks.clear()
     assert scorer.kind_bits_per_byte(rows) == pytest.approx(plain, rel=1e-6)
+
+
+def test_a_scorer_made_not_to_load_loads_at_its_first_scoring_and_scores_the_same(
+    problem, context, monkeypatch
+):
+    rows = rows_of(problem, "wechsel")
+    loads = []
+    load_base = text_module.load_base
+    monkeypatch.setattr(
+        text_module, "load_base", lambda path: loads.append(path) or load_base(path)
+    )
+    lazy = TextScorer(problem, context, load=False)
+    assert loads == [] and "model" not in vars(lazy)
+    assert lazy.bytes == sum(len(t.encode("utf-8")) for t in validation_texts().values())
+    scores = lazy.kind_bits_per_byte(rows)
+    assert loads == [context.base_path]
+    assert lazy.kind_bits_per_byte(rows) == scores and len(loads) == 1
+    assert scores == TextScorer(problem, context).kind_bits_per_byte(rows)
+    lazy.release()
+    assert "model" not in vars(lazy)
+    with pytest.raises(RuntimeError, match="released"):
+        lazy.kind_bits_per_byte(rows)
+
+
+def test_auto_runs_its_first_candidate_before_it_loads_the_model(problem, context, monkeypatch):
+    import mergekit_omp.approximators.omp as omp_module
+    from mergekit_omp.approximators import get_approximator
+
+    events = []
+    load_base, batch_omp = text_module.load_base, omp_module.batch_omp
+    monkeypatch.setattr(
+        text_module, "load_base", lambda path: events.append("load") or load_base(path)
+    )
+    monkeypatch.setattr(
+        omp_module, "batch_omp", lambda *a, **k: events.append("omp") or batch_omp(*a, **k)
+    )
+    result = get_approximator("auto")(problem, context, candidates=("omp:k=2", "mean"))
+    assert events == ["omp", "load"]  # the winner's rerun shares the OMP run
+    assert result.choice.evidence.endswith(", ".join(validation_texts()))

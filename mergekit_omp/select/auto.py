@@ -12,7 +12,8 @@ the best on every kind. Candidates built on OMP with the same k share one OMP ru
 (``omp.shared_omp_runs``); only one candidate's rows are held at a time, so the winner is
 run again after the scoring (its OMP shared: only its cheap part repeats). The model is the
 one ``SelectionContext.base_path`` names, its rows laid out from
-``SelectionContext.matched_ids`` (``text.TextScorer``). Where the model
+``SelectionContext.matched_ids`` (``text.TextScorer``), loaded once the first candidate has
+run, so that it is not held beside OMP's working memory. Where the model
 cannot be run (no base model path, no validation text, a model ``transformers`` cannot
 build) or ``validation="leave_out"``, the choice falls back to leave-out validation on
 anchors like the new tokens (below), and the record says why.
@@ -243,7 +244,7 @@ def text_scorer(
 ) -> tuple[TextScorer | None, str | None]:
     """(the text scorer, None), or (None, why the model cannot be run)."""
     try:
-        return TextScorer(problem, context, max_parameters=max_parameters), None
+        return TextScorer(problem, context, max_parameters=max_parameters, load=False), None
     except ValidationUnavailable as exc:
         LOG.warning("auto: %s; choosing by leave-out validation instead", exc)
         return None, str(exc)

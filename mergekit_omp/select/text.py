@@ -181,28 +181,51 @@ class TextScorer:
         texts: dict[str, str] | None = None,
         *,
         max_parameters: int = MAX_RUN_PARAMETERS,
+        load: bool = True,
     ) -> None:
+        """The checks that need no model (a path and a donor tokenizer, the base's size)
+        refuse here; the model is loaded now, or with ``load=False`` at the first scoring
+        (``auto``: not beside the first candidate's OMP, whose working memory is freed by
+        then). A model that cannot be loaded or given the donor's vocabulary then raises
+        ``ValidationUnavailable``."""
         if context.base_path is None or problem.donor_tokenizer is None:
             raise ValidationUnavailable("the problem has no base model path or donor tokenizer")
         check_size(context.base_path, max_parameters)
         self.tokenizer = problem.donor_tokenizer
         self.targets = torch.tensor(problem.target_ids)
+        self.texts = texts if texts is not None else validation_texts()
+        self.bytes = sum(len(text.encode("utf-8")) for text in self.texts.values())
+        self.sliced_head: bool | None = None
+        """Whether the LM head's logits are the model's (found on the first pass)."""
+        self._unloaded: tuple[ApproximationProblem, SelectionContext] | None = (problem, context)
+        self.released = False
+        if load:
+            self.load()
+
+    def load(self) -> None:
+        """Load the base model and give it the donor's vocabulary (once)."""
+        if self._unloaded is None:
+            if self.released:
+                raise RuntimeError("the scorer's model was released")
+            return
+        problem, context = self._unloaded
+        assert context.base_path is not None
         matched = matched_ids(problem, context)
         size = max(len(self.tokenizer), 1 + max(problem.target_ids + matched[0]))
         self.model = load_base(context.base_path)
         self.bos_row = base_bos_row(self.model, problem)
-        self.sliced_head: bool | None = None
-        """Whether the LM head's logits are the model's (found on the first pass)."""
         try:
             self.matrix = self.prepare(problem, matched, size)
         except Exception as exc:  # an architecture transformers cannot resize or rewrite
             raise ValidationUnavailable(
                 f"cannot give the model the donor's vocabulary: {exc}"
             ) from None
-        self.use_texts(texts if texts is not None else validation_texts())
+        self._unloaded = None
+        self.use_texts(self.texts)
 
     def use_texts(self, texts: dict[str, str]) -> None:
         """Score ``texts`` from now on (each text on its own: a window never spans two)."""
+        self.load()
         size = effective_window(self.model, None)
         self.texts = texts
         self.windows = {
@@ -250,7 +273,9 @@ class TextScorer:
 
     def release(self) -> None:
         """Drop the model (the scorer cannot score after this; its texts stay)."""
-        del self.model, self.matrix
+        self.released, self._unloaded = True, None
+        self.__dict__.pop("model", None)
+        self.__dict__.pop("matrix", None)
 
     @torch.no_grad()
     def bits_per_byte(self, rows: torch.Tensor) -> float:
@@ -269,6 +294,7 @@ class TextScorer:
         }
 
     def kind_nll(self, rows: torch.Tensor) -> dict[str, float]:
+        self.load()
         self.matrix[self.targets] = rows.to(self.matrix)
         try:
             return {name: self.nll(windows) for name, windows in self.windows.items()}
