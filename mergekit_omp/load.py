@@ -255,6 +255,9 @@ def load_model(
         check_width(config, lm_head, located.lm_head.name, path)
     elif lm_head_falls_back_to_embed:
         lm_head = embed
+    # The matrices are views of the checkpoint's memory map, which the loader's open shard
+    # keeps resident as well: closed here, the pages go when the matrices are released.
+    LoaderCache().get(reference).flush()
     with garbage_collection_paused():
         tokenizer = load_tokenizer(path, options.trust_remote_code)
         vocabulary = vocabulary_of(tokenizer)

@@ -298,3 +298,15 @@ def test_the_donors_matrices_are_freed_before_any_matrix_is_approximated(known_a
     assert seen == [[True, True], [True, True]]  # embed and lm_head, both donor matrices gone
     ids, expected = true_new_rows(result, donor_embed, mapping, "lm_head", 2.0)
     assert torch.allclose(result.matrices["lm_head"].matrix[ids], expected, atol=1e-4, rtol=1e-4)
+
+
+def test_loading_leaves_no_shard_open_to_keep_the_checkpoints_mapped(known_answer):
+    from mergekit.io.tasks import LoaderCache
+    from mergekit.options import MergeOptions
+
+    from mergekit_omp.load import load_pair
+
+    base, donor, _, _ = known_answer
+    models = load_pair(str(base), str(donor), MergeOptions())
+    assert all(model.embed is not None for model in models)
+    assert [LoaderCache().get(model.reference).current_shard for model in models] == [None, None]
