@@ -107,6 +107,14 @@ Fitted on the calibration VM (SmolLM2 <- Gemma-3's problem, N = 46,018, D = 640,
 0.66 of the measured seconds): 412 tok/s plus 27 s for G, against screened residual's 349 and
 float32 residual's 119."""
 
+INT8_MAX_K = 32
+"""int8_gram is only planned for k up to this. Its screen's bound (the sum of |gamma_s| scale_s
+/ 2 over the t chosen atoms) grows with t while the best score shrinks with the residual, so
+late iterations rule out few anchors and fall back to exact correlations on top of their t
+row passes: on the real pair (AVX2) int8_gram ran 4.4x float32 residual at k = 16 and 3.2x at
+k = 32, but 0.8x and 0.6x at k = 64 in the two directions (performance.md), which its estimate
+does not model."""
+
 INT8_BUILD_PASSES = 12.0
 """Row-pass elements per entry of G while int8_gram builds and quantizes it (fitted with
 ``INT8_PASSES_PER_ITERATION``)."""
@@ -510,7 +518,7 @@ def plan_omp(
         room = (memory_budget_bytes - fixed[name]) // per_target[name]
         if room >= min(num_targets, least_chunk[name]):
             fitting.append(name)
-    if dtype != torch.float32 or k < 2:
+    if dtype != torch.float32 or not 2 <= k <= INT8_MAX_K:
         fitting = [name for name in fitting if name != "int8_gram"]
     return make(min(fitting, key=lambda name: seconds[name]), fitting)
 
