@@ -189,11 +189,10 @@ def build_matrices(
     if release_donor_matrices:
         donor.release_matrices()
     results: dict[str, MatrixResult] = {}
-    while matched:
+    while matched:  # each problem is dropped once its matrix is built
         one = matched.pop(0)
         results[one.matrix.name] = build_matrix(plan, one, base, report, progress=progress)
         del one
-
     with report.timed("numbers"):
         check_numbers(base, donor, results["embed"].match, report)
     return results

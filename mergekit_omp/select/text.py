@@ -194,7 +194,6 @@ class TextScorer:
         self.tokenizer = problem.donor_tokenizer
         self.targets = torch.tensor(problem.target_ids)
         self.texts = texts if texts is not None else validation_texts()
-        self.bytes = sum(len(text.encode("utf-8")) for text in self.texts.values())
         self.sliced_head: bool | None = None
         """Whether the LM head's logits are the model's (found on the first pass)."""
         self._unloaded: tuple[ApproximationProblem, SelectionContext] | None = (problem, context)
@@ -236,7 +235,11 @@ class TextScorer:
             )
             for name, text in texts.items()
         }
-        self.bytes = sum(len(text.encode("utf-8")) for text in texts.values())
+
+    @property
+    def bytes(self) -> int:
+        """UTF-8 bytes of the texts scored."""
+        return sum(len(text.encode("utf-8")) for text in self.texts.values())
 
     def prepare(
         self, problem: ApproximationProblem, matched: tuple[list[int], list[int]], size: int
